@@ -1,0 +1,13 @@
+"""albef_fast: a fused, memory-light drop-in for ALBEF / BLIP's ITC loss with momentum distillation.
+
+Public API (SPEC section 2): itc_loss, ITCOutput, ITCLoss, ema_update_, MomentumUpdater, enqueue_.
+"""
+from . import _extension
+from .functional import ITCOutput, itc_loss
+from .modules import ITCLoss
+from .state import MomentumUpdater, ema_update_, enqueue_
+
+__version__ = "0.1.0"
+__all__ = ["itc_loss", "ITCOutput", "ITCLoss", "ema_update_", "MomentumUpdater", "enqueue_", "__version__"]
+
+_extension.has_ops()  # load the C++ ops (or warn once) at import, before any custom op is traced

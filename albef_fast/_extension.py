@@ -1,0 +1,35 @@
+"""Loading the optional C++ extension (albef_fast._C) that registers the state ops.
+
+If it is missing (not built, or ALBEF_FAST_DISABLE_EXTENSION=1), the pure-PyTorch fallbacks
+serve every API, and a one-time warning says so.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+__all__ = ["has_ops", "build_info"]
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    if os.environ.get("ALBEF_FAST_DISABLE_EXTENSION", "0") not in ("", "0"):
+        return None
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.albef_fast.ema_update_ / enqueue_)
+    except ImportError as err:
+        warnings.warn(f"albef_fast: C++ extension not available ({err}); using the PyTorch fallbacks",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    from . import _fake_ops  # noqa: F401  (fake kernels for torch.compile)
+    return _C
+
+
+def has_ops() -> bool:
+    return _load() is not None
+
+
+def build_info() -> dict:
+    ext = _load()
+    return {"extension": False} if ext is None else {"extension": True, **ext.build_info()}

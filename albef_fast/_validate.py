@@ -1,0 +1,152 @@
+"""Argument checks shared by the public API.
+
+Every public call runs these before it touches any state, so that a bad call raises a
+ValueError / TypeError naming the argument, the expected and the received value, and changes
+nothing. None of them reads a device tensor's value (no host synchronization).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+BACKENDS = ("torch", "triton")
+PRECISIONS = ("highest", "high", "medium")
+
+
+def tensor(name: str, value, ndim: Optional[int], floating: Optional[bool] = True) -> torch.Tensor:
+    """A tensor of `ndim` dims (None: any); floating True / False / None (either)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {list(value.shape)}")
+    if floating is not None and value.is_floating_point() != floating:
+        kind = "a floating-point" if floating else "an integer"
+        raise TypeError(f"{name}: expected {kind} dtype, got {value.dtype}")
+    return value
+
+
+def shape(name: str, value: torch.Tensor, expected: Sequence[int], what: str) -> None:
+    if list(value.shape) != list(expected):
+        raise ValueError(f"{name}: expected shape {list(expected)} ({what}), got {list(value.shape)}")
+
+
+def same_device(device: torch.device, **named: Optional[torch.Tensor]) -> None:
+    for name, value in named.items():
+        if value is not None and value.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} like the features, got {value.device}")
+
+
+def unit_interval(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name}: expected a value in [0, 1], got {value}")
+    return float(value)
+
+
+def temperature(value, device: torch.device) -> None:
+    """temp: a positive number, or a 0-dim floating tensor (value checked only on the CPU)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(f"temp: expected a 0-dim floating tensor, got shape {list(value.shape)} {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"temp: expected a tensor on {device} like the features, got {value.device}")
+        if value.device.type == "cpu" and not bool(value.detach() > 0):
+            raise ValueError(f"temp: expected a positive temperature, got {float(value)}")
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"temp: expected a float or a 0-dim tensor, got {type(value).__name__}")
+    if not float(value) > 0.0:
+        raise ValueError(f"temp: expected a positive temperature, got {value}")
+
+
+def choice(name: str, value, options: Sequence[str]) -> None:
+    if value is not None and value not in options:
+        raise ValueError(f"{name}: expected one of {list(options)} or None, got {value!r}")
+
+
+def itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
+               idx, idx_queue, backend, precision) -> None:
+    """All checks of albef_fast.itc_loss (SPEC section 2)."""
+    b, d = tensor("image_feat", image_feat, 2).shape
+    if b < 1 or d < 1:
+        raise ValueError(f"image_feat: expected a non-empty [B, D] tensor, got {list(image_feat.shape)}")
+    shape("text_feat", tensor("text_feat", text_feat, 2), [b, d], "[B, D] like image_feat")
+    shape("image_feat_m", tensor("image_feat_m", image_feat_m, 2), [b, d], "[B, D] like image_feat")
+    shape("text_feat_m", tensor("text_feat_m", text_feat_m, 2), [b, d], "[B, D] like image_feat")
+    q = tensor("image_queue", image_queue, 2).shape[1]
+    shape("image_queue", image_queue, [d, q], f"[D, Q] with D = {d}")
+    shape("text_queue", tensor("text_queue", text_queue, 2), [d, q], "[D, Q] like image_queue")
+    device = image_feat.device
+    same_device(device, text_feat=text_feat, image_feat_m=image_feat_m, text_feat_m=text_feat_m,
+                image_queue=image_queue, text_queue=text_queue)
+    temperature(temp, device)
+    unit_interval("alpha", alpha)
+    ids(idx, idx_queue, b, q, device)
+    choice("backend", backend, BACKENDS)
+    choice("precision", precision, PRECISIONS)
+
+
+def ids(idx, idx_queue, b: int, q: int, device: torch.device) -> None:
+    """idx [B] (or [B, 1]) with idx_queue [Q] (or [1, Q]), both integer, or neither."""
+    if idx is None and idx_queue is None:
+        return
+    if idx is None or idx_queue is None:
+        given, missing = ("idx", "idx_queue") if idx_queue is None else ("idx_queue", "idx")
+        raise ValueError(f"{missing}: required with {given} (retrieval targets need both), got None")
+    tensor("idx", idx, None, floating=False)
+    tensor("idx_queue", idx_queue, None, floating=False)
+    if idx.numel() != b or idx.dim() > 2 or (idx.dim() == 2 and idx.shape[1] != 1):
+        raise ValueError(f"idx: expected shape [{b}] or [{b}, 1], got {list(idx.shape)}")
+    if idx_queue.numel() != q or idx_queue.dim() > 2 or (idx_queue.dim() == 2 and idx_queue.shape[0] != 1):
+        raise ValueError(f"idx_queue: expected shape [{q}] or [1, {q}], got {list(idx_queue.shape)}")
+    same_device(device, idx=idx, idx_queue=idx_queue)
+
+
+def enqueue_inputs(queues, items, ptr) -> None:
+    """All checks of albef_fast.enqueue_."""
+    if not isinstance(queues, (list, tuple)) or not isinstance(items, (list, tuple)):
+        raise TypeError("queues, items: expected sequences of tensors")
+    if len(queues) != len(items) or not queues:
+        raise ValueError(f"items: expected one item per queue ({len(queues)}), got {len(items)}")
+    q = tensor("queues[0]", queues[0], 2, floating=None).shape[1]
+    n = tensor("items[0]", items[0], 2, floating=None).shape[0]
+    if q < 1:
+        raise ValueError("queues[0]: expected a queue with Q >= 1 columns, got 0")
+    if n > q:
+        raise ValueError(f"items: expected N <= Q = {q} rows to enqueue, got N = {n}")
+    device = queues[0].device
+    for k, (queue, item) in enumerate(zip(queues, items)):
+        dk = tensor(f"queues[{k}]", queue, 2, floating=None).shape[0]
+        shape(f"queues[{k}]", queue, [dk, q], "[D_k, Q] with the Q of queues[0]")
+        shape(f"items[{k}]", tensor(f"items[{k}]", item, 2, floating=None), [n, dk], "[N, D_k] like its queue")
+        if item.is_floating_point() != queue.is_floating_point():
+            raise TypeError(f"items[{k}]: dtype {item.dtype} does not fit queues[{k}] of dtype {queue.dtype}")
+        same_device(device, **{f"queues[{k}]": queue, f"items[{k}]": item})
+    pointer(ptr, device)
+
+
+def pointer(ptr, device: torch.device) -> None:
+    if not isinstance(ptr, torch.Tensor):
+        raise TypeError(f"ptr: expected a 1-element int64 tensor, got {type(ptr).__name__}")
+    if ptr.numel() != 1 or ptr.dtype != torch.int64:
+        raise ValueError(f"ptr: expected a 1-element int64 tensor, got shape {list(ptr.shape)} {ptr.dtype}")
+    if ptr.device != device:
+        raise ValueError(f"ptr: expected a tensor on the queues' device {device}, got {ptr.device}")
+
+
+def ema_inputs(params_m, params, momentum) -> None:
+    """All checks of albef_fast.ema_update_."""
+    unit_interval("momentum", momentum)
+    if len(params_m) != len(params):
+        raise ValueError(f"params: expected one tensor per momentum tensor ({len(params_m)}), got {len(params)}")
+    for k, (p_m, p) in enumerate(zip(params_m, params)):
+        tensor(f"params_m[{k}]", p_m, None)
+        tensor(f"params[{k}]", p, None)
+        if p.shape != p_m.shape or p.dtype != p_m.dtype or p.device != p_m.device:
+            raise ValueError(
+                f"params[{k}]: expected {list(p_m.shape)} {p_m.dtype} on {p_m.device} like params_m[{k}], "
+                f"got {list(p.shape)} {p.dtype} on {p.device}"
+            )

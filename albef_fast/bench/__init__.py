@@ -1,0 +1,1 @@
+"""Benchmark CLI: ``python -m albef_fast.bench --help``."""

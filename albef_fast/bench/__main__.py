@@ -1,0 +1,148 @@
+"""python -m albef_fast.bench: eager ALBEF vs albef_fast, timed, memory-measured and recorded.
+
+Default: the device found (CUDA if present, else CPU), ALBEF's shape B=64, Q=65536, D=256,
+fp32, forward+backward, providers eager and albef_fast. Rows are printed, appended to
+<out>/itc_<device>.csv with device, versions and date, and plotted to <out>/itc_<device>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from typing import Dict, List
+
+import torch
+
+import albef_fast
+
+from . import cases, measure, report
+
+SWEEP = [64, 256, 512, 1024]
+
+
+def _ints(text: str) -> List[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _names(options):
+    def parse(text: str) -> List[str]:
+        names = [v for v in text.split(",") if v]
+        bad = [v for v in names if v not in options]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(options)}")
+        return names
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m albef_fast.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--batch", type=_ints, default=[64], help="comma-separated batch sizes (default 64)")
+    p.add_argument("--sweep", action="store_true", help=f"sweep B over {SWEEP}")
+    p.add_argument("--queue", type=int, default=65536, help="queue size Q (default 65536)")
+    p.add_argument("--dim", type=int, default=256, help="embedding dim D (default 256)")
+    p.add_argument("--precision", type=_names(cases.PRECISIONS), default=["fp32"], help="fp32,tf32,bf16")
+    p.add_argument("--mode", type=_names(cases.MODES), default=["fwd+bwd"], help="fwd,fwd+bwd")
+    p.add_argument("--providers", type=_names(cases.PROVIDERS), default=["eager", "albef_fast"],
+                   help="eager,compile,albef_fast")
+    p.add_argument("--suite", type=_names(SUITES), default=["itc"], help=f"{','.join(SUITES)}")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions on the CPU (default 10)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the CSV and PNG")
+    p.add_argument("--no-save", action="store_true", help="print only; write no CSV or PNG")
+    return p.parse_args(argv)
+
+
+def run_itc(args, device: torch.device, progress) -> List[Dict]:
+    rows = []
+    batches = SWEEP if args.sweep else args.batch
+    for precision in args.precision:
+        _, matmul = cases.PRECISIONS[precision]
+        for b in batches:
+            case = cases.ITCCase(b, args.queue, args.dim, precision, device)
+            for mode in args.mode:
+                eager_ms = None
+                for provider in args.providers:
+                    progress.set_description(f"itc {provider} {mode} {precision} B={b}")
+                    with measure.matmul_precision(matmul):
+                        row = _measure_itc(case, provider, mode, device, args.reps)
+                    eager_ms = row["median_ms"] if provider == "eager" else eager_ms
+                    row["speedup_vs_eager"] = eager_ms / row["median_ms"] if eager_ms else ""
+                    rows.append(row)
+                    progress.update(1)
+            del case
+    return rows
+
+
+def _measure_itc(case, provider, mode, device, reps) -> Dict:
+    step = cases.step_fn(case, provider, mode)
+    step()  # compile / autotune outside the timing
+    med, p20, p80 = measure.time_ms(step, device, reps=reps)
+    peak = measure.peak_extra_mib(step, device)
+    flops, nbytes = case.flops(mode), case.bytes()
+    return dict(suite="itc", provider=provider, mode=mode, precision=case.precision, B=case.b, Q=case.q, D=case.d,
+                median_ms=med, p20_ms=p20, p80_ms=p80, peak_extra_mib=peak, tflops=flops / med / 1e9,
+                gbps=nbytes / med / 1e6, _flops=flops, _bytes=nbytes)
+
+
+def add_roofline(rows: List[Dict], ceil: Dict[str, float]) -> None:
+    """roofline_pct = max(bytes / copy bandwidth, flops / dot peak) / time, per row."""
+    for row in rows:
+        if "_flops" not in row:
+            continue
+        peak = ceil.get(f"{row['precision']}_tflops")
+        if peak is None:
+            row["roofline_pct"] = ""
+            continue
+        floor_ms = max(row["_bytes"] / ceil["copy_gbps"] / 1e6, row["_flops"] / peak / 1e9)
+        row["roofline_pct"] = 100.0 * floor_ms / row["median_ms"]
+
+
+SUITES = {"itc": run_itc}
+
+
+def _versions() -> Dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"torch": torch.__version__, "triton": triton_version, "albef_fast": albef_fast.__version__}
+
+
+def _count(args) -> int:
+    per_suite = {"itc": len(SWEEP if args.sweep else args.batch) * len(args.precision) * len(args.mode)
+                 * len(args.providers)}
+    return sum(per_suite.get(s, 0) for s in args.suite)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from tqdm import tqdm
+
+    name = measure.device_name(device)
+    print(f"albef_fast bench on {name}; torch {torch.__version__}", file=sys.stderr)
+    ceil = measure.ceilings(device)
+    print("ceilings: " + ", ".join(f"{k}={v:.4g}" for k, v in ceil.items()), file=sys.stderr)
+    rows: List[Dict] = []
+    with tqdm(total=_count(args), file=sys.stderr) as progress:
+        for suite in args.suite:
+            rows += SUITES[suite](args, device, progress)
+    add_roofline(rows, ceil)
+    stamp = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=name, **_versions())
+    rows = [{**stamp, **row} for row in rows]
+    print(report.table(rows))
+    if not args.no_save:
+        base = os.path.join(args.out, f"itc_{report.slug(name)}")
+        report.append_csv(rows, base + ".csv")
+        if any(r["suite"] == "itc" for r in rows):
+            report.plot(rows, base + ".png", f"albef_fast ITC, Q={args.queue}, D={args.dim} on {name}")
+        print(f"wrote {base}.csv and .png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

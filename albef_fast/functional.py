@@ -1,0 +1,106 @@
+"""Functional API: ``itc_loss``, ALBEF's ITC loss with momentum distillation, streamed."""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from . import _validate
+from .itc_op import BACKEND_IMPLS, itc
+
+__all__ = ["itc_loss", "ITCOutput", "resolve_backend"]
+
+
+class ITCOutput(NamedTuple):
+    """What ``itc_loss(..., return_details=True)`` and ``ITCLoss.forward`` return.
+
+    loss, loss_i2t, loss_t2i: 0-dim, differentiable (fp32; fp64 for fp64 inputs).
+    sim_i2t_batch, sim_t2i_batch: [B, B] detached student logits against the in-batch momentum
+        keys (ALBEF's ``sim_i2t[:, :bs]``), for ITM hard-negative sampling.
+    ce_*: detached mean hard-target cross-entropy -sum h log p_s.
+    kl_*: detached mean KL(p_m || p_s), the distillation ("pseudo-target") term.
+    loss_x = (1 - alpha) * ce_x + alpha * (kl_x + H(p_m)) exactly.
+    """
+
+    loss: torch.Tensor
+    loss_i2t: torch.Tensor
+    loss_t2i: torch.Tensor
+    sim_i2t_batch: torch.Tensor
+    sim_t2i_batch: torch.Tensor
+    ce_i2t: torch.Tensor
+    ce_t2i: torch.Tensor
+    kl_i2t: torch.Tensor
+    kl_t2i: torch.Tensor
+
+
+def _triton_registered() -> bool:
+    if "triton" not in BACKEND_IMPLS:
+        try:
+            from . import kernels  # noqa: F401  (registers the "triton" backend)
+        except ImportError:
+            return False
+    return "triton" in BACKEND_IMPLS
+
+
+def resolve_backend(backend: Optional[str], precision: Optional[str], feat: torch.Tensor) -> Tuple[str, str]:
+    """Pick (backend, precision). Automatic: Triton for CUDA tensors unless fp32 at "highest"."""
+    if precision is None:
+        precision = torch.get_float32_matmul_precision() if feat.dtype == torch.float32 else "medium"
+    if feat.dtype == torch.float64:
+        precision = "highest"
+    if backend is None:
+        backend = os.environ.get("ALBEF_FAST_BACKEND") or None
+        _validate.choice("ALBEF_FAST_BACKEND", backend, _validate.BACKENDS)
+    if backend is None:
+        accurate = feat.dtype in (torch.float32, torch.float64) and precision == "highest"
+        backend = "triton" if feat.is_cuda and not accurate and _triton_registered() else "torch"
+    if backend == "triton":
+        if feat.dtype == torch.float64:
+            raise ValueError("backend: 'triton' does not take float64 features; use backend='torch'")
+        if not _triton_registered():
+            raise ValueError("backend: 'triton' requested, but triton is not installed")
+    return backend, precision
+
+
+def itc_loss(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    temp,
+    alpha: float = 0.4,
+    *,
+    idx: Optional[torch.Tensor] = None,
+    idx_queue: Optional[torch.Tensor] = None,
+    return_details: bool = False,
+    backend: Optional[str] = None,
+    precision: Optional[str] = None,
+):
+    """ALBEF's ``loss_ita`` without the B x (B+Q) logits.
+
+    image_feat, text_feat: [B, D] L2-normalized features (get gradients);
+    image_feat_m, text_feat_m: [B, D] momentum features (in-batch keys; constants);
+    image_queue, text_queue: [D, Q] queues as ALBEF stores them (read in place; Q may be 0);
+    temp: float or 0-dim tensor (a tensor that requires grad gets d loss / d T);
+    alpha: distillation weight in [0, 1] (0 skips the teacher products);
+    idx [B] with idx_queue [Q] or [1, Q]: retrieval targets, [id_j == id_r] / #positives;
+    backend: "torch", "triton" or None (automatic; env ALBEF_FAST_BACKEND overrides);
+    precision: fp32 product precision, "highest" | "high" (TF32) | "medium" (bf16), None = torch's.
+    Returns the 0-dim loss, or an ITCOutput when return_details.
+    """
+    _validate.itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
+                         alpha, idx, idx_queue, backend, precision)
+    backend, precision = resolve_backend(backend, precision, image_feat)
+    temp_t = temp if isinstance(temp, torch.Tensor) else None
+    temp_v = 0.0 if temp_t is not None else float(temp)
+    losses, _, _, _, sims, terms = itc(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+                                       temp_t, temp_v, float(alpha), idx, idx_queue, return_details, backend,
+                                       precision)
+    loss = losses.mean()
+    if not return_details:
+        return loss
+    sims, terms = sims.detach(), terms.detach()
+    return ITCOutput(loss, losses[0], losses[1], sims[0], sims[1], terms[0], terms[1], terms[2], terms[3])

@@ -1,0 +1,89 @@
+"""``ITCLoss``: the drop-in nn.Module for ALBEF's ITC block, queues and temperature included."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validate, distributed
+from .functional import ITCOutput, itc_loss
+from .state import enqueue_
+
+__all__ = ["ITCLoss"]
+
+
+class ITCLoss(nn.Module):
+    """ALBEF's image-text contrastive loss with momentum distillation and feature queues.
+
+    Keeps ALBEF's names and shapes, so an ALBEF checkpoint's entries load into it:
+    ``image_queue``/``text_queue`` [D, Q] (L2-normalized columns), ``queue_ptr`` [1] int64,
+    ``idx_queue`` [1, Q] int64 filled with -100 (only with use_idx), ``temp`` a 0-dim Parameter.
+
+    forward(image_feat, text_feat, image_feat_m, text_feat_m, alpha=None, idx=None) -> ITCOutput:
+    clamps temp in place to [0.001, 0.5] (unless clamp_temp=False, as ALBEF's retrieval model),
+    computes the loss against the queues as they were, then enqueues the momentum features
+    (gathered from all ranks under torch.distributed) and ids at queue_ptr.
+    """
+
+    def __init__(self, embed_dim: int = 256, queue_size: int = 65536, temp: float = 0.07, alpha: float = 0.4, *,
+                 clamp_temp: bool = True, use_idx: bool = False, queue_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if embed_dim < 1 or queue_size < 1:
+            raise ValueError(f"embed_dim, queue_size: expected >= 1, got {embed_dim}, {queue_size}")
+        _validate.temperature(temp, torch.device("cpu"))
+        self.alpha = _validate.unit_interval("alpha", alpha)
+        self.clamp_temp = clamp_temp
+        self.use_idx = use_idx
+        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0).to(queue_dtype))
+        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0).to(queue_dtype))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        if use_idx:
+            self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))
+        self.temp = nn.Parameter(torch.ones([]) * temp)
+
+    @property
+    def queue_size(self) -> int:
+        return self.image_queue.shape[1]
+
+    def forward(self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_m: torch.Tensor,
+                text_feat_m: torch.Tensor, alpha: Optional[float] = None,
+                idx: Optional[torch.Tensor] = None) -> ITCOutput:
+        alpha = self.alpha if alpha is None else alpha
+        idx_queue = self._check(image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx)
+        if self.clamp_temp:
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+        out = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
+                       self.temp, alpha, idx=idx, idx_queue=idx_queue, return_details=True)
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+        return out
+
+    def _check(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx):
+        """Everything forward needs, checked before the temp clamp or any write."""
+        if self.use_idx != (idx is not None):
+            raise ValueError("idx: required when use_idx=True, not accepted otherwise; "
+                             f"use_idx={self.use_idx}, got {'None' if idx is None else 'a tensor'}")
+        idx_queue = self.idx_queue if self.use_idx else None
+        _validate.itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
+                             self.temp, alpha, idx, idx_queue, None, None)
+        n = image_feat_m.shape[0] * distributed.world_size()
+        if n > self.queue_size:
+            raise ValueError(f"image_feat_m: the step enqueues N = {n} rows (all ranks), "
+                             f"expected N <= queue_size = {self.queue_size}")
+        return idx_queue
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat_m, text_feat_m, idx) -> None:
+        queues = [self.image_queue, self.text_queue]
+        items = [distributed.gather_rows(image_feat_m), distributed.gather_rows(text_feat_m)]
+        if self.use_idx:
+            queues.append(self.idx_queue)
+            items.append(distributed.gather_rows(idx.reshape(-1, 1).to(torch.long)))
+        enqueue_(queues, items, self.queue_ptr)
+
+    def extra_repr(self) -> str:
+        d, q = self.image_queue.shape
+        return (f"embed_dim={d}, queue_size={q}, alpha={self.alpha}, clamp_temp={self.clamp_temp}, "
+                f"use_idx={self.use_idx}, queue_dtype={self.image_queue.dtype}")

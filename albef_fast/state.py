@@ -1,0 +1,91 @@
+"""The state around the loss: the momentum-encoder EMA and the circular feature queue.
+
+Both run the registered C++ ops (csrc/) when the extension is built, else the pure-PyTorch
+fallbacks; either way they are validated first and change nothing on bad input.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import _extension, _validate, fallbacks
+
+__all__ = ["ema_update_", "enqueue_", "MomentumUpdater"]
+
+
+def ema_update_(params_m: Iterable[torch.Tensor], params: Iterable[torch.Tensor], momentum: float) -> None:
+    """In place, for every pair: p_m <- p_m * m + p * (1 - m) (bit-exact to ALBEF for fp32).
+
+    params_m, params: matching sequences of tensors (same shape, dtype, device per pair);
+    momentum: float in [0, 1].
+    """
+    params_m, params = list(params_m), list(params)
+    _validate.ema_inputs(params_m, params, momentum)
+    _ema_update_checked(params_m, params, float(momentum))
+
+
+@torch.no_grad()
+def _ema_update_checked(params_m: List[torch.Tensor], params: List[torch.Tensor], momentum: float) -> None:
+    if not params_m:
+        return
+    if _extension.has_ops():
+        torch.ops.albef_fast.ema_update_(params_m, params, momentum)
+    else:
+        fallbacks.ema_update_(params_m, params, momentum)
+
+
+def enqueue_(queues: Sequence[torch.Tensor], items: Sequence[torch.Tensor], ptr: torch.Tensor) -> None:
+    """Write items[k] ([N, D_k]) as columns of queues[k] ([D_k, Q]) from ptr on, wrapping around.
+
+    ptr: 1-element int64 tensor on the queues' device, read and advanced by N (mod Q) there,
+    with no host synchronization. Ids go in as [N, 1] items into a [1, Q] id queue.
+    """
+    _validate.enqueue_inputs(queues, items, ptr)
+    if items[0].shape[0] == 0:
+        return
+    if _extension.has_ops():
+        torch.ops.albef_fast.enqueue_(list(queues), [item.detach() for item in items], ptr)
+    else:
+        fallbacks.enqueue_(queues, items, ptr)
+
+
+class MomentumUpdater:
+    """ALBEF's momentum encoders: ``copy_params()`` once, ``update()`` every step.
+
+    model_pairs: [(model, model_m), ...] whose parameters() zip one to one, as in ALBEF.
+    The parameter lists are cached and rebuilt when a model's parameter set changes.
+    """
+
+    def __init__(self, model_pairs: Sequence[Tuple[nn.Module, nn.Module]], momentum: float = 0.995):
+        _validate.unit_interval("momentum", momentum)
+        for k, pair in enumerate(model_pairs):
+            if len(pair) != 2 or not all(isinstance(m, nn.Module) for m in pair):
+                raise TypeError(f"model_pairs[{k}]: expected a (model, model_m) pair of nn.Modules")
+        self.model_pairs = [tuple(pair) for pair in model_pairs]
+        self.momentum = float(momentum)
+        self._key: tuple = ()
+        self._lists: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
+
+    def _params(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        params = [p for model, _ in self.model_pairs for p in model.parameters()]
+        params_m = [p for _, model_m in self.model_pairs for p in model_m.parameters()]
+        key = tuple(map(id, params + params_m))
+        if key != self._key:
+            _validate.ema_inputs(params_m, params, self.momentum)
+            self._key, self._lists = key, (params_m, params)
+        return self._lists
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """p_m <- p for every pair, and freeze the momentum copies (requires_grad False)."""
+        params_m, params = self._params()
+        for p_m, p in zip(params_m, params):
+            p_m.copy_(p)
+            p_m.requires_grad_(False)
+
+    def update(self) -> None:
+        """One EMA step: p_m <- p_m * momentum + p * (1 - momentum), in place."""
+        params_m, params = self._params()  # validated when the parameter set was cached
+        _ema_update_checked(params_m, params, self.momentum)

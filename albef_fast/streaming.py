@@ -1,0 +1,149 @@
+"""The one-pass ITC algorithm (SPEC section 3) in plain PyTorch, chunked over the keys.
+
+This is the CPU path and the fp32 "highest" path on CUDA (cuBLAS fp32 products). Memory is
+bounded by one [3B, chunk] block; the B x (B+Q) logits never exist.
+
+Per row r of one direction, with u = q / T (student) and u_m = q_m / T (teacher), keys k_j,
+the stream keeps, with online-softmax rescaling by the running maxima:
+
+    Z_s = sum e^{u.k_j},  A_s = sum e^{u.k_j} k_j,  Z_m, A_m likewise with u_m,
+    H_k = sum h_j k_j,    n = sum [id_j == id_r]  (retrieval; pretraining: H_k = k_r, n = 1)
+
+Every scalar of SPEC section 3 is a dot of u or u_m with these, because s_j = u . k_j:
+
+    C_s = u . A_s,  C_m = u . A_m,  H_s = u . H_k / n,  sum e^{m_j} m_j = u_m . A_m
+
+so each chunk costs two GEMMs (logits, then weights @ keys) plus exp / max / sum, and
+
+    dq_r = G_r / T with G_r = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H_k / n
+    dT_r = -(u . G_r) / T        (the loss depends on q and T only through u = q / T)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["DirectionResult", "stream_direction", "DEFAULT_CHUNK"]
+
+DEFAULT_CHUNK = {"cpu": 2048, "cuda": 16384}
+
+
+class DirectionResult(NamedTuple):
+    """Results of one direction (i2t or t2i); all means over the B rows, detached."""
+
+    loss: torch.Tensor  # 0-dim, in the work dtype (fp32, or fp64 for fp64 inputs)
+    dq: torch.Tensor  # [B, D], d loss / d q (includes the 1 / B of the mean)
+    dtemp: torch.Tensor  # 0-dim, d loss / d T
+    sim_batch: torch.Tensor  # [B, B], student logits against the in-batch keys
+    ce: torch.Tensor  # 0-dim, -sum h log p_s
+    kl: torch.Tensor  # 0-dim, KL(p_m || p_s)
+
+
+class _Stream:
+    """Running online-softmax state over rows [student B | teacher B (opt.) | hard B (opt.)]."""
+
+    def __init__(self, u: torch.Tensor, n_soft: int, n_hard: int, dim: int):
+        self.u = u  # [n_soft, D] scaled queries, in the work dtype
+        self.n_soft = n_soft
+        rows = n_soft + n_hard
+        self.mx = u.new_full((n_soft,), float("-inf"))
+        self.z = u.new_zeros(n_soft)
+        self.acc = u.new_zeros(rows, dim)  # [A_s; A_m; H_k]
+        self.scale = u.new_ones(rows)
+        self.count = u.new_zeros(n_hard)  # number of positives (retrieval)
+
+    def step(self, keys_t: torch.Tensor, buf: torch.Tensor, hard: Optional[torch.Tensor]) -> None:
+        """Consume one block of keys. keys_t: [D, c] (a view, any strides); buf: flat scratch."""
+        keys_t = keys_t.to(self.u.dtype)  # no copy unless the queue has another dtype
+        c = keys_t.shape[1]
+        block = buf[: self.acc.shape[0] * c].view(-1, c)  # contiguous [rows, c]
+        logits = block[: self.n_soft]
+        torch.matmul(self.u, keys_t, out=logits)
+        new_mx = torch.maximum(self.mx, logits.amax(dim=1))
+        torch.exp(self.mx - new_mx, out=self.scale[: self.n_soft])
+        logits.sub_(new_mx[:, None]).exp_()
+        self.z.mul_(self.scale[: self.n_soft]).add_(logits.sum(dim=1))
+        self.mx = new_mx
+        if hard is not None:
+            block[self.n_soft :].copy_(hard)
+            self.count.add_(hard.sum(dim=1))
+        self.acc.mul_(self.scale[:, None]).addmm_(block, keys_t.T)
+
+
+def _hard_mask(idx: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (idx[:, None] == ids[None, :]).to(dtype)
+
+
+def stream_direction(
+    q: torch.Tensor,
+    q_m: torch.Tensor,
+    keys_batch: torch.Tensor,
+    queue: torch.Tensor,
+    temp,
+    alpha: float,
+    idx: Optional[torch.Tensor] = None,
+    idx_queue: Optional[torch.Tensor] = None,
+    details: bool = False,
+    chunk: Optional[int] = None,
+) -> DirectionResult:
+    """One direction of the ITC loss, its gradient to q and to T, streamed over the keys.
+
+    q, q_m: [B, D] queries and momentum queries; keys_batch: [B, D] in-batch momentum keys;
+    queue: [D, Q] (read through its strides, never copied whole); temp: float or 0-dim tensor;
+    idx: [B] and idx_queue: [Q] select retrieval targets. Products run in fp32 (fp64 for fp64).
+    """
+    work = torch.promote_types(q.dtype, torch.float32)
+    b, d = q.shape
+    inv_t = 1.0 / (temp.detach().to(work) if torch.is_tensor(temp) else temp)
+    teacher = alpha != 0.0 or details
+    u = q.detach().to(work) * inv_t
+    rows_u = torch.cat([u, q_m.detach().to(work) * inv_t]) if teacher else u
+    n_soft, n_hard = rows_u.shape[0], (b if idx is not None else 0)
+    state = _Stream(rows_u, n_soft, n_hard, d)
+    if chunk is None:
+        chunk = DEFAULT_CHUNK.get(q.device.type, 8192)
+    buf = u.new_empty((n_soft + n_hard) * max(b, min(chunk, queue.shape[1])))
+
+    kb_t = keys_batch.detach().T
+    retrieval = idx is not None
+    state.step(kb_t, buf, _hard_mask(idx, idx, work) if retrieval else None)
+    sim_batch = (u @ kb_t.to(work)).to(q.dtype)
+    for start in range(0, queue.shape[1], chunk):
+        keys_t = queue[:, start : start + chunk]
+        hard = _hard_mask(idx, idx_queue[start : start + chunk], work) if retrieval else None
+        state.step(keys_t, buf, hard)
+    return _finish(state, u, b, alpha, keys_batch, inv_t, q.dtype, sim_batch, teacher)
+
+
+def _finish(state, u, b, alpha, keys_batch, inv_t, out_dtype, sim_batch, teacher) -> DirectionResult:
+    acc, z = state.acc, state.z
+    p_s = acc[:b] / z[:b, None]  # E_{p_s}[k]
+    if state.acc.shape[0] > state.n_soft:  # retrieval: mean of the matching keys
+        h_k = acc[state.n_soft :] / state.count[:, None]
+    else:
+        h_k = keys_batch.detach().to(u.dtype)
+    lse_s = state.mx[:b] + z[:b].log()
+    grad = p_s - (1.0 - alpha) * h_k
+    h_s = (u * h_k).sum(1)
+    loss_rows = lse_s - (1.0 - alpha) * h_s
+    ce_rows = lse_s - h_s
+    kl_rows = torch.zeros_like(lse_s)
+    if teacher:
+        p_m = acc[b : 2 * b] / z[b:, None]
+        c_m = (u * p_m).sum(1)
+        grad = grad - alpha * p_m
+        loss_rows = loss_rows - alpha * c_m
+        u_m = state.u[b:]
+        lse_m = state.mx[b:] + z[b:].log()
+        kl_rows = (u_m * p_m).sum(1) - lse_m - c_m + lse_s
+    dq_rows = grad * inv_t
+    dtemp_rows = -(u * dq_rows).sum(1)
+    return DirectionResult(
+        loss=loss_rows.mean(),
+        dq=(dq_rows / b).to(out_dtype),
+        dtemp=dtemp_rows.mean(),
+        sim_batch=sim_batch,
+        ce=ce_rows.mean(),
+        kl=kl_rows.mean(),
+    )

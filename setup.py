@@ -1,0 +1,50 @@
+"""Build albef_fast: the Python package, its Triton kernels and the optional C++/CUDA extension.
+
+The extension (albef_fast._C) is built with ninja from csrc/: the CPU sources always, the
+CUDA sources (csrc/cuda/*.cu) whenever nvcc (CUDA_HOME) and a CUDA build of torch are present,
+even on a machine with no GPU. ALBEF_FAST_NO_EXTENSION=1 skips it (the PyTorch fallbacks serve).
+"""
+import glob
+import os
+
+from setuptools import setup
+
+
+def _extensions():
+    if os.environ.get("ALBEF_FAST_NO_EXTENSION", "0") not in ("", "0"):
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    with_cuda = bool(cuda_sources) and cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    if with_cuda:
+        nvcc = ["-O3", "-std=c++17", "--fmad=false", "-DALBEF_FAST_WITH_CUDA"]
+        ext = cpp_extension.CUDAExtension(
+            "albef_fast._C", sources + cuda_sources,
+            extra_compile_args={"cxx": cxx + ["-DALBEF_FAST_WITH_CUDA"], "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension("albef_fast._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=["-fopenmp"])
+    build = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build}
+
+
+ext_modules, cmdclass = _extensions() if glob.glob("csrc/*.cpp") else ([], {})
+
+setup(
+    name="albef_fast",
+    version="0.1.0",
+    description="Fused, memory-light ITC loss with momentum distillation for ALBEF / BLIP (Triton + C++)",
+    packages=["albef_fast", "albef_fast.bench"] + (["albef_fast.kernels"] if os.path.exists("kernels/__init__.py") else []),
+    package_dir={"albef_fast.kernels": "kernels"},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6", "triton; platform_system == 'Linux'"],
+    extras_require={"bench": ["tqdm", "matplotlib"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

@@ -1,0 +1,69 @@
+"""Shared test inputs and the independent float64 formulation of SPEC section 1."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def make_inputs(b=5, q=37, d=24, dtype=torch.float32, device="cpu", queue_dtype=None, retrieval=False,
+                n_ids=3, seed=0) -> SimpleNamespace:
+    """L2-normalized features [B, D], queues [D, Q] (normalized columns), ids with repeats."""
+    g = torch.Generator().manual_seed(seed)
+    feat = lambda: F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)  # noqa: E731
+    queue = lambda: F.normalize(torch.randn(d, q, generator=g, dtype=torch.float64), dim=0)  # noqa: E731
+    qd = queue_dtype or dtype
+    x = SimpleNamespace(
+        image_feat=feat().to(device, dtype), text_feat=feat().to(device, dtype),
+        image_feat_m=feat().to(device, dtype), text_feat_m=feat().to(device, dtype),
+        image_queue=queue().to(device, qd), text_queue=queue().to(device, qd),
+        idx=None, idx_queue=None,
+    )
+    if retrieval:
+        x.idx = torch.randint(0, n_ids, (b,), generator=g).to(device)
+        ids_q = torch.randint(0, n_ids + 2, (q,), generator=g)
+        ids_q[: q // 3] = -100  # the part of the id queue that was never written
+        x.idx_queue = ids_q.view(1, q).to(device)
+    return x
+
+
+def oracle_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
+                idx: Optional[torch.Tensor] = None, idx_queue: Optional[torch.Tensor] = None):
+    """SPEC section 1 written out directly in float64: (loss_ita, loss_i2t, loss_t2i, terms).
+
+    terms: dict of the per-direction ce / kl means, from their definitions.
+    """
+    f64 = lambda t: t.to(torch.float64)  # noqa: E731
+    out, terms = [], {}
+    for name, q, q_m, k_b, queue in (
+        ("i2t", image_feat, image_feat_m, text_feat_m, text_queue),
+        ("t2i", text_feat, text_feat_m, image_feat_m, image_queue),
+    ):
+        keys = torch.cat([f64(k_b), f64(queue).T])  # [B + Q, D]
+        s = f64(q) @ keys.T / temp
+        with torch.no_grad():
+            t_const = temp.detach() if torch.is_tensor(temp) else temp
+            m = f64(q_m) @ keys.T / t_const
+            b = q.shape[0]
+            if idx is None:
+                h = torch.zeros_like(s)
+                h[torch.arange(b), torch.arange(b)] = 1.0
+            else:
+                ids = torch.cat([idx.view(-1), idx_queue.view(-1)])
+                h = (idx.view(-1, 1) == ids.view(1, -1)).double()
+                h = h / h.sum(1, keepdim=True)
+            p_m = torch.exp(m - torch.logsumexp(m, 1, keepdim=True))
+            target = alpha * p_m + (1 - alpha) * h
+        log_p = s - torch.logsumexp(s, 1, keepdim=True)
+        out.append(-(target * log_p).sum(1).mean())
+        with torch.no_grad():
+            terms[f"ce_{name}"] = -(h * log_p).sum(1).mean()
+            terms[f"kl_{name}"] = (p_m * (torch.log(p_m) - log_p)).sum(1).mean()
+            terms[f"ent_{name}"] = -(p_m * torch.log(p_m)).sum(1).mean()
+    return (out[0] + out[1]) / 2, out[0], out[1], terms
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()

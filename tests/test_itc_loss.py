@@ -1,0 +1,154 @@
+"""itc_loss on the streaming torch backend against ALBEF's reference and the float64 oracle."""
+import pytest
+import torch
+
+import albef_fast
+from albef_fast import reference, streaming
+from tests.helpers import make_inputs, max_err, oracle_loss
+
+SHAPES = [(5, 37, 24), (8, 3, 16), (1, 10, 4), (6, 0, 8), (16, 100, 33)]
+
+
+def _args(x):
+    return (x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m, x.image_queue, x.text_queue)
+
+
+def _loss_and_grads(fn, x, temp, grad_out=1.0):
+    """fn(image_feat, text_feat, temp) -> (loss, ...); returns loss and grads (image, text, temp)."""
+    feats = [x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()]
+    t = temp.detach().clone().requires_grad_() if torch.is_tensor(temp) else temp
+    loss = fn(feats[0], feats[1], t)
+    inputs = feats + ([t] if torch.is_tensor(t) else [])
+    grads = torch.autograd.grad(loss * grad_out, inputs)
+    return loss.detach(), grads
+
+
+def _fast(x, alpha, **kw):
+    return lambda a, b, t: albef_fast.itc_loss(a, b, *_args(x)[2:], t, alpha, idx=x.idx, idx_queue=x.idx_queue,
+                                               backend="torch", **kw)
+
+
+def _ref(x, alpha, dtype=None):
+    def fn(a, b, t):
+        cast = (lambda v: v.to(dtype)) if dtype else (lambda v: v)  # noqa: E731
+        args = [cast(v) for v in (a, b, *_args(x)[2:])]
+        tt = cast(t) if torch.is_tensor(t) else t
+        return reference.itc_loss(*args, tt, alpha, x.idx, x.idx_queue)
+    return fn
+
+
+@pytest.mark.parametrize("b,q,d", SHAPES)
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("retrieval", [False, True])
+def test_float64_matches_reference(b, q, d, alpha, retrieval):
+    x = make_inputs(b, q, d, torch.float64, retrieval=retrieval)
+    temp = torch.tensor(0.07, dtype=torch.float64)
+    loss, grads = _loss_and_grads(_fast(x, alpha), x, temp, grad_out=2.5)
+    loss_r, grads_r = _loss_and_grads(_ref(x, alpha), x, temp, grad_out=2.5)
+    assert max_err(loss, loss_r) < 1e-12
+    for g, g_r in zip(grads, grads_r):
+        assert max_err(g, g_r) < 1e-12
+
+
+@pytest.mark.parametrize("b,q,d", SHAPES)
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("retrieval", [False, True])
+@pytest.mark.parametrize("temp_kind", ["float", "param"])
+def test_float32_within_twice_eager_error(b, q, d, alpha, retrieval, temp_kind):
+    """flash-attention's rule: err(fast fp32) <= 2 * err(eager fp32) + atol, both vs fp64."""
+    x = make_inputs(b, q, d, torch.float32, retrieval=retrieval)
+    temp = 0.05 if temp_kind == "float" else torch.nn.Parameter(torch.tensor(0.05))
+    loss, grads = _loss_and_grads(_fast(x, alpha), x, temp, grad_out=-0.7)
+    loss_e, grads_e = _loss_and_grads(_ref(x, alpha), x, temp, grad_out=-0.7)
+    temp64 = temp if temp_kind == "float" else temp.double()
+    loss_64, grads_64 = _loss_and_grads(_ref(x, alpha, torch.float64), x, temp64, grad_out=-0.7)
+    assert loss.dtype == torch.float32 and grads[0].dtype == torch.float32
+    assert max_err(loss, loss_64) <= 2 * max_err(loss_e, loss_64) + 1e-5
+    for g, g_e, g_64 in zip(grads, grads_e, grads_64):
+        assert max_err(g, g_64) <= 2 * max_err(g_e, g_64) + 1e-5 * max(1.0, g_64.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+def test_chunking_does_not_change_the_result(monkeypatch, chunk):
+    x = make_inputs(6, 29, 8, torch.float64, retrieval=True)
+    expected = albef_fast.itc_loss(*_args(x), 0.07, 0.4, idx=x.idx, idx_queue=x.idx_queue, backend="torch")
+    monkeypatch.setitem(streaming.DEFAULT_CHUNK, "cpu", chunk)
+    got = albef_fast.itc_loss(*_args(x), 0.07, 0.4, idx=x.idx, idx_queue=x.idx_queue, backend="torch")
+    assert max_err(got, expected) < 1e-13
+
+
+@pytest.mark.parametrize("retrieval", [False, True])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_details_match_oracle_and_decompose_the_loss(retrieval, alpha):
+    x = make_inputs(5, 37, 24, torch.float64, retrieval=retrieval)
+    out = albef_fast.itc_loss(*_args(x), 0.07, alpha, idx=x.idx, idx_queue=x.idx_queue, return_details=True,
+                              backend="torch")
+    loss, loss_i2t, loss_t2i, terms = oracle_loss(*_args(x), 0.07, alpha, x.idx, x.idx_queue)
+    assert isinstance(out, albef_fast.ITCOutput)
+    assert max_err(out.loss, loss) < 1e-12
+    assert max_err(out.loss_i2t, loss_i2t) < 1e-12 and max_err(out.loss_t2i, loss_t2i) < 1e-12
+    for name in ("ce_i2t", "ce_t2i", "kl_i2t", "kl_t2i"):
+        assert max_err(getattr(out, name), terms[name]) < 1e-12, name
+        assert not getattr(out, name).requires_grad
+    for d in ("i2t", "t2i"):
+        parts = (1 - alpha) * getattr(out, f"ce_{d}") + alpha * (getattr(out, f"kl_{d}") + terms[f"ent_{d}"])
+        assert max_err(parts, getattr(out, f"loss_{d}")) < 1e-12
+
+
+def test_sim_blocks_equal_reference_logits():
+    x = make_inputs(6, 20, 16, torch.float32)
+    out = albef_fast.itc_loss(*_args(x), 0.07, return_details=True, backend="torch")
+    _, _, _, sim_i2t, sim_t2i = reference.itc_loss(*_args(x), 0.07, 0.4, return_logits=True)
+    assert out.sim_i2t_batch.shape == (6, 6) and not out.sim_i2t_batch.requires_grad
+    torch.testing.assert_close(out.sim_i2t_batch, sim_i2t[:, :6])
+    torch.testing.assert_close(out.sim_t2i_batch, sim_t2i[:, :6])
+
+
+def test_partial_losses_backpropagate_separately():
+    x = make_inputs(5, 12, 8, torch.float64)
+    a, b = x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()
+    out = albef_fast.itc_loss(a, b, *_args(x)[2:], 0.07, return_details=True, backend="torch")
+    out.loss_i2t.backward()
+    a_r, b_r = x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()
+    reference.itc_loss(a_r, b_r, *_args(x)[2:], 0.07, 0.4, return_logits=True)[1].backward()
+    assert max_err(a.grad, a_r.grad) < 1e-12
+    assert b.grad is None or b.grad.abs().max() == 0
+
+
+def test_bf16_queue_with_fp32_features():
+    x = make_inputs(5, 37, 24, torch.float32, queue_dtype=torch.bfloat16)
+    got = albef_fast.itc_loss(*_args(x), 0.07, backend="torch")
+    args = list(_args(x))
+    args[4:] = [args[4].float(), args[5].float()]
+    torch.testing.assert_close(got, reference.itc_loss(*args, 0.07), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("retrieval", [False, True])
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_gradcheck_float64(retrieval, alpha):
+    """With alpha > 0 the teacher also depends on T but (as in ALBEF) passes it no gradient, so
+    finite differences in T agree with the analytic gradient only at alpha = 0."""
+    x = make_inputs(3, 7, 5, torch.float64, retrieval=retrieval)
+    a, b = x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()
+    temp = torch.tensor(0.1, dtype=torch.float64, requires_grad=alpha == 0.0)
+    fn = lambda a, b, t: albef_fast.itc_loss(a, b, *_args(x)[2:], t, alpha, idx=x.idx,  # noqa: E731
+                                             idx_queue=x.idx_queue, backend="torch")
+    assert torch.autograd.gradcheck(fn, (a, b, temp))
+
+
+def test_momentum_inputs_get_no_gradient():
+    x = make_inputs(4, 9, 8, torch.float32)
+    x.image_feat_m.requires_grad_()
+    x.image_queue.requires_grad_()
+    loss = albef_fast.itc_loss(*_args(x), 0.07, backend="torch")
+    loss.backward()
+    assert x.image_feat_m.grad is None and x.image_queue.grad is None
+
+
+def test_env_variable_picks_the_backend(monkeypatch):
+    x = make_inputs(4, 9, 8, torch.float32)
+    monkeypatch.setenv("ALBEF_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="ALBEF_FAST_BACKEND"):
+        albef_fast.itc_loss(*_args(x), 0.07)
+    monkeypatch.setenv("ALBEF_FAST_BACKEND", "torch")
+    torch.testing.assert_close(albef_fast.itc_loss(*_args(x), 0.07), reference.itc_loss(*_args(x), 0.07))

@@ -1,0 +1,121 @@
+"""ITCLoss: ALBEF's step semantics (clamp, loss on the pre-step queue, enqueue), state and errors."""
+import io
+
+import pytest
+import torch
+
+import albef_fast
+from albef_fast import reference
+from tests.helpers import make_inputs, max_err
+
+
+def _albef_step(state, x, alpha, use_idx):
+    """ALBEF's own step on a copy of the state: clamp, loss, then enqueue."""
+    temp = state["temp"]
+    with torch.no_grad():
+        temp.clamp_(0.001, 0.5)
+    a, b = x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()
+    loss = reference.itc_loss(a, b, x.image_feat_m, x.text_feat_m, state["image_queue"], state["text_queue"], temp,
+                              alpha, x.idx if use_idx else None, state.get("idx_queue"))
+    loss.backward()
+    queues = [state["image_queue"], state["text_queue"]]
+    items = [x.image_feat_m, x.text_feat_m]
+    if use_idx:
+        queues.append(state["idx_queue"])
+        items.append(x.idx.view(-1, 1))
+    reference.enqueue_(queues, items, state["queue_ptr"])
+    return loss, a.grad, b.grad
+
+
+@pytest.mark.parametrize("use_idx", [False, True])
+def test_steps_match_albef_including_wrap_around(use_idx):
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=13, temp=0.9, use_idx=use_idx)
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    state["temp"].requires_grad_()
+    for step in range(4):  # 4 x 5 > 13: the third step wraps around
+        x = make_inputs(5, 0, 8, retrieval=use_idx, seed=step)
+        a, b = x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()
+        out = module(a, b, x.image_feat_m, x.text_feat_m, alpha=0.3, idx=x.idx)
+        out.loss.backward()
+        loss_r, grad_a, grad_b = _albef_step(state, x, 0.3, use_idx)
+        assert max_err(out.loss, loss_r) < 1e-5
+        assert max_err(a.grad, grad_a) < 1e-5 and max_err(b.grad, grad_b) < 1e-5
+        assert max_err(module.temp.grad, state["temp"].grad) < 1e-3
+        module.temp.grad = state["temp"].grad = None
+        for name, value in state.items():
+            assert torch.equal(getattr(module, name).detach(), value.detach()), name
+    assert module.temp.item() == pytest.approx(0.5)  # clamped from 0.9
+
+
+def test_clamp_temp_off_keeps_temperature():
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=13, temp=0.9, clamp_temp=False)
+    x = make_inputs(5, 0, 8)
+    module(x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m)
+    assert module.temp.item() == pytest.approx(0.9)
+
+
+def test_state_dict_round_trip_is_bit_identical():
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=13, use_idx=True, queue_dtype=torch.bfloat16)
+    x = make_inputs(5, 0, 8, retrieval=True)
+    module(x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m, idx=x.idx)
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    buf.seek(0)
+    fresh = albef_fast.ITCLoss(embed_dim=8, queue_size=13, use_idx=True, queue_dtype=torch.bfloat16)
+    fresh.load_state_dict(torch.load(buf))
+    for name in ("image_queue", "text_queue", "queue_ptr", "idx_queue", "temp"):
+        assert torch.equal(getattr(fresh, name), getattr(module, name)), name
+    assert fresh.queue_ptr.item() == 5
+
+
+def test_albef_checkpoint_entries_load():
+    d, q = 256, 64
+    albef_state = {  # what ALBEF's model_retrieval registers, under the same names and shapes
+        "image_queue": torch.nn.functional.normalize(torch.randn(d, q), dim=0),
+        "text_queue": torch.nn.functional.normalize(torch.randn(d, q), dim=0),
+        "queue_ptr": torch.tensor([7]),
+        "idx_queue": torch.full((1, q), -100),
+        "temp": torch.tensor(0.05),
+    }
+    module = albef_fast.ITCLoss(embed_dim=d, queue_size=q, use_idx=True)
+    assert set(module.state_dict()) == set(albef_state)
+    module.load_state_dict(albef_state)
+    assert module.queue_ptr.item() == 7 and torch.equal(module.image_queue, albef_state["image_queue"])
+
+
+BAD_CALLS = [
+    ("image_feat_m", lambda x: dict(image_feat_m=x.image_feat_m[:4])),
+    ("text_feat", lambda x: dict(text_feat=torch.randn(5, 7))),
+    ("alpha", lambda x: dict(alpha=2.0)),
+    ("idx", lambda x: dict(idx=None)),
+    ("idx", lambda x: dict(idx=torch.arange(4))),
+]
+
+
+@pytest.mark.parametrize("name,over", BAD_CALLS)
+def test_failed_call_leaves_state_unchanged(name, over):
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=13, temp=0.9, use_idx=True)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    x = make_inputs(5, 0, 8, retrieval=True)
+    kw = dict(image_feat=x.image_feat, text_feat=x.text_feat, image_feat_m=x.image_feat_m,
+              text_feat_m=x.text_feat_m, alpha=0.4, idx=x.idx)
+    kw.update(over(x))
+    with pytest.raises((ValueError, TypeError), match=name):
+        module(**kw)
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_batch_larger_than_queue_is_rejected_before_the_clamp():
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=4, temp=0.9)
+    x = make_inputs(5, 0, 8)
+    with pytest.raises(ValueError, match="queue_size"):
+        module(x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m)
+    assert module.temp.item() == pytest.approx(0.9) and module.queue_ptr.item() == 0
+
+
+def test_idx_without_use_idx_is_rejected():
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=13)
+    x = make_inputs(5, 0, 8, retrieval=True)
+    with pytest.raises(ValueError, match="idx"):
+        module(x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m, idx=x.idx)

@@ -1,0 +1,102 @@
+"""ema_update_, enqueue_ and MomentumUpdater against ALBEF's reference (C++ ops or fallbacks)."""
+import pytest
+import torch
+from torch import nn
+
+import albef_fast
+from albef_fast import reference
+
+SHAPES = [(7,), (3, 5), (1,), (129, 33), (2, 3, 4), (1000,)]
+
+
+@pytest.mark.parametrize("momentum", [0.995, 0.9, 0.0, 1.0, 0.3333])
+def test_ema_bit_exact_fp32(momentum):
+    params = [torch.randn(s) for s in SHAPES]
+    params_m = [torch.randn(s) for s in SHAPES]
+    expected = [p.clone() for p in params_m]
+    reference.ema_update_(expected, params, momentum)
+    albef_fast.ema_update_(params_m, params, momentum)
+    for got, exp in zip(params_m, expected):
+        assert torch.equal(got, exp)
+
+
+def test_ema_on_parameters_in_place():
+    p_m = nn.Parameter(torch.randn(10))
+    storage = p_m.data_ptr()
+    albef_fast.ema_update_([p_m], [torch.randn(10)], 0.5)
+    assert p_m.data_ptr() == storage
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ema_half_precision_close_to_fp32_math(dtype):
+    p, p_m = torch.randn(500).to(dtype), torch.randn(500).to(dtype)
+    expected = (p_m.float() * 0.995 + p.float() * (1 - 0.995)).to(dtype)
+    got = p_m.clone()
+    albef_fast.ema_update_([got], [p], 0.995)
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("q,n,start", [(10, 3, 0), (10, 3, 8), (10, 10, 4), (7, 5, 6), (64, 5, 63), (5, 1, 4)])
+def test_enqueue_matches_reference_with_wrap_around(q, n, start):
+    queues = [torch.randn(4, q), torch.randn(3, q).to(torch.bfloat16), torch.full((1, q), -100)]
+    items = [torch.randn(n, 4), torch.randn(n, 3), torch.arange(n).view(n, 1)]
+    expected = [x.clone() for x in queues]
+    ptr, ptr_ref = torch.tensor([start]), torch.tensor([start])
+    reference.enqueue_(expected, items, ptr_ref)
+    albef_fast.enqueue_(queues, items, ptr)
+    assert ptr.tolist() == ptr_ref.tolist() == [(start + n) % q]
+    for got, exp in zip(queues, expected):
+        assert torch.equal(got, exp)
+
+
+def test_enqueue_of_nothing_is_a_no_op():
+    queue, ptr = torch.randn(2, 5), torch.tensor([3])
+    before = queue.clone()
+    albef_fast.enqueue_([queue], [torch.randn(0, 2)], ptr)
+    assert torch.equal(queue, before) and ptr.item() == 3
+
+
+def _pair():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+    torch.manual_seed(2)
+    model_m = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+    return model, model_m
+
+
+def test_momentum_updater_copy_and_update_match_albef():
+    model, model_m = _pair()
+    updater = albef_fast.MomentumUpdater([(model, model_m)], momentum=0.995)
+    updater.copy_params()
+    for p, p_m in zip(model.parameters(), model_m.parameters()):
+        assert torch.equal(p, p_m) and not p_m.requires_grad
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    expected = [p.detach().clone() for p in model_m.parameters()]
+    reference.ema_update_(expected, [p.detach() for p in model.parameters()], 0.995)
+    updater.update()
+    for got, exp in zip(model_m.parameters(), expected):
+        assert torch.equal(got, exp)
+
+
+def test_momentum_updater_follows_a_changed_parameter_set():
+    model, model_m = _pair()
+    updater = albef_fast.MomentumUpdater([(model, model_m)], momentum=0.5)
+    updater.copy_params()
+    updater.update()  # caches the parameter lists
+    model.append(nn.Linear(3, 2))
+    model_m.append(nn.Linear(3, 2))
+    bias, bias_m = model[3].bias.detach().clone(), model_m[3].bias.detach().clone()
+    updater.update()
+    assert torch.equal(model_m[3].bias, bias_m * 0.5 + bias * 0.5)
+    model.append(nn.Linear(2, 2))  # now the two parameter lists no longer pair up
+    with pytest.raises(ValueError, match="params"):
+        updater.update()
+
+
+def test_momentum_updater_rejects_bad_pairs():
+    with pytest.raises(TypeError, match="model_pairs"):
+        albef_fast.MomentumUpdater([(nn.Linear(2, 2),)])
+    with pytest.raises(ValueError, match="momentum"):
+        albef_fast.MomentumUpdater([_pair()], momentum=2.0)

@@ -1,0 +1,113 @@
+"""Bad input raises a ValueError / TypeError that names the argument, before any state changes."""
+import pytest
+import torch
+
+import albef_fast
+from tests.helpers import make_inputs
+
+
+def _kw(x, **over):
+    kw = dict(image_feat=x.image_feat, text_feat=x.text_feat, image_feat_m=x.image_feat_m,
+              text_feat_m=x.text_feat_m, image_queue=x.image_queue, text_queue=x.text_queue, temp=0.07,
+              alpha=0.4, idx=x.idx, idx_queue=x.idx_queue)
+    kw.update(over)
+    return kw
+
+
+x0 = make_inputs(5, 37, 24)
+xr = make_inputs(5, 37, 24, retrieval=True)
+
+CASES = [
+    ("text_feat", dict(text_feat=torch.randn(5, 23)), ValueError),
+    ("image_feat_m", dict(image_feat_m=torch.randn(4, 24)), ValueError),
+    ("text_feat_m", dict(text_feat_m=torch.randn(6, 24)), ValueError),
+    ("image_feat", dict(image_feat=torch.randn(5, 24, 1)), ValueError),
+    ("image_feat", dict(image_feat=[[0.0]]), TypeError),
+    ("image_feat", dict(image_feat=torch.ones(5, 24, dtype=torch.long)), TypeError),
+    ("image_queue", dict(image_queue=torch.randn(37, 24)), ValueError),
+    ("text_queue", dict(text_queue=torch.randn(24, 36)), ValueError),
+    ("text_queue", dict(text_queue=torch.randn(24)), ValueError),
+    ("alpha", dict(alpha=1.5), ValueError),
+    ("alpha", dict(alpha=-0.1), ValueError),
+    ("alpha", dict(alpha="0.4"), TypeError),
+    ("temp", dict(temp=0.0), ValueError),
+    ("temp", dict(temp=-0.07), ValueError),
+    ("temp", dict(temp=torch.tensor(-0.07)), ValueError),
+    ("temp", dict(temp=torch.tensor([0.07])), ValueError),
+    ("temp", dict(temp="hot"), TypeError),
+    ("idx_queue", dict(idx=torch.arange(5)), ValueError),
+    ("idx", dict(idx_queue=torch.zeros(37, dtype=torch.long)), ValueError),
+    ("idx", dict(idx=torch.arange(4), idx_queue=torch.zeros(37, dtype=torch.long)), ValueError),
+    ("idx", dict(idx=torch.ones(5), idx_queue=torch.zeros(37, dtype=torch.long)), TypeError),
+    ("idx_queue", dict(idx=torch.arange(5), idx_queue=torch.zeros(36, dtype=torch.long)), ValueError),
+    ("idx_queue", dict(idx=torch.arange(5), idx_queue=torch.zeros(37, 1, dtype=torch.long)), ValueError),
+    ("image_queue", dict(image_queue=torch.randn(24, 37, device="meta")), ValueError),
+    ("backend", dict(backend="cuda"), ValueError),
+    ("precision", dict(precision="fp8"), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,over,exc", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_itc_loss_rejects(name, over, exc):
+    kw = _kw(x0, **over)
+    with pytest.raises(exc, match=name):
+        albef_fast.itc_loss(kw.pop("image_feat"), kw.pop("text_feat"), kw.pop("image_feat_m"),
+                            kw.pop("text_feat_m"), kw.pop("image_queue"), kw.pop("text_queue"),
+                            kw.pop("temp"), kw.pop("alpha"), **kw)
+
+
+def test_error_message_gives_expected_and_received():
+    with pytest.raises(ValueError) as err:
+        albef_fast.itc_loss(x0.image_feat, x0.text_feat, torch.randn(4, 24), x0.text_feat_m, x0.image_queue,
+                            x0.text_queue, 0.07)
+    assert "[5, 24]" in str(err.value) and "[4, 24]" in str(err.value)
+
+
+def _queues():
+    return [torch.randn(4, 10), torch.randn(3, 10), torch.zeros(1, 10, dtype=torch.long)]
+
+
+ENQUEUE_CASES = [
+    ("items", lambda q: [torch.randn(11, 4), torch.randn(11, 3), torch.zeros(11, 1, dtype=torch.long)], None),
+    ("items", lambda q: [torch.randn(2, 4), torch.randn(2, 3)], None),
+    ("items\\[1\\]", lambda q: [torch.randn(2, 4), torch.randn(2, 5), torch.zeros(2, 1, dtype=torch.long)], None),
+    ("items\\[1\\]", lambda q: [torch.randn(2, 4), torch.randn(3, 3), torch.zeros(2, 1, dtype=torch.long)], None),
+    ("items\\[2\\]", lambda q: [torch.randn(2, 4), torch.randn(2, 3), torch.zeros(2, 1)], None),
+    ("ptr", None, torch.tensor([0], dtype=torch.int32)),
+    ("ptr", None, torch.tensor([0, 1])),
+    ("ptr", None, 0),
+    ("ptr", None, torch.tensor([0], device="meta")),
+]
+
+
+@pytest.mark.parametrize("name,items_fn,ptr", ENQUEUE_CASES)
+def test_enqueue_rejects_and_changes_nothing(name, items_fn, ptr):
+    queues = _queues()
+    before = [q.clone() for q in queues]
+    items = items_fn(queues) if items_fn else [torch.randn(2, 4), torch.randn(2, 3), torch.ones(2, 1, dtype=torch.long)]
+    ptr = torch.tensor([3]) if ptr is None else ptr
+    ptr_before = ptr.clone() if torch.is_tensor(ptr) and ptr.device.type == "cpu" else None
+    with pytest.raises((ValueError, TypeError), match=name):
+        albef_fast.enqueue_(queues, items, ptr)
+    assert all(torch.equal(q, b) for q, b in zip(queues, before))
+    if ptr_before is not None:
+        assert torch.equal(ptr, ptr_before)
+
+
+def test_enqueue_rejects_mismatched_queue_lengths():
+    queues = [torch.randn(4, 10), torch.randn(3, 9)]
+    with pytest.raises(ValueError, match="queues\\[1\\]"):
+        albef_fast.enqueue_(queues, [torch.randn(2, 4), torch.randn(2, 3)], torch.zeros(1, dtype=torch.long))
+
+
+def test_ema_rejects_and_changes_nothing():
+    p_m = [torch.zeros(3), torch.zeros(4)]
+    with pytest.raises(ValueError, match="params\\[1\\]"):
+        albef_fast.ema_update_(p_m, [torch.ones(3), torch.ones(5)], 0.9)
+    with pytest.raises(ValueError, match="params"):
+        albef_fast.ema_update_(p_m, [torch.ones(3)], 0.9)
+    with pytest.raises(ValueError, match="momentum"):
+        albef_fast.ema_update_(p_m, [torch.ones(3), torch.ones(4)], 1.1)
+    with pytest.raises(ValueError, match="params\\[0\\]"):
+        albef_fast.ema_update_(p_m, [torch.ones(3, dtype=torch.float64), torch.ones(4)], 0.9)
+    assert all(p.abs().sum() == 0 for p in p_m)
