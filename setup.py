@@ -19,9 +19,11 @@ def _extensions():
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     with_cuda = bool(cuda_sources) and cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]  # the C++ standard: as torch requires
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # no GPU to ask: A100, H100/H200, PTX for newer
     if with_cuda:
-        nvcc = ["-O3", "-std=c++17", "--fmad=false", "-DALBEF_FAST_WITH_CUDA"]
+        nvcc = ["-O3", "--fmad=false", "-DALBEF_FAST_WITH_CUDA"]
         ext = cpp_extension.CUDAExtension(
             "albef_fast._C", sources + cuda_sources,
             extra_compile_args={"cxx": cxx + ["-DALBEF_FAST_WITH_CUDA"], "nvcc": nvcc}, extra_link_args=["-fopenmp"],

@@ -1,0 +1,32 @@
+// The albef_fast._C extension module: op schemas (TORCH_LIBRARY) and build information (pybind11).
+// Implementations are registered per dispatch key in ema.cpp / enqueue.cpp (CPU) and cuda/*.cu.
+#include <torch/extension.h>
+
+#include <string>
+
+TORCH_LIBRARY(albef_fast, m) {
+  // p_m <- p_m * momentum + p * (1 - momentum) for every pair, rounded as ALBEF's expression (fp32).
+  m.def("ema_update_(Tensor(a!)[] params_m, Tensor[] params, float momentum) -> ()");
+  // Write items[k] [N, D_k] as columns of queues[k] [D_k, Q] from ptr on (mod Q); ptr += N (mod Q).
+  m.def("enqueue_(Tensor(a!)[] queues, Tensor[] items, Tensor(b!) ptr) -> ()");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef ALBEF_FAST_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["torch"] = std::string(TORCH_VERSION);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "albef_fast C++ ops: torch.ops.albef_fast.ema_update_ and enqueue_";
+  m.def("build_info", &build_info, "How the extension was built ({'cuda': bool, 'torch': version})");
+}

@@ -1,0 +1,42 @@
+// Argument checks shared by the CPU and CUDA implementations. The Python API validates first
+// (with friendlier messages); these guard direct torch.ops calls. Nothing is written before them.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace albef_fast {
+
+inline void check_ema_args(at::TensorList params_m, at::TensorList params, at::DeviceType device) {
+  TORCH_CHECK(params_m.size() == params.size(), "ema_update_: params has ", params.size(),
+              " tensors, expected one per params_m tensor (", params_m.size(), ")");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& pm = params_m[i];
+    const auto& p = params[i];
+    TORCH_CHECK(pm.sizes() == p.sizes() && pm.scalar_type() == p.scalar_type(), "ema_update_: params[", i,
+                "] must match params_m[", i, "] in shape and dtype");
+    TORCH_CHECK(pm.device().type() == device && p.device() == pm.device(), "ema_update_: params[", i,
+                "] and params_m[", i, "] must be on the same ", device, " device");
+    TORCH_CHECK(pm.is_contiguous() && p.is_contiguous(), "ema_update_: params[", i, "] must be contiguous");
+    TORCH_CHECK(at::isFloatingType(pm.scalar_type()), "ema_update_: params_m[", i, "] must be floating point");
+  }
+}
+
+inline void check_enqueue_args(at::TensorList queues, at::TensorList items, const at::Tensor& ptr) {
+  TORCH_CHECK(!queues.empty() && queues.size() == items.size(), "enqueue_: expected one item per queue, got ",
+              items.size(), " items for ", queues.size(), " queues");
+  TORCH_CHECK(ptr.numel() == 1 && ptr.scalar_type() == at::kLong, "enqueue_: ptr must be a 1-element int64 tensor");
+  const int64_t q = queues[0].dim() == 2 ? queues[0].size(1) : -1;
+  const int64_t n = items[0].dim() == 2 ? items[0].size(0) : -1;
+  TORCH_CHECK(q >= 1 && n >= 0 && n <= q, "enqueue_: expected [D, Q] queues and [N, D] items with N <= Q");
+  for (size_t k = 0; k < queues.size(); ++k) {
+    TORCH_CHECK(queues[k].dim() == 2 && queues[k].size(1) == q, "enqueue_: queues[", k, "] must be [D_k, ", q, "]");
+    TORCH_CHECK(items[k].dim() == 2 && items[k].size(0) == n && items[k].size(1) == queues[k].size(0),
+                "enqueue_: items[", k, "] must be [", n, ", ", queues[k].size(0), "]");
+    TORCH_CHECK(queues[k].device() == ptr.device() && items[k].device() == ptr.device(), "enqueue_: queues[", k,
+                "], items[", k, "] and ptr must share one device");
+    TORCH_CHECK(at::isFloatingType(queues[k].scalar_type()) == at::isFloatingType(items[k].scalar_type()),
+                "enqueue_: items[", k, "] dtype does not fit queues[", k, "]");
+  }
+}
+
+}  // namespace albef_fast

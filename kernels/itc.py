@@ -1,0 +1,412 @@
+"""Fused ITC kernels: one pass over [in-batch keys ; queue] gives the loss, dq and dT.
+
+Two kernels per call, both directions in each launch (SPEC section 3):
+
+_itc_split_fwd_kernel   grid (row blocks, key splits, 2 directions x D blocks). Each program
+    streams its share of the keys once, computing student logits u . k (and teacher logits
+    u_m . k from the same loaded tile) in base 2 (log2(e) / T folded into one scale), and keeps
+    online-softmax states: running max, Z, A = sum 2^(s - max) k over its D block, plus the
+    hard-target sum H = sum [id_j == id_r] k and count for retrieval targets.
+_itc_merge_fwd_kernel   grid (row blocks, 2 directions). Combines the splits in a fixed order
+    (deterministic: no atomics), then per row: G = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H / n,
+    dq = G / (T B), and the loss, dT, ce and kl terms as dot products with u = q / T.
+
+Queues are read in place through their strides ([D, Q] as ALBEF stores them); in-batch keys
+[B, D] go through the same tile loader with their strides swapped.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["itc_triton"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+        for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)
+    ]
+
+
+@triton.jit
+def _load_keys(base, stride_d, stride_j, d_offs, j_offs, D, N):
+    """Key tile [BLOCK_D, BLOCK_N]: element (d, j) at base + d * stride_d + j * stride_j, zero outside."""
+    mask = (d_offs[:, None] < D) & (j_offs[None, :] < N)
+    return tl.load(base + d_offs[:, None] * stride_d + j_offs[None, :] * stride_j, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_rows(base, stride_r, stride_d, r_offs, d_offs, B, D):
+    """Row tile [BLOCK_M, BLOCK_D] of a [B, D] tensor, zero outside."""
+    mask = (r_offs[:, None] < B) & (d_offs[None, :] < D)
+    return tl.load(base + r_offs[:, None] * stride_r + d_offs[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation, both cast to DOT_DTYPE (fp32 at INPUT_PRECISION, or bf16 / fp16)."""
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@triton.jit
+def _logits(q_ptr, qm_ptr, k_base, s_kd, s_kj, stride_fb, stride_fd, rows, d_offs, j, B, D, n_keys,
+            HAS_TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Raw dots of one D block: (q . k [BLOCK_M, BLOCK_N], q_m . k (or 0), the key tile)."""
+    k = _load_keys(k_base, s_kd, s_kj, d_offs, j, D, n_keys)
+    q = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
+    s = _dot(q, k, DOT_DTYPE, INPUT_PRECISION)
+    if HAS_TEACHER:
+        qm = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
+        m = _dot(qm, k, DOT_DTYPE, INPUT_PRECISION)
+    else:
+        m = tl.zeros_like(s)
+    return s, m, k
+
+
+@triton.autotune(configs=_configs(), key=["D", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
+@triton.jit
+def _itc_split_fwd_kernel(
+    # pointers: per direction (image = i2t queries, text = t2i queries)
+    img_ptr, txt_ptr, img_m_ptr, txt_m_ptr, img_queue_ptr, txt_queue_ptr, idx_ptr, idx_queue_ptr, temp_ptr,
+    ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, sim_ptr,
+    # strides
+    stride_fb, stride_fd, stride_qd, stride_qj, stride_idx, stride_idq,
+    # shapes
+    B, Q, D, NUM_SPLITS, temp_value,
+    # constexpr flags
+    HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr,
+):
+    """Per-split online-softmax states of one (row block, key split, direction, D block).
+
+    Features [B, D] (all four share strides stride_fb, stride_fd), queues [D, Q] (strides
+    stride_qd, stride_qj), idx [B], idx_queue [Q]; temp 0-dim (or temp_value).
+    Writes, with R = number of state rows (student, teacher, hard) and S = NUM_SPLITS:
+    ws_max, ws_z [2, 2, S, B] (student / teacher), ws_acc [2, R, S, B, D], ws_count [2, S, B],
+    sim [2, B, B] (student logits against the in-batch keys; split 0, D block 0 only).
+    """
+    pid_m, pid_s, pid_dd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    direction, pid_d = pid_dd % 2, pid_dd // 2
+    # i2t: queries image, keys text; t2i: queries text, keys image.
+    q_ptr = tl.where(direction == 0, img_ptr, txt_ptr)
+    qm_ptr = tl.where(direction == 0, img_m_ptr, txt_m_ptr)
+    kb_ptr = tl.where(direction == 0, txt_m_ptr, img_m_ptr)
+    queue_ptr = tl.where(direction == 0, txt_queue_ptr, img_queue_ptr)
+    if TEMP_FROM_PTR:
+        temp = tl.load(temp_ptr).to(tl.float32)
+    else:
+        temp = temp_value
+    scale = 1.4426950408889634 / temp  # base-2 logits: exp(s) = exp2(s * log2(e))
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d_acc = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_N)
+    if RETRIEVAL:
+        row_ids = tl.load(idx_ptr + rows * stride_idx, mask=rows < B, other=-1)
+
+    mx_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    z_s = tl.zeros([BLOCK_M], tl.float32)
+    acc_s = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    mx_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    z_m = tl.zeros([BLOCK_M], tl.float32)
+    acc_m = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    count = tl.zeros([BLOCK_M], tl.float32)
+
+    batch_tiles = tl.cdiv(B, BLOCK_N)
+    tiles = batch_tiles + tl.cdiv(Q, BLOCK_N)
+    tiles_per_split = tl.cdiv(tiles, NUM_SPLITS)
+    t_begin = pid_s * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tiles)
+    for phase in tl.static_range(2):
+        # phase 0: in-batch keys [B, D] (row layout); phase 1: the queue [D, Q]; one tile space.
+        if phase == 0:
+            k_base, s_kd, s_kj, n_keys, id_base, s_id = kb_ptr, stride_fd, stride_fb, B, idx_ptr, stride_idx
+            lo, hi, shift = t_begin, tl.minimum(t_end, batch_tiles), 0
+        else:
+            k_base, s_kd, s_kj, n_keys, id_base, s_id = queue_ptr, stride_qd, stride_qj, Q, idx_queue_ptr, stride_idq
+            lo, hi, shift = tl.maximum(t_begin, batch_tiles), t_end, batch_tiles
+        for t in range(lo, hi):
+            j = (t - shift) * BLOCK_N + cols
+            if NUM_DK == 1:
+                s, m, k_acc = _logits(q_ptr, qm_ptr, k_base, s_kd, s_kj, stride_fb, stride_fd, rows, d_acc, j, B, D,
+                                      n_keys, HAS_TEACHER, DOT_DTYPE, INPUT_PRECISION)
+            else:
+                s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                m = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for dk in range(NUM_DK):
+                    d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
+                    s_part, m_part, _ = _logits(q_ptr, qm_ptr, k_base, s_kd, s_kj, stride_fb, stride_fd, rows,
+                                                d_offs, j, B, D, n_keys, HAS_TEACHER, DOT_DTYPE, INPUT_PRECISION)
+                    s += s_part
+                    m += m_part
+                k_acc = _load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys)
+            k_t = tl.trans(k_acc)
+            valid = j[None, :] < n_keys
+            if phase == 0:
+                if pid_d == 0:
+                    sim_mask = (rows[:, None] < B) & valid
+                    sim_offs = direction * B * B + rows[:, None] * B + j[None, :]
+                    tl.store(sim_ptr + sim_offs, (s / temp).to(sim_ptr.dtype.element_ty), mask=sim_mask)
+            s2 = tl.where(valid, s * scale, float("-inf"))
+            new_mx = tl.maximum(mx_s, tl.max(s2, 1))
+            rescale = tl.exp2(mx_s - new_mx)
+            p = tl.exp2(s2 - new_mx[:, None])
+            z_s = z_s * rescale + tl.sum(p, 1)
+            acc_s = acc_s * rescale[:, None] + _dot(p, k_t, DOT_DTYPE, INPUT_PRECISION)
+            mx_s = new_mx
+            if HAS_TEACHER:
+                m2 = tl.where(valid, m * scale, float("-inf"))
+                new_mx_m = tl.maximum(mx_m, tl.max(m2, 1))
+                rescale_m = tl.exp2(mx_m - new_mx_m)
+                p_m = tl.exp2(m2 - new_mx_m[:, None])
+                z_m = z_m * rescale_m + tl.sum(p_m, 1)
+                acc_m = acc_m * rescale_m[:, None] + _dot(p_m, k_t, DOT_DTYPE, INPUT_PRECISION)
+                mx_m = new_mx_m
+            if RETRIEVAL:
+                key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=-2)
+                hard = (row_ids[:, None] == key_ids[None, :]).to(tl.float32)
+                count += tl.sum(hard, 1)
+                acc_h += _dot(hard, k_t, DOT_DTYPE, INPUT_PRECISION)
+
+    row_ok = rows < B
+    stat = ((direction * 2) * NUM_SPLITS + pid_s) * B + rows  # [direction, kind, split, row], kind 0 = student
+    teacher_off = NUM_SPLITS * B
+    if pid_d == 0:
+        tl.store(ws_max_ptr + stat, mx_s, mask=row_ok)
+        tl.store(ws_z_ptr + stat, z_s, mask=row_ok)
+        if HAS_TEACHER:
+            tl.store(ws_max_ptr + stat + teacher_off, mx_m, mask=row_ok)
+            tl.store(ws_z_ptr + stat + teacher_off, z_m, mask=row_ok)
+        if RETRIEVAL:
+            tl.store(ws_count_ptr + (direction * NUM_SPLITS + pid_s) * B + rows, count, mask=row_ok)
+    n_kinds = 1 + HAS_TEACHER + RETRIEVAL
+    acc_mask = row_ok[:, None] & (d_acc[None, :] < D)
+    acc_offs = ((direction * n_kinds * NUM_SPLITS + pid_s) * B + rows[:, None]) * D + d_acc[None, :]
+    kind_stride = NUM_SPLITS * B * D
+    tl.store(ws_acc_ptr + acc_offs, acc_s, mask=acc_mask)
+    if HAS_TEACHER:
+        tl.store(ws_acc_ptr + acc_offs + kind_stride, acc_m, mask=acc_mask)
+    if RETRIEVAL:
+        tl.store(ws_acc_ptr + acc_offs + (1 + HAS_TEACHER) * kind_stride, acc_h, mask=acc_mask)
+
+
+@triton.jit
+def _merge_scalars(ws_max_ptr, ws_z_ptr, base, rows, B, NUM_SPLITS, BLOCK_M: tl.constexpr):
+    """Global max and Z of one kind (student or teacher) over the splits, in split order."""
+    row_ok = rows < B
+    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for sp in range(NUM_SPLITS):
+        mx = tl.maximum(mx, tl.load(ws_max_ptr + base + sp * B + rows, mask=row_ok, other=float("-inf")))
+    mx = tl.where(row_ok, mx, 0.0)  # finite everywhere: no inf - inf below
+    z = tl.zeros([BLOCK_M], tl.float32)
+    for sp in range(NUM_SPLITS):
+        m_sp = tl.load(ws_max_ptr + base + sp * B + rows, mask=row_ok, other=float("-inf"))
+        z += tl.load(ws_z_ptr + base + sp * B + rows, mask=row_ok, other=0.0) * tl.exp2(m_sp - mx)
+    return mx, tl.where(row_ok, z, 1.0)
+
+
+@triton.jit
+def _merge_acc(ws_max_ptr, ws_acc_ptr, max_base, acc_base, rows, d_offs, mx, z, B, D, NUM_SPLITS,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sum_split 2^(m_split - max) A_split / Z over one D block: E_p[k] for that block."""
+    row_ok = rows < B
+    mask = row_ok[:, None] & (d_offs[None, :] < D)
+    out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for sp in range(NUM_SPLITS):
+        m_sp = tl.load(ws_max_ptr + max_base + sp * B + rows, mask=row_ok, other=float("-inf"))
+        w = tl.exp2(m_sp - mx) / z  # 0 for a split that saw no keys (m_sp = -inf)
+        a = tl.load(ws_acc_ptr + (acc_base + sp * B + rows[:, None]) * D + d_offs[None, :], mask=mask, other=0.0)
+        out += w[:, None] * a
+    return out
+
+
+@triton.jit
+def _itc_merge_fwd_kernel(
+    # pointers
+    img_ptr, txt_ptr, img_m_ptr, txt_m_ptr, temp_ptr, ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr,
+    dq_img_ptr, dq_txt_ptr, rows_out_ptr,
+    # strides
+    stride_fb, stride_fd,
+    # shapes and scalars
+    B, D, NUM_SPLITS, temp_value, alpha,
+    # constexpr flags
+    HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Combine the splits of one (row block, direction); write dq [B, D] (feature dtype,
+    d loss_dir / d q including 1 / B) and rows_out [2, 4, B] fp32 = (loss, dT, ce, kl) per row."""
+    pid_m, direction = tl.program_id(0), tl.program_id(1)
+    q_ptr = tl.where(direction == 0, img_ptr, txt_ptr)
+    qm_ptr = tl.where(direction == 0, img_m_ptr, txt_m_ptr)
+    kb_ptr = tl.where(direction == 0, txt_m_ptr, img_m_ptr)
+    dq_ptr = tl.where(direction == 0, dq_img_ptr, dq_txt_ptr)
+    if TEMP_FROM_PTR:
+        temp = tl.load(temp_ptr).to(tl.float32)
+    else:
+        temp = temp_value
+    inv_t = 1.0 / temp
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    n_kinds = 1 + HAS_TEACHER + RETRIEVAL
+    stat = direction * 2 * NUM_SPLITS * B
+    acc0 = direction * n_kinds * NUM_SPLITS * B
+    mx_s, z_s = _merge_scalars(ws_max_ptr, ws_z_ptr, stat, rows, B, NUM_SPLITS, BLOCK_M)
+    mx_m, z_m = mx_s, z_s
+    if HAS_TEACHER:
+        mx_m, z_m = _merge_scalars(ws_max_ptr, ws_z_ptr, stat + NUM_SPLITS * B, rows, B, NUM_SPLITS, BLOCK_M)
+    count = tl.full([BLOCK_M], 1.0, tl.float32)
+    if RETRIEVAL:
+        count = tl.zeros([BLOCK_M], tl.float32)
+        for sp in range(NUM_SPLITS):
+            count += tl.load(ws_count_ptr + (direction * NUM_SPLITS + sp) * B + rows, mask=row_ok, other=0.0)
+        count = tl.where(row_ok, count, 1.0)
+
+    h_s = tl.zeros([BLOCK_M], tl.float32)   # u . H / n
+    c_m = tl.zeros([BLOCK_M], tl.float32)   # u . A_m / Z_m
+    d_m = tl.zeros([BLOCK_M], tl.float32)   # u_m . A_m / Z_m
+    u_g = tl.zeros([BLOCK_M], tl.float32)   # u . G
+    for d0 in range(0, D, BLOCK_D):
+        d_offs = d0 + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (d_offs[None, :] < D)
+        u = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
+        g = _merge_acc(ws_max_ptr, ws_acc_ptr, stat, acc0, rows, d_offs, mx_s, z_s, B, D, NUM_SPLITS,
+                       BLOCK_M, BLOCK_D)
+        if RETRIEVAL:
+            h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            h_base = acc0 + (1 + HAS_TEACHER) * NUM_SPLITS * B
+            for sp in range(NUM_SPLITS):
+                h += tl.load(ws_acc_ptr + (h_base + sp * B + rows[:, None]) * D + d_offs[None, :], mask=mask,
+                             other=0.0)
+            h = h / count[:, None]
+        else:
+            h = _load_rows(kb_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32)
+        g -= (1.0 - alpha) * h
+        h_s += tl.sum(u * h, 1)
+        if HAS_TEACHER:
+            pm = _merge_acc(ws_max_ptr, ws_acc_ptr, stat + NUM_SPLITS * B, acc0 + NUM_SPLITS * B, rows, d_offs,
+                            mx_m, z_m, B, D, NUM_SPLITS, BLOCK_M, BLOCK_D)
+            g -= alpha * pm
+            c_m += tl.sum(u * pm, 1)
+            u_m = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
+            d_m += tl.sum(u_m * pm, 1)
+        u_g += tl.sum(u * g, 1)
+        dq = g * (inv_t / B)
+        tl.store(dq_ptr + rows[:, None] * D + d_offs[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask)
+
+    lse_s = (mx_s + tl.log2(z_s)) * 0.6931471805599453
+    lse_m = (mx_m + tl.log2(z_m)) * 0.6931471805599453
+    loss = lse_s - (1.0 - alpha) * h_s
+    kl = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_TEACHER:
+        loss -= alpha * c_m
+        kl = d_m - lse_m - c_m + lse_s
+    out = rows_out_ptr + direction * 4 * B + rows
+    tl.store(out, loss, mask=row_ok)
+    tl.store(out + B, -u_g * inv_t, mask=row_ok)
+    tl.store(out + 2 * B, lse_s - h_s, mask=row_ok)
+    tl.store(out + 3 * B, kl, mask=row_ok)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: enough splits to exercise the merge
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _blocks(b: int, d: int) -> Tuple[int, int]:
+    """(BLOCK_M, BLOCK_D): rows per program and the D block of the accumulators."""
+    block_m = 16 if _INTERPRET else min(64, max(16, triton.next_power_of_2(b)))
+    block_d = 16 if _INTERPRET else min(128, max(16, triton.next_power_of_2(d)))
+    return block_m, block_d
+
+
+def _dot_flags(dtype: torch.dtype, precision: str):
+    """(DOT_DTYPE, INPUT_PRECISION) for the feature dtype and the fp32 product precision."""
+    if dtype == torch.float32:
+        if precision == "medium":
+            return tl.bfloat16, "ieee"
+        return tl.float32, "ieee" if precision == "highest" else "tf32"
+    if _INTERPRET:  # the interpreter's bf16 / fp16 dot is wrong: fp32 tiles there
+        return tl.float32, "ieee"
+    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"
+
+
+def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha: float,
+               idx: Optional[torch.Tensor], idx_queue: Optional[torch.Tensor], details: bool, precision: str):
+    """The "triton" backend of torch.ops.albef_fast.itc (same outputs as albef_fast.itc_op)."""
+    b, d = image_feat.shape
+    q = image_queue.shape[1]
+    dev = image_feat.device
+    feats = [f.contiguous() if f.stride(1) != 1 else f for f in (image_feat, text_feat, image_feat_m, text_feat_m)]
+    feats = _common_strides(feats)
+    image_queue, text_queue = _common_queue_strides(image_queue, text_queue)
+    teacher, retrieval = alpha != 0.0 or details, idx is not None
+    block_m, block_d = _blocks(b, d)
+    row_blocks, d_blocks = triton.cdiv(b, block_m), triton.cdiv(d, block_d)
+    min_block_n = 16 if _INTERPRET else 32
+    max_tiles = triton.cdiv(b, min_block_n) + triton.cdiv(max(q, 1), min_block_n)
+    splits = max(1, min(max_tiles, math.ceil(2 * _num_sms(dev) / (row_blocks * 2 * d_blocks))))
+    n_kinds = 1 + int(teacher) + int(retrieval)
+    f32 = dict(device=dev, dtype=torch.float32)
+    ws_max = torch.full((2, 2, splits, b), float("-inf"), **f32)
+    ws_z = torch.zeros((2, 2, splits, b), **f32)
+    ws_acc = torch.empty((2, n_kinds, splits, b, d), **f32)
+    ws_count = torch.zeros((2, splits, b), **f32) if retrieval else ws_z
+    sims = torch.empty((2, b, b), device=dev, dtype=image_feat.dtype)
+    temp_t = temp if torch.is_tensor(temp) else None
+    temp_v = 1.0 if temp_t is not None else float(temp)
+    dummy = ws_z
+    idx_v = idx.reshape(-1) if retrieval else dummy
+    idq_v = idx_queue.reshape(-1) if retrieval else dummy
+    dot_dtype, input_precision = _dot_flags(image_feat.dtype, precision)
+    _itc_split_fwd_kernel[(row_blocks, splits, 2 * d_blocks)](
+        *feats, image_queue, text_queue, idx_v, idq_v, temp_t if temp_t is not None else dummy,
+        ws_max, ws_z, ws_acc, ws_count, sims,
+        feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
+        idx_v.stride(0), idq_v.stride(0),
+        b, q, d, splits, temp_v,
+        HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision,
+        BLOCK_M=block_m, BLOCK_D=block_d, NUM_DK=d_blocks,
+    )
+    dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
+    dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
+    rows = torch.empty((2, 4, b), **f32)
+    _itc_merge_fwd_kernel[(row_blocks, 2)](
+        *feats, temp_t if temp_t is not None else dummy, ws_max, ws_z, ws_acc, ws_count, dq_img, dq_txt, rows,
+        feats[0].stride(0), feats[0].stride(1), b, d, splits, temp_v, float(alpha),
+        HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+    )
+    means = rows.mean(dim=2)  # [2, 4]: (loss, dT, ce, kl) per direction
+    terms = torch.cat([means[:, 2], means[:, 3]])
+    return means[:, 0].contiguous(), dq_img, dq_txt, means[:, 1].contiguous(), sims, terms
+
+
+def _common_strides(feats):
+    """The kernels take one stride pair for all four feature tensors: make them agree."""
+    if all(f.stride() == feats[0].stride() for f in feats):
+        return feats
+    return [f.contiguous() for f in feats]
+
+
+def _common_queue_strides(image_queue, text_queue):
+    if image_queue.stride() == text_queue.stride():
+        return image_queue, text_queue
+    return image_queue.contiguous(), text_queue.contiguous()
