@@ -10,6 +10,16 @@ import os
 from setuptools import setup
 
 
+def _has_cudart(cuda_home):
+    """nvcc and the CUDA runtime library to link: torch may guess a CUDA_HOME that has only nvcc."""
+    if not cuda_home:
+        return False
+    libs = glob.glob(os.path.join(cuda_home, "lib*", "libcudart.so*"))
+    if not libs:
+        print(f"albef_fast: no libcudart under CUDA_HOME={cuda_home}; building the CPU ops only")
+    return bool(libs)
+
+
 def _extensions():
     if os.environ.get("ALBEF_FAST_NO_EXTENSION", "0") not in ("", "0"):
         return [], {}
@@ -18,7 +28,7 @@ def _extensions():
 
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    with_cuda = bool(cuda_sources) and cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    with_cuda = bool(cuda_sources) and torch.version.cuda is not None and _has_cudart(cpp_extension.CUDA_HOME)
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]  # the C++ standard: as torch requires
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # no GPU to ask: A100, H100/H200, PTX for newer

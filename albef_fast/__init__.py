@@ -2,12 +2,10 @@
 
 Public API (SPEC section 2): itc_loss, ITCOutput, ITCLoss, ema_update_, MomentumUpdater, enqueue_.
 """
-from . import _extension
+from . import _extension  # loads the C++ ops (or warns once) before any op is traced
 from .functional import ITCOutput, itc_loss
 from .modules import ITCLoss
 from .state import MomentumUpdater, ema_update_, enqueue_
 
 __version__ = "0.1.0"
 __all__ = ["itc_loss", "ITCOutput", "ITCLoss", "ema_update_", "MomentumUpdater", "enqueue_", "__version__"]
-
-_extension.has_ops()  # load the C++ ops (or warn once) at import, before any custom op is traced

@@ -5,14 +5,14 @@ serve every API, and a one-time warning says so.
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
+
+import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 __all__ = ["has_ops", "build_info"]
 
 
-@functools.lru_cache(maxsize=None)
 def _load():
     if os.environ.get("ALBEF_FAST_DISABLE_EXTENSION", "0") not in ("", "0"):
         return None
@@ -26,10 +26,12 @@ def _load():
     return _C
 
 
+_EXT = _load()  # once, at import (so the warning is one-time and tracing sees a constant)
+
+
 def has_ops() -> bool:
-    return _load() is not None
+    return _EXT is not None
 
 
 def build_info() -> dict:
-    ext = _load()
-    return {"extension": False} if ext is None else {"extension": True, **ext.build_info()}
+    return {"extension": False} if _EXT is None else {"extension": True, **_EXT.build_info()}

@@ -34,6 +34,19 @@ class ITCOutput(NamedTuple):
     kl_t2i: torch.Tensor
 
 
+# Settings read on the host. Under torch.compile they are taken as constants of the trace
+# (dynamo cannot trace them); changing one later means a recompile, not a wrong result.
+@torch.compiler.assume_constant_result
+def _matmul_precision() -> str:
+    return torch.get_float32_matmul_precision()
+
+
+@torch.compiler.assume_constant_result
+def _env_backend() -> str:
+    return os.environ.get("ALBEF_FAST_BACKEND", "")
+
+
+@torch.compiler.assume_constant_result
 def _triton_registered() -> bool:
     if "triton" not in BACKEND_IMPLS:
         try:
@@ -46,11 +59,11 @@ def _triton_registered() -> bool:
 def resolve_backend(backend: Optional[str], precision: Optional[str], feat: torch.Tensor) -> Tuple[str, str]:
     """Pick (backend, precision). Automatic: Triton for CUDA tensors unless fp32 at "highest"."""
     if precision is None:
-        precision = torch.get_float32_matmul_precision() if feat.dtype == torch.float32 else "medium"
+        precision = _matmul_precision() if feat.dtype == torch.float32 else "medium"
     if feat.dtype == torch.float64:
         precision = "highest"
     if backend is None:
-        backend = os.environ.get("ALBEF_FAST_BACKEND") or None
+        backend = _env_backend() or None
         _validate.choice("ALBEF_FAST_BACKEND", backend, _validate.BACKENDS)
     if backend is None:
         accurate = feat.dtype in (torch.float32, torch.float64) and precision == "highest"

@@ -16,9 +16,10 @@ import torch
 
 import albef_fast
 
-from . import cases, measure, report
+from . import cases, measure, report, state_suites
 
-SWEEP = [64, 256, 512, 1024]
+SWEEP = cases.SWEEP_DEFAULT
+SUITE_NAMES = ("itc", "ema", "enqueue")
 
 
 def _ints(text: str) -> List[int]:
@@ -47,9 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", type=_names(cases.MODES), default=["fwd+bwd"], help="fwd,fwd+bwd")
     p.add_argument("--providers", type=_names(cases.PROVIDERS), default=["eager", "albef_fast"],
                    help="eager,compile,albef_fast")
-    p.add_argument("--suite", type=_names(SUITES), default=["itc"], help=f"{','.join(SUITES)}")
+    p.add_argument("--suite", type=_names(SUITE_NAMES), default=["itc"], help=",".join(SUITE_NAMES))
     p.add_argument("--reps", type=int, default=10, help="timed repetitions on the CPU (default 10)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the CSV and PNG")
+    p.add_argument("--tag", default="", help="suffix of the PNG's name (the CSV is shared)")
     p.add_argument("--no-save", action="store_true", help="print only; write no CSV or PNG")
     return p.parse_args(argv)
 
@@ -90,6 +92,8 @@ def add_roofline(rows: List[Dict], ceil: Dict[str, float]) -> None:
     """roofline_pct = max(bytes / copy bandwidth, flops / dot peak) / time, per row."""
     for row in rows:
         if "_flops" not in row:
+            if "_bytes" in row:  # memory-bound rows (EMA): percent of the copy bandwidth
+                row["roofline_pct"] = 100.0 * row["_bytes"] / ceil["copy_gbps"] / 1e6 / row["median_ms"]
             continue
         peak = ceil.get(f"{row['precision']}_tflops")
         if peak is None:
@@ -99,7 +103,7 @@ def add_roofline(rows: List[Dict], ceil: Dict[str, float]) -> None:
         row["roofline_pct"] = 100.0 * floor_ms / row["median_ms"]
 
 
-SUITES = {"itc": run_itc}
+SUITES = {"itc": run_itc, "ema": state_suites.run_ema, "enqueue": state_suites.run_enqueue}
 
 
 def _versions() -> Dict[str, str]:
@@ -114,7 +118,8 @@ def _versions() -> Dict[str, str]:
 
 def _count(args) -> int:
     per_suite = {"itc": len(SWEEP if args.sweep else args.batch) * len(args.precision) * len(args.mode)
-                 * len(args.providers)}
+                 * len(args.providers), "ema": len(state_suites.EMA_PROVIDERS),
+                 "enqueue": len(state_suites.ENQUEUE_PROVIDERS)}
     return sum(per_suite.get(s, 0) for s in args.suite)
 
 
@@ -138,9 +143,11 @@ def main(argv=None) -> int:
     if not args.no_save:
         base = os.path.join(args.out, f"itc_{report.slug(name)}")
         report.append_csv(rows, base + ".csv")
+        print(f"appended to {base}.csv", file=sys.stderr)
         if any(r["suite"] == "itc" for r in rows):
-            report.plot(rows, base + ".png", f"albef_fast ITC, Q={args.queue}, D={args.dim} on {name}")
-        print(f"wrote {base}.csv and .png", file=sys.stderr)
+            png = base + (f"_{report.slug(args.tag)}" if args.tag else "") + ".png"
+            report.plot(rows, png, f"albef_fast ITC, Q={args.queue}, D={args.dim} on {name}")
+            print(f"wrote {png}", file=sys.stderr)
     return 0
 
 

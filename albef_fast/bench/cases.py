@@ -14,6 +14,7 @@ from albef_fast import reference
 PRECISIONS = {"fp32": (torch.float32, "highest"), "tf32": (torch.float32, "high"), "bf16": (torch.bfloat16, "highest")}
 PROVIDERS = ("eager", "compile", "albef_fast")
 MODES = ("fwd", "fwd+bwd")
+SWEEP_DEFAULT = [64, 256, 512, 1024]
 
 
 @dataclass
@@ -69,3 +70,27 @@ def step_fn(case: ITCCase, provider: str, mode: str) -> Callable[[], object]:
         return loss
 
     return step
+
+
+def albef_param_shapes():
+    """ALBEF's momentum-updated parameters: ViT-B/16, vision_proj, BERT-base with 6 fusion
+    (cross-attention) layers, text_proj: 411 tensors, about 209M parameters."""
+    d, mlp = 768, 3072
+    ln = [(d,), (d,)]
+    vit = [(d, 3, 16, 16), (d,), (1, 1, d), (1, 197, d)]
+    vit += (ln + [(3 * d, d), (3 * d,), (d, d), (d,)] + ln + [(mlp, d), (mlp,), (d, mlp), (d,)]) * 12 + ln
+    proj = [(256, d), (256,)]
+    self_attn = [(d, d), (d,)] * 3 + [(d, d), (d,)] + ln
+    ffn = [(mlp, d), (mlp,), (d, mlp), (d,)] + ln
+    bert = [(30522, d), (512, d), (2, d)] + ln
+    bert += (self_attn + ffn) * 6 + (self_attn + self_attn + ffn) * 6
+    return vit + proj + bert + proj
+
+
+def albef_enqueue_(queues, items, ptr):
+    """ALBEF's _dequeue_and_enqueue body (no gather): int(ptr) host sync, then slice writes."""
+    start = int(ptr)
+    n = items[0].shape[0]
+    for queue, item in zip(queues, items):
+        queue[:, start:start + n] = item.T
+    ptr[0] = (start + n) % queues[0].shape[1]

@@ -1,0 +1,89 @@
+"""CUDA-only checks of the state ops and of a whole step under CUDA-graph capture (skip without a GPU)."""
+import pytest
+import torch
+
+import albef_fast
+from albef_fast import _extension, reference
+from tests.helpers import make_inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+HAS_CUDA_OPS = _extension.has_ops() and _extension.build_info().get("cuda", False)
+
+
+@pytest.mark.skipif(not HAS_CUDA_OPS, reason="extension built without CUDA")
+@pytest.mark.parametrize("momentum", [0.995, 0.3333])
+def test_ema_bit_exact_on_cuda(momentum):
+    shapes = [(7,), (3, 5), (1,), (129, 33), (1000, 4), (4099,)]
+    params = [torch.randn(s, device="cuda") for s in shapes]
+    params_m = [torch.randn(s, device="cuda") for s in shapes]
+    params_m.append(torch.randn(64, device="cuda")[1:])  # misaligned storage: the scalar path
+    params.append(torch.randn(63, device="cuda"))
+    expected = [p.clone() for p in params_m]
+    reference.ema_update_(expected, params, momentum)
+    albef_fast.ema_update_(params_m, params, momentum)
+    for got, exp in zip(params_m, expected):
+        assert torch.equal(got, exp)
+
+
+@pytest.mark.skipif(not HAS_CUDA_OPS, reason="extension built without CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ema_half_on_cuda_rounds_once(dtype):
+    p, p_m = torch.randn(5000, device="cuda").to(dtype), torch.randn(5000, device="cuda").to(dtype)
+    expected = (p_m.float() * 0.995 + p.float() * (1 - 0.995)).to(dtype)
+    albef_fast.ema_update_([p_m], [p], 0.995)
+    assert torch.equal(p_m, expected)
+
+
+@pytest.mark.parametrize("q,n,start", [(10, 3, 8), (10, 10, 4), (65536, 64, 65500)])
+def test_enqueue_on_cuda_matches_reference(q, n, start):
+    queues = [torch.randn(4, q, device="cuda"), torch.randn(3, q, device="cuda").bfloat16(),
+              torch.full((1, q), -100, device="cuda")]
+    items = [torch.randn(n, 4, device="cuda"), torch.randn(n, 3, device="cuda"), torch.arange(n, device="cuda")[:, None]]
+    expected = [x.clone() for x in queues]
+    ptr, ptr_ref = torch.tensor([start], device="cuda"), torch.tensor([start], device="cuda")
+    reference.enqueue_(expected, items, ptr_ref)
+    albef_fast.enqueue_(queues, items, ptr)
+    assert ptr.item() == ptr_ref.item() == (start + n) % q
+    for got, exp in zip(queues, expected):
+        assert torch.equal(got, exp)
+
+
+def test_training_step_captures_in_a_cuda_graph():
+    """EMA, loss (Triton forward + backward) and enqueue replay from a CUDA graph: no host sync."""
+    torch.manual_seed(0)
+    enc, enc_m = torch.nn.Linear(64, 64).cuda(), torch.nn.Linear(64, 64).cuda()
+    module = albef_fast.ITCLoss(embed_dim=64, queue_size=256).cuda()
+    updater = albef_fast.MomentumUpdater([(enc, enc_m)], momentum=0.9)
+    updater.copy_params()
+    image, text = torch.randn(32, 64, device="cuda"), torch.randn(32, 64, device="cuda")
+    norm = torch.nn.functional.normalize
+
+    def step():
+        updater.update()
+        with torch.no_grad():
+            feat_m, text_m = norm(enc_m(image), dim=-1), norm(enc_m(text), dim=-1)
+        out = module(norm(enc(image), dim=-1), norm(enc(text), dim=-1), feat_m, text_m)
+        out.loss.backward()
+        return out.loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm up: autotune, allocator
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    ptr_before = module.queue_ptr.item()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert module.queue_ptr.item() == (ptr_before + 5 * 32) % 256  # capture records only; 5 replays run
+    assert torch.isfinite(loss).item()
+
+
+def test_eager_matches_on_cuda_default_precision():
+    x = make_inputs(64, 4096, 256, torch.float32, "cuda")
+    args = (x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m, x.image_queue, x.text_queue)
+    torch.testing.assert_close(albef_fast.itc_loss(*args, 0.07), reference.itc_loss(*args, 0.07), rtol=1e-5, atol=1e-5)

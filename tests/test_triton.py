@@ -1,0 +1,120 @@
+"""The Triton backend against ALBEF's reference (fp64) with flash-attention's tolerance rule.
+
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest) at small
+odd shapes; the CUDA tests at ALBEF's shapes run only where a GPU is present.
+"""
+import pytest
+import torch
+
+import albef_fast
+from albef_fast import reference
+from tests.helpers import make_inputs, max_err
+
+pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _args(x):
+    return (x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m, x.image_queue, x.text_queue)
+
+
+def _run(fn, x, temp, alpha, grad_out):
+    """Loss and grads (image, text, temp) of fn(a, b, *rest, temp, alpha, idx, idx_queue)."""
+    a, b = x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()
+    t = torch.tensor(temp, device=a.device, requires_grad=True)
+    loss = fn(a, b, *_args(x)[2:], t, alpha, x.idx, x.idx_queue)
+    grads = torch.autograd.grad(loss * grad_out, (a, b, t))
+    return loss.detach(), grads
+
+
+def _triton(a, b, am, bm, iq, tq, t, alpha, idx, idq, **kw):
+    return albef_fast.itc_loss(a, b, am, bm, iq, tq, t, alpha, idx=idx, idx_queue=idq, backend="triton", **kw)
+
+
+def _eager(dtype=None):
+    def fn(a, b, am, bm, iq, tq, t, alpha, idx, idq):
+        cast = (lambda v: v.to(dtype)) if dtype else (lambda v: v)  # noqa: E731
+        return reference.itc_loss(cast(a), cast(b), cast(am), cast(bm), cast(iq), cast(tq), cast(t), alpha, idx, idq)
+    return fn
+
+
+def _check_rule(x, alpha, temp=0.07, grad_out=1.3, atol=1e-5, **kw):
+    """err(triton) <= 2 * err(eager, same dtype) + atol for the loss and every gradient, vs fp64."""
+    loss, grads = _run(lambda *a: _triton(*a, **kw), x, temp, alpha, grad_out)
+    loss_e, grads_e = _run(_eager(), x, temp, alpha, grad_out)
+    loss_64, grads_64 = _run(_eager(torch.float64), x, temp, alpha, grad_out)
+    assert max_err(loss, loss_64) <= 2 * max_err(loss_e, loss_64) + atol
+    for g, g_e, g_64 in zip(grads, grads_e, grads_64):
+        assert g.dtype == g_e.dtype
+        assert max_err(g, g_64) <= 2 * max_err(g_e, g_64) + atol * max(1.0, g_64.abs().max().item())
+
+
+@pytest.mark.parametrize("b,q,d", [(5, 37, 24), (8, 3, 16), (17, 40, 33)])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("retrieval", [False, True])
+def test_matches_reference_fp32(b, q, d, alpha, retrieval):
+    _check_rule(make_inputs(b, q, d, torch.float32, DEVICE, retrieval=retrieval), alpha, precision="highest")
+
+
+@pytest.mark.parametrize("b,q,d", [(1, 10, 4), (6, 0, 8), (2, 1, 5)])
+def test_edge_shapes(b, q, d):
+    _check_rule(make_inputs(b, q, d, torch.float32, DEVICE, retrieval=True), 0.4, precision="highest")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_features_and_queues(dtype):
+    _check_rule(make_inputs(5, 37, 24, dtype, DEVICE), 0.4, atol=1e-3)
+
+
+def test_fp32_features_with_bf16_queue():
+    x = make_inputs(5, 37, 24, torch.float32, DEVICE, queue_dtype=torch.bfloat16)
+    loss = albef_fast.itc_loss(*_args(x), 0.07, backend="triton", precision="highest")
+    args = list(_args(x))
+    args[4:] = [args[4].float(), args[5].float()]
+    torch.testing.assert_close(loss, reference.itc_loss(*args, 0.07), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_queue_is_read_in_place():
+    x = make_inputs(5, 37, 24, torch.float32, DEVICE)
+    iq, tq = x.image_queue.T.contiguous().T, x.text_queue.T.contiguous().T  # [D, Q] with strides (1, D)
+    assert iq.stride() == (1, 24)
+    got = albef_fast.itc_loss(*_args(x)[:4], iq, tq, 0.07, backend="triton", precision="highest")
+    torch.testing.assert_close(got, reference.itc_loss(*_args(x), 0.07), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("retrieval", [False, True])
+def test_details_match_torch_backend(retrieval):
+    x = make_inputs(6, 29, 16, torch.float32, DEVICE, retrieval=retrieval)
+    kw = dict(idx=x.idx, idx_queue=x.idx_queue, return_details=True, precision="highest")
+    fast = albef_fast.itc_loss(*_args(x), 0.07, 0.0, backend="triton", **kw)
+    slow = albef_fast.itc_loss(*_args(x), 0.07, 0.0, backend="torch", **kw)
+    for name, a, b in zip(fast._fields, fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert fast.kl_i2t > 0  # alpha 0 with details still computes the teacher
+
+
+def test_bitwise_deterministic():
+    x = make_inputs(9, 45, 24, torch.float32, DEVICE, retrieval=True)
+    runs = [_run(lambda *a: _triton(*a, precision="highest"), x, 0.07, 0.4, 1.0) for _ in range(2)]
+    (l1, g1), (l2, g2) = runs
+    assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision,dtype,atol", [("highest", torch.float32, 1e-5), ("high", torch.float32, 2e-3),
+                                                  ("medium", torch.float32, 1e-2), (None, torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("b", [64, 256])
+def test_cuda_albef_shape(precision, dtype, atol, b):
+    x = make_inputs(b, 65536, 256, dtype, "cuda")
+    _check_rule(x, 0.4, atol=atol, precision=precision)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_automatic_backend_choice():
+    from albef_fast.functional import resolve_backend
+
+    feat = torch.zeros(2, 2, device="cuda")
+    assert resolve_backend(None, "highest", feat)[0] == "torch"
+    assert resolve_backend(None, "high", feat)[0] == "triton"
+    assert resolve_backend(None, None, feat.bfloat16())[0] == "triton"
