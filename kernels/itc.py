@@ -67,18 +67,14 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _logits(q_ptr, qm_ptr, k_base, s_kd, s_kj, stride_fb, stride_fd, rows, d_offs, j, B, D, n_keys,
-            HAS_TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Raw dots of one D block: (q . k [BLOCK_M, BLOCK_N], q_m . k (or 0), the key tile)."""
-    k = _load_keys(k_base, s_kd, s_kj, d_offs, j, D, n_keys)
-    q = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
+def _logits(q, qm, k, HAS_TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Raw dots of one D block: (q . k [BLOCK_M, BLOCK_N], q_m . k, or 0 without a teacher)."""
     s = _dot(q, k, DOT_DTYPE, INPUT_PRECISION)
     if HAS_TEACHER:
-        qm = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
         m = _dot(qm, k, DOT_DTYPE, INPUT_PRECISION)
     else:
         m = tl.zeros_like(s)
-    return s, m, k
+    return s, m
 
 
 @triton.autotune(configs=_configs(), key=["D", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
@@ -132,6 +128,11 @@ def _itc_split_fwd_kernel(
     acc_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.zeros([BLOCK_M], tl.float32)
 
+    q_one = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_acc, B, D)
+    qm_one = q_one
+    if HAS_TEACHER:
+        qm_one = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D)
+
     batch_tiles = tl.cdiv(B, BLOCK_N)
     tiles = batch_tiles + tl.cdiv(Q, BLOCK_N)
     tiles_per_split = tl.cdiv(tiles, NUM_SPLITS)
@@ -147,16 +148,20 @@ def _itc_split_fwd_kernel(
             lo, hi, shift = tl.maximum(t_begin, batch_tiles), t_end, batch_tiles
         for t in range(lo, hi):
             j = (t - shift) * BLOCK_N + cols
-            if NUM_DK == 1:
-                s, m, k_acc = _logits(q_ptr, qm_ptr, k_base, s_kd, s_kj, stride_fb, stride_fd, rows, d_acc, j, B, D,
-                                      n_keys, HAS_TEACHER, DOT_DTYPE, INPUT_PRECISION)
-            else:
+            if NUM_DK == 1:  # the query tiles stay loaded (q_one, qm_one); one key tile serves all
+                k_acc = _load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys)
+                s, m = _logits(q_one, qm_one, k_acc, HAS_TEACHER, DOT_DTYPE, INPUT_PRECISION)
+            else:  # D in NUM_DK blocks for the logits, then this program's D block of the keys again
                 s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 m = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 for dk in range(NUM_DK):
                     d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
-                    s_part, m_part, _ = _logits(q_ptr, qm_ptr, k_base, s_kd, s_kj, stride_fb, stride_fd, rows,
-                                                d_offs, j, B, D, n_keys, HAS_TEACHER, DOT_DTYPE, INPUT_PRECISION)
+                    k = _load_keys(k_base, s_kd, s_kj, d_offs, j, D, n_keys)
+                    q = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
+                    qm = q
+                    if HAS_TEACHER:
+                        qm = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
+                    s_part, m_part = _logits(q, qm, k, HAS_TEACHER, DOT_DTYPE, INPUT_PRECISION)
                     s += s_part
                     m += m_part
                 k_acc = _load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys)
@@ -368,10 +373,11 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     splits = max(1, min(max_tiles, math.ceil(2 * _num_sms(dev) / (row_blocks * 2 * d_blocks))))
     n_kinds = 1 + int(teacher) + int(retrieval)
     f32 = dict(device=dev, dtype=torch.float32)
-    ws_max = torch.full((2, 2, splits, b), float("-inf"), **f32)
-    ws_z = torch.zeros((2, 2, splits, b), **f32)
+    # Every element of the workspace is written by the split kernel: no fills needed.
+    ws_max = torch.empty((2, 2, splits, b), **f32)
+    ws_z = torch.empty((2, 2, splits, b), **f32)
     ws_acc = torch.empty((2, n_kinds, splits, b, d), **f32)
-    ws_count = torch.zeros((2, splits, b), **f32) if retrieval else ws_z
+    ws_count = torch.empty((2, splits, b), **f32) if retrieval else ws_z
     sims = torch.empty((2, b, b), device=dev, dtype=image_feat.dtype)
     temp_t = temp if torch.is_tensor(temp) else None
     temp_v = 1.0 if temp_t is not None else float(temp)
