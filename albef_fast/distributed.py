@@ -1,10 +1,18 @@
-"""What ITCLoss needs from torch.distributed: ALBEF's concat_all_gather, in rank order."""
+"""What ITCLoss needs from torch.distributed: ALBEF's concat_all_gather (rank order), the
+first-step broadcast of the queues, and a check that every rank brings the same batch size.
+
+Without an initialized process group every function is the one-process identity.
+"""
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_initialized", "world_size", "gather_rows"]
+__all__ = ["is_initialized", "world_size", "gather_rows", "broadcast_", "check_equal_rows"]
+
+_CPU_GROUP: Optional[object] = None
 
 
 def is_initialized() -> bool:
@@ -17,10 +25,45 @@ def world_size() -> int:
 
 @torch.no_grad()
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """[N, ...] on every rank -> [world * N, ...], rank order; x itself without a process group."""
+    """[N, ...] on every rank -> [world * N, ...] in rank order; x itself without a process group."""
     if world_size() == 1:
         return x
     x = x.detach().contiguous()
     out = x.new_empty((world_size() * x.shape[0],) + tuple(x.shape[1:]))
     dist.all_gather_into_tensor(out, x)
     return out
+
+
+@torch.no_grad()
+def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Overwrite the tensors on every rank with rank src's, in place."""
+    if world_size() == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t, src)
+
+
+def _cpu_group():
+    """A gloo group for host-side values (the default group, if it is gloo already).
+
+    Created on first use, which must be at the same step on every rank (new_group is collective).
+    """
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def check_equal_rows(name: str, n: int) -> None:
+    """Raise ValueError on every rank unless all ranks pass the same n.
+
+    The sizes travel as CPU tensors over gloo: no device synchronization in the step.
+    """
+    if world_size() == 1:
+        return
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([n]), group=_cpu_group())
+    sizes = [int(s) for s in sizes]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"{name}: every rank must bring the same batch size to keep the queues identical, "
+                         f"got {sizes} by rank (drop the uneven last batch, e.g. DataLoader(drop_last=True))")

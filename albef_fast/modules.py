@@ -25,6 +25,12 @@ class ITCLoss(nn.Module):
     clamps temp in place to [0.001, 0.5] (unless clamp_temp=False, as ALBEF's retrieval model),
     computes the loss against the queues as they were, then enqueues the momentum features
     (gathered from all ranks under torch.distributed) and ids at queue_ptr.
+
+    Under torch.distributed: the first forward broadcasts rank 0's queues and ptr, so ranks
+    seeded differently agree from the start; every step then enqueues the same gathered rows on
+    every rank, so the queues stay identical (DDP's broadcast_buffers=False is safe and cheaper);
+    every rank must bring the same batch size (checked on the host over gloo, no device sync).
+    The loss of each rank uses its local batch plus the queue, as in ALBEF.
     """
 
     def __init__(self, embed_dim: int = 256, queue_size: int = 65536, temp: float = 0.07, alpha: float = 0.4, *,
@@ -42,6 +48,7 @@ class ITCLoss(nn.Module):
         if use_idx:
             self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))
         self.temp = nn.Parameter(torch.ones([]) * temp)
+        self._queues_synced = False  # under torch.distributed: rank 0's queues are broadcast once
 
     @property
     def queue_size(self) -> int:
@@ -52,6 +59,9 @@ class ITCLoss(nn.Module):
                 idx: Optional[torch.Tensor] = None) -> ITCOutput:
         alpha = self.alpha if alpha is None else alpha
         idx_queue = self._check(image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx)
+        if distributed.world_size() > 1 and not self._queues_synced:
+            distributed.broadcast_(self._state_buffers())
+            self._queues_synced = True
         if self.clamp_temp:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
@@ -68,11 +78,19 @@ class ITCLoss(nn.Module):
         idx_queue = self.idx_queue if self.use_idx else None
         _validate.itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
                              self.temp, alpha, idx, idx_queue, None, None)
+        distributed.check_equal_rows("image_feat_m", image_feat_m.shape[0])
         n = image_feat_m.shape[0] * distributed.world_size()
         if n > self.queue_size:
             raise ValueError(f"image_feat_m: the step enqueues N = {n} rows (all ranks), "
                              f"expected N <= queue_size = {self.queue_size}")
         return idx_queue
+
+    def _state_buffers(self):
+        return [self.image_queue, self.text_queue, self.queue_ptr] + ([self.idx_queue] if self.use_idx else [])
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._queues_synced = False  # a checkpoint may come from elsewhere: broadcast rank 0's again
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat_m, text_feat_m, idx) -> None:

@@ -1,0 +1,109 @@
+"""ITCLoss across 2 real processes (gloo on the CPU; NCCL too when 2 GPUs are present).
+
+Ranks are seeded differently (as ALBEF seeds seed + rank). After every step both ranks' queues
+and ptr must be identical and equal to a one-process run fed the concatenated batches, and each
+rank's loss and gradients must equal ALBEF's reference on its local batch with the pre-step queue.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import albef_fast
+from albef_fast import reference
+
+D, Q, B, STEPS = 8, 20, 3, 4  # 2 ranks x 3 rows x 4 steps = 24 > 20: the queue wraps around
+
+
+def _batch(step, rank, device="cpu"):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    feats = [torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1) for _ in range(4)]
+    idx = torch.randint(0, 4, (B,), generator=g)
+    return [f.to(device) for f in feats], idx.to(device)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, backend, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    torch.manual_seed(42 + rank)  # different initial queues on each rank
+    module = albef_fast.ITCLoss(embed_dim=D, queue_size=Q, use_idx=True).to(device)
+    record = {"steps": []}
+    for step in range(STEPS):
+        (a, b, am, bm), idx = _batch(step, rank, device)
+        a.requires_grad_()
+        b.requires_grad_()
+        out = module(a, b, am, bm, alpha=0.4, idx=idx)
+        out.loss.backward()
+        record["steps"].append({
+            "loss": out.loss.detach().cpu(), "grad_a": a.grad.cpu(), "grad_b": b.grad.cpu(),
+            "state": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+        })
+    try:  # an uneven batch is rejected on every rank, and changes nothing
+        n = B if rank == 0 else B - 1
+        (a, b, am, bm), idx = _batch(99, rank, device)
+        module(a[:n], b[:n], am[:n], bm[:n], idx=idx[:n])
+        record["uneven"] = "accepted"
+    except ValueError as err:
+        record["uneven"] = str(err)
+    record["after_uneven"] = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _single_process_run(initial_state):
+    """The same steps in one process with the concatenated batches, from rank 0's initial state."""
+    module = albef_fast.ITCLoss(embed_dim=D, queue_size=Q, use_idx=True)
+    module.load_state_dict(initial_state)
+    states, refs = [], []
+    for step in range(STEPS):
+        batches = [_batch(step, r) for r in range(2)]
+        for (a, b, am, bm), idx in batches:  # each rank's loss: local batch, pre-step queue
+            a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+            temp = module.temp.detach().clamp(0.001, 0.5)
+            loss = reference.itc_loss(a, b, am, bm, module.image_queue, module.text_queue, temp, 0.4, idx,
+                                      module.idx_queue)
+            loss.backward()
+            refs.append((loss.detach(), a.grad, b.grad))
+        feats = [torch.cat([bt[0][k] for bt in batches]) for k in (2, 3)]
+        ids = torch.cat([bt[1] for bt in batches]).view(-1, 1)
+        albef_fast.enqueue_([module.image_queue, module.text_queue, module.idx_queue], feats + [ids],
+                            module.queue_ptr)
+        states.append({k: v.clone() for k, v in module.state_dict().items()})
+    return states, refs
+
+
+@pytest.mark.parametrize("backend", ["gloo"] + (["nccl"] if torch.cuda.device_count() >= 2 else []))
+def test_two_ranks_keep_identical_queues(tmp_path, backend):
+    mp.spawn(_worker, args=(2, _free_port(), backend, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(42)  # rank 0's initial queues, which the first step broadcasts
+    initial = albef_fast.ITCLoss(embed_dim=D, queue_size=Q, use_idx=True).state_dict()
+    states, refs = _single_process_run(initial)
+    for step in range(STEPS):
+        s0, s1 = ranks[0]["steps"][step]["state"], ranks[1]["steps"][step]["state"]
+        for key in ("image_queue", "text_queue", "idx_queue", "queue_ptr"):
+            assert torch.equal(s0[key], s1[key]), (step, key)
+            assert torch.equal(s0[key], states[step][key]), (step, key)
+        for rank in range(2):
+            got = ranks[rank]["steps"][step]
+            loss, grad_a, grad_b = refs[2 * step + rank]
+            torch.testing.assert_close(got["loss"], loss.float(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got["grad_a"], grad_a, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got["grad_b"], grad_b, rtol=1e-5, atol=1e-6)
+    assert states[-1]["queue_ptr"].item() == (STEPS * 2 * B) % Q
+    for rank in range(2):
+        assert "same batch size" in ranks[rank]["uneven"]
+        for key, value in ranks[rank]["after_uneven"].items():
+            assert torch.equal(value, ranks[rank]["steps"][-1]["state"][key]), key
