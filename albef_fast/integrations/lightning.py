@@ -1,0 +1,67 @@
+"""A PyTorch Lightning callback running ALBEF's per-step state updates around a training step.
+
+    trainer = pl.Trainer(callbacks=[ALBEFCallback(momentum=0.995, alpha=0.4)])
+
+Before every training batch (where ALBEF calls ``_momentum_update()`` and computes alpha) it
+  - sets the distillation weight alpha = alpha0 * min(1, global_step / warmup_steps) on every
+    albef_fast.ITCLoss inside the LightningModule (warmup_steps defaults to one epoch, as ALBEF);
+  - runs the momentum (EMA) update of the module's ``model_pairs`` ([(model, model_m), ...],
+    ALBEF's attribute name), after copying and freezing the momentum copies once at fit start.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Tuple
+
+from torch import nn
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the standalone package
+    import pytorch_lightning as pl
+
+from ..modules import ITCLoss
+from ..schedules import AlphaRamp
+from ..state import MomentumUpdater
+
+__all__ = ["ALBEFCallback"]
+
+PairsFn = Callable[[nn.Module], Sequence[Tuple[nn.Module, nn.Module]]]
+
+
+class ALBEFCallback(pl.Callback):
+    """Momentum update + alpha ramp for ALBEF/BLIP-style LightningModules.
+
+    momentum: EMA momentum; alpha: the distillation weight after warm-up;
+    warmup_steps: alpha's ramp length in optimizer steps (None: the first epoch's batches);
+    model_pairs: function of the LightningModule giving its (model, model_m) pairs
+        (default: its ``model_pairs`` attribute); copy_params: copy and freeze at fit start.
+    """
+
+    def __init__(self, momentum: float = 0.995, alpha: float = 0.4, warmup_steps: Optional[int] = None,
+                 model_pairs: Optional[PairsFn] = None, copy_params: bool = True):
+        self.momentum = momentum
+        self.alpha0 = alpha
+        self.warmup_steps = warmup_steps
+        self.model_pairs = model_pairs or (lambda module: module.model_pairs)
+        self.copy_params = copy_params
+        self.ramp: Optional[AlphaRamp] = None
+        self.updater: Optional[MomentumUpdater] = None
+        self.alpha = 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.updater = MomentumUpdater(self.model_pairs(pl_module), momentum=self.momentum)
+        if self.copy_params:
+            self.updater.copy_params()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # The epoch length is known from here on; ramp in optimizer steps (global_step).
+        steps = self.warmup_steps or math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        self.ramp = AlphaRamp(self.alpha0, max(1, int(steps)))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.alpha = self.ramp(trainer.global_step)
+        for module in pl_module.modules():
+            if isinstance(module, ITCLoss):
+                module.alpha = self.alpha
+        self.updater.update()

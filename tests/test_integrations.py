@@ -1,0 +1,75 @@
+"""AlphaRamp and the Lightning callback, with a real Lightning Trainer on the CPU."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.functional import normalize
+
+import albef_fast
+
+pl = pytest.importorskip("pytorch_lightning")
+from albef_fast.integrations.lightning import ALBEFCallback  # noqa: E402
+
+
+def test_alpha_ramp_is_albefs_warmup():
+    ramp = albef_fast.AlphaRamp(0.4, 10)
+    assert [ramp(s) for s in (0, 5, 10, 25)] == [0.0, 0.2, 0.4, 0.4]
+    with pytest.raises(ValueError, match="warmup_steps"):
+        albef_fast.AlphaRamp(0.4, 0)
+    with pytest.raises(ValueError, match="alpha"):
+        albef_fast.AlphaRamp(1.4, 5)
+
+
+class DualEncoder(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image_enc, self.image_enc_m = nn.Linear(6, 8), nn.Linear(6, 8)
+        self.text_enc, self.text_enc_m = nn.Linear(5, 8), nn.Linear(5, 8)
+        self.model_pairs = [(self.image_enc, self.image_enc_m), (self.text_enc, self.text_enc_m)]
+        self.itc = albef_fast.ITCLoss(embed_dim=8, queue_size=16)
+        self.alphas = []
+
+    def training_step(self, batch, batch_idx):
+        image, text = batch
+        with torch.no_grad():
+            image_m, text_m = normalize(self.image_enc_m(image), dim=-1), normalize(self.text_enc_m(text), dim=-1)
+        out = self.itc(normalize(self.image_enc(image), dim=-1), normalize(self.text_enc(text), dim=-1), image_m, text_m)
+        self.alphas.append(self.itc.alpha)
+        return out.loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def _data():
+    g = torch.Generator().manual_seed(3)
+    return torch.utils.data.TensorDataset(torch.randn(24, 6, generator=g), torch.randn(24, 5, generator=g))
+
+
+def test_lightning_callback_runs_momentum_update_and_alpha_ramp():
+    model = DualEncoder()
+    loader = torch.utils.data.DataLoader(_data(), batch_size=4)  # 6 batches an epoch
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ALBEFCallback(momentum=0.9, alpha=0.4)])
+    trainer.fit(model, loader)
+    assert model.alphas == pytest.approx([0.4 * min(1.0, s / 6) for s in range(12)])
+    assert not any(p.requires_grad for p in model.image_enc_m.parameters())
+
+    manual = DualEncoder()  # the same training by hand, as ALBEF's loop does it
+    updater = albef_fast.MomentumUpdater(manual.model_pairs, momentum=0.9)
+    updater.copy_params()
+    optimizer = manual.configure_optimizers()
+    ramp, step = albef_fast.AlphaRamp(0.4, 6), 0
+    for _ in range(2):
+        for batch in loader:
+            manual.itc.alpha = ramp(step)
+            updater.update()
+            manual.training_step(batch, step).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+    for got, expected in zip(model.parameters(), manual.parameters()):
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(model.itc.image_queue, manual.itc.image_queue)
+    assert not torch.equal(model.image_enc_m.weight, model.image_enc.weight)  # the EMA lags the model
