@@ -28,7 +28,7 @@ def tensor(name: str, value, ndim: Optional[int], floating: Optional[bool] = Tru
 
 
 def shape(name: str, value: torch.Tensor, expected: Sequence[int], what: str) -> None:
-    if list(value.shape) != list(expected):
+    if value.shape != tuple(expected):
         raise ValueError(f"{name}: expected shape {list(expected)} ({what}), got {list(value.shape)}")
 
 
@@ -36,6 +36,12 @@ def same_device(device: torch.device, **named: Optional[torch.Tensor]) -> None:
     for name, value in named.items():
         if value is not None and value.device != device:
             raise ValueError(f"{name}: expected a tensor on {device} like the features, got {value.device}")
+
+
+def same_dtype(dtype: torch.dtype, like: str, **named: torch.Tensor) -> None:
+    for name, value in named.items():
+        if value.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} like {like}, got {value.dtype}")
 
 
 def unit_interval(name: str, value) -> float:
@@ -84,6 +90,9 @@ def itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     device = image_feat.device
     same_device(device, text_feat=text_feat, image_feat_m=image_feat_m, text_feat_m=text_feat_m,
                 image_queue=image_queue, text_queue=text_queue)
+    same_dtype(image_feat.dtype, "image_feat", text_feat=text_feat, image_feat_m=image_feat_m,
+               text_feat_m=text_feat_m)
+    same_dtype(image_queue.dtype, "image_queue", text_queue=text_queue)
     temperature(temp, device)
     unit_interval("alpha", alpha)
     ids(idx, idx_queue, b, q, device)
@@ -121,13 +130,21 @@ def enqueue_inputs(queues, items, ptr) -> None:
         raise ValueError(f"items: expected N <= Q = {q} rows to enqueue, got N = {n}")
     device = queues[0].device
     for k, (queue, item) in enumerate(zip(queues, items)):
-        dk = tensor(f"queues[{k}]", queue, 2, floating=None).shape[0]
-        shape(f"queues[{k}]", queue, [dk, q], "[D_k, Q] with the Q of queues[0]")
-        shape(f"items[{k}]", tensor(f"items[{k}]", item, 2, floating=None), [n, dk], "[N, D_k] like its queue")
-        if item.is_floating_point() != queue.is_floating_point():
-            raise TypeError(f"items[{k}]: dtype {item.dtype} does not fit queues[{k}] of dtype {queue.dtype}")
-        same_device(device, **{f"queues[{k}]": queue, f"items[{k}]": item})
+        if not (isinstance(queue, torch.Tensor) and isinstance(item, torch.Tensor) and queue.dim() == 2
+                and queue.shape[1] == q and item.shape == (n, queue.shape[0])
+                and item.is_floating_point() == queue.is_floating_point()
+                and queue.device == device and item.device == device):
+            _enqueue_pair_error(k, queue, item, q, n, device)  # the slow path only names the problem
     pointer(ptr, device)
+
+
+def _enqueue_pair_error(k: int, queue, item, q: int, n: int, device: torch.device) -> None:
+    dk = tensor(f"queues[{k}]", queue, 2, floating=None).shape[0]
+    shape(f"queues[{k}]", queue, [dk, q], "[D_k, Q] with the Q of queues[0]")
+    shape(f"items[{k}]", tensor(f"items[{k}]", item, 2, floating=None), [n, dk], "[N, D_k] like its queue")
+    if item.is_floating_point() != queue.is_floating_point():
+        raise TypeError(f"items[{k}]: dtype {item.dtype} does not fit queues[{k}] of dtype {queue.dtype}")
+    same_device(device, **{f"queues[{k}]": queue, f"items[{k}]": item})
 
 
 def pointer(ptr, device: torch.device) -> None:

@@ -42,6 +42,8 @@ CASES = [
     ("idx_queue", dict(idx=torch.arange(5), idx_queue=torch.zeros(36, dtype=torch.long)), ValueError),
     ("idx_queue", dict(idx=torch.arange(5), idx_queue=torch.zeros(37, 1, dtype=torch.long)), ValueError),
     ("image_queue", dict(image_queue=torch.randn(24, 37, device="meta")), ValueError),
+    ("text_feat_m", dict(text_feat_m=torch.randn(5, 24, dtype=torch.float64)), TypeError),
+    ("text_queue", dict(text_queue=torch.randn(24, 37).bfloat16()), TypeError),
     ("backend", dict(backend="cuda"), ValueError),
     ("precision", dict(precision="fp8"), ValueError),
 ]
