@@ -117,7 +117,7 @@ def _itc_split_fwd_kernel(
     d_acc = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cols = tl.arange(0, BLOCK_N)
     if RETRIEVAL:
-        row_ids = tl.load(idx_ptr + rows * stride_idx, mask=rows < B, other=-1)
+        row_ids = tl.load(idx_ptr + rows * stride_idx, mask=rows < B, other=0)  # padded rows: never stored
 
     mx_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
     z_s = tl.zeros([BLOCK_M], tl.float32)
@@ -188,8 +188,8 @@ def _itc_split_fwd_kernel(
                 acc_m = acc_m * rescale_m[:, None] + _dot(p_m, k_t, DOT_DTYPE, INPUT_PRECISION)
                 mx_m = new_mx_m
             if RETRIEVAL:
-                key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=-2)
-                hard = (row_ids[:, None] == key_ids[None, :]).to(tl.float32)
+                key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=0)
+                hard = ((row_ids[:, None] == key_ids[None, :]) & valid).to(tl.float32)
                 count += tl.sum(hard, 1)
                 acc_h += _dot(hard, k_t, DOT_DTYPE, INPUT_PRECISION)
 
