@@ -1,9 +1,12 @@
 """The registered ops: torch.library.opcheck, torch.compile(fullgraph=True), and the extension."""
+import importlib
+
 import pytest
 import torch
 
 import albef_fast
 from albef_fast import _extension, reference
+from albef_fast.itc_op import BACKEND_IMPLS
 from tests.helpers import make_inputs
 
 HAS_EXT = _extension.has_ops()
@@ -66,9 +69,16 @@ def _train_step(module, updater, enc, enc_m, image, text, alpha):
     return out.loss
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
-def test_compile_fullgraph_training_step(device):
-    """torch.compile(fullgraph=True) traces a whole forward step: EMA, momentum features, loss, enqueue."""
+@pytest.mark.parametrize("device,backend", [("cpu", "torch"), ("cpu", "triton")] + ([("cuda", "triton")] if CUDA else []))
+def test_compile_fullgraph_training_step(device, backend, monkeypatch):
+    """torch.compile(fullgraph=True) traces a whole forward step: EMA, momentum features, loss, enqueue.
+    The "triton" backend runs under the interpreter on the CPU, compiled kernels on a GPU."""
+    monkeypatch.setenv("ALBEF_FAST_BACKEND", backend)
+    if backend == "triton":
+        importlib.import_module("albef_fast.kernels")  # registers the backend
+    calls = []
+    impl = BACKEND_IMPLS[backend]
+    monkeypatch.setitem(BACKEND_IMPLS, backend, lambda *a: (calls.append(1), impl(*a))[1])
     torch._dynamo.reset()
     torch.manual_seed(0)
     enc, enc_m = torch.nn.Linear(8, 8).to(device), torch.nn.Linear(8, 8).to(device)
@@ -88,6 +98,7 @@ def test_compile_fullgraph_training_step(device):
             loss.backward()  # compiled: the backward graph of the traced step
             losses.append(loss.detach())
         results.append((losses, module.image_queue.clone(), module.queue_ptr.clone(), enc_c.weight.grad.clone()))
+    assert len(calls) == 8  # every step of both runs went through the requested backend
     (l_e, q_e, p_e, g_e), (l_c, q_c, p_c, g_c) = results
     torch.testing.assert_close(torch.stack(l_c), torch.stack(l_e))
     assert torch.equal(p_c, p_e) and p_c.item() == (4 * 4) % 12
