@@ -1,15 +1,17 @@
 """Fused ITC kernels: one pass over [in-batch keys ; queue] gives the loss, dq and dT.
 
-Two kernels per call, both directions in each launch (SPEC section 3):
+Three launches per call, both directions in each (SPEC section 3):
 
 _itc_split_fwd_kernel   grid (row blocks, key splits, 2 directions x D blocks). Each program
     streams its share of the keys once, computing student logits u . k (and teacher logits
     u_m . k from the same loaded tile) in base 2 (log2(e) / T folded into one scale), and keeps
     online-softmax states: running max, Z, A = sum 2^(s - max) k over its D block, plus the
     hard-target sum H = sum [id_j == id_r] k and count for retrieval targets.
-_itc_merge_fwd_kernel   grid (row blocks, 2 directions). Combines the splits in a fixed order
-    (deterministic: no atomics), then per row: G = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H / n,
-    dq = G / (T B), and the loss, dT, ce and kl terms as dot products with u = q / T.
+_itc_merge_fwd_kernel   grid (row blocks, D blocks, 2 directions). Combines the splits in a fixed
+    order (deterministic: no atomics): G = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H / n,
+    dq = G / (T B), and partial dot products of u = q / T with the key means over its D block.
+_itc_finish_fwd_kernel  grid (2 directions). Sums the partials in order and gives the means of
+    the loss, dT, ce and kl rows (all scalars are dots with u: see albef_fast/streaming.py).
 
 Queues are read in place through their strides ([D, Q] as ALBEF stores them); in-batch keys
 [B, D] go through the same tile loader with their strides swapped.
@@ -249,7 +251,7 @@ def _merge_acc(ws_max_ptr, ws_acc_ptr, max_base, acc_base, rows, d_offs, mx, z, 
 def _itc_merge_fwd_kernel(
     # pointers
     img_ptr, txt_ptr, img_m_ptr, txt_m_ptr, temp_ptr, ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr,
-    dq_img_ptr, dq_txt_ptr, rows_out_ptr,
+    dq_img_ptr, dq_txt_ptr, part_ptr, lse_ptr,
     # strides
     stride_fb, stride_fd,
     # shapes and scalars
@@ -258,9 +260,13 @@ def _itc_merge_fwd_kernel(
     HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Combine the splits of one (row block, direction); write dq [B, D] (feature dtype,
-    d loss_dir / d q including 1 / B) and rows_out [2, 4, B] fp32 = (loss, dT, ce, kl) per row."""
-    pid_m, direction = tl.program_id(0), tl.program_id(1)
+    """Combine the splits of one (row block, D block, direction), in split order.
+
+    Writes dq [B, D] (feature dtype, d loss_dir / d q including 1 / B) for its D block, the
+    partial row dots part [2, D blocks, 4, B] = (u . H / n, u . P_m, u_m . P_m, u . G) over its
+    D block (P_m = A_m / Z_m), and from D block 0 the log-partition functions lse [2, 2, B].
+    """
+    pid_m, pid_d, direction = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_ptr = tl.where(direction == 0, img_ptr, txt_ptr)
     qm_ptr = tl.where(direction == 0, img_m_ptr, txt_m_ptr)
     kb_ptr = tl.where(direction == 0, txt_m_ptr, img_m_ptr)
@@ -271,65 +277,92 @@ def _itc_merge_fwd_kernel(
         temp = temp_value
     inv_t = 1.0 / temp
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < B
+    mask = row_ok[:, None] & (d_offs[None, :] < D)
     n_kinds = 1 + HAS_TEACHER + RETRIEVAL
     stat = direction * 2 * NUM_SPLITS * B
     acc0 = direction * n_kinds * NUM_SPLITS * B
+
     mx_s, z_s = _merge_scalars(ws_max_ptr, ws_z_ptr, stat, rows, B, NUM_SPLITS, BLOCK_M)
+    u = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
+    g = _merge_acc(ws_max_ptr, ws_acc_ptr, stat, acc0, rows, d_offs, mx_s, z_s, B, D, NUM_SPLITS, BLOCK_M, BLOCK_D)
+    if RETRIEVAL:
+        count = tl.zeros([BLOCK_M], tl.float32)
+        h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        h_base = acc0 + (1 + HAS_TEACHER) * NUM_SPLITS * B
+        for sp in range(NUM_SPLITS):
+            count += tl.load(ws_count_ptr + (direction * NUM_SPLITS + sp) * B + rows, mask=row_ok, other=0.0)
+            h += tl.load(ws_acc_ptr + (h_base + sp * B + rows[:, None]) * D + d_offs[None, :], mask=mask, other=0.0)
+        h = h / tl.where(row_ok, count, 1.0)[:, None]
+    else:
+        h = _load_rows(kb_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32)
+    g -= (1.0 - alpha) * h
+    part = part_ptr + ((direction * tl.num_programs(1) + pid_d) * 4) * B + rows
+    tl.store(part, tl.sum(u * h, 1), mask=row_ok)
     mx_m, z_m = mx_s, z_s
     if HAS_TEACHER:
         mx_m, z_m = _merge_scalars(ws_max_ptr, ws_z_ptr, stat + NUM_SPLITS * B, rows, B, NUM_SPLITS, BLOCK_M)
-    count = tl.full([BLOCK_M], 1.0, tl.float32)
-    if RETRIEVAL:
-        count = tl.zeros([BLOCK_M], tl.float32)
-        for sp in range(NUM_SPLITS):
-            count += tl.load(ws_count_ptr + (direction * NUM_SPLITS + sp) * B + rows, mask=row_ok, other=0.0)
-        count = tl.where(row_ok, count, 1.0)
+        pm = _merge_acc(ws_max_ptr, ws_acc_ptr, stat + NUM_SPLITS * B, acc0 + NUM_SPLITS * B, rows, d_offs,
+                        mx_m, z_m, B, D, NUM_SPLITS, BLOCK_M, BLOCK_D)
+        g -= alpha * pm
+        u_m = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
+        tl.store(part + B, tl.sum(u * pm, 1), mask=row_ok)
+        tl.store(part + 2 * B, tl.sum(u_m * pm, 1), mask=row_ok)
+    tl.store(part + 3 * B, tl.sum(u * g, 1), mask=row_ok)
+    tl.store(dq_ptr + rows[:, None] * D + d_offs[None, :], (g * (inv_t / B)).to(dq_ptr.dtype.element_ty), mask=mask)
+    if pid_d == 0:
+        tl.store(lse_ptr + direction * 2 * B + rows, (mx_s + tl.log2(z_s)) * 0.6931471805599453, mask=row_ok)
+        tl.store(lse_ptr + (direction * 2 + 1) * B + rows, (mx_m + tl.log2(z_m)) * 0.6931471805599453, mask=row_ok)
 
-    h_s = tl.zeros([BLOCK_M], tl.float32)   # u . H / n
-    c_m = tl.zeros([BLOCK_M], tl.float32)   # u . A_m / Z_m
-    d_m = tl.zeros([BLOCK_M], tl.float32)   # u_m . A_m / Z_m
-    u_g = tl.zeros([BLOCK_M], tl.float32)   # u . G
-    for d0 in range(0, D, BLOCK_D):
-        d_offs = d0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (d_offs[None, :] < D)
-        u = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
-        g = _merge_acc(ws_max_ptr, ws_acc_ptr, stat, acc0, rows, d_offs, mx_s, z_s, B, D, NUM_SPLITS,
-                       BLOCK_M, BLOCK_D)
-        if RETRIEVAL:
-            h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            h_base = acc0 + (1 + HAS_TEACHER) * NUM_SPLITS * B
-            for sp in range(NUM_SPLITS):
-                h += tl.load(ws_acc_ptr + (h_base + sp * B + rows[:, None]) * D + d_offs[None, :], mask=mask,
-                             other=0.0)
-            h = h / count[:, None]
-        else:
-            h = _load_rows(kb_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32)
-        g -= (1.0 - alpha) * h
-        h_s += tl.sum(u * h, 1)
+
+@triton.jit
+def _itc_finish_fwd_kernel(
+    # pointers
+    part_ptr, lse_ptr, temp_ptr, losses_ptr, grad_temp_ptr, terms_ptr,
+    # shapes and scalars
+    B, NUM_DBLOCKS, temp_value, alpha,
+    # constexpr flags
+    HAS_TEACHER: tl.constexpr, TEMP_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Row values and their means for one direction (grid (2,)), summing the D-block partials in
+    order: losses[dir], grad_temp[dir] = d loss / d T, terms[dir] = ce, terms[2 + dir] = kl."""
+    direction = tl.program_id(0)
+    if TEMP_FROM_PTR:
+        temp = tl.load(temp_ptr).to(tl.float32)
+    else:
+        temp = temp_value
+    sum_loss = tl.zeros([BLOCK_B], tl.float32)  # per-lane sums, reduced once at the end
+    sum_dt = tl.zeros([BLOCK_B], tl.float32)
+    sum_ce = tl.zeros([BLOCK_B], tl.float32)
+    sum_kl = tl.zeros([BLOCK_B], tl.float32)
+    for r0 in range(0, B, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B)
+        ok = rows < B
+        h_s = tl.zeros([BLOCK_B], tl.float32)
+        c_m = tl.zeros([BLOCK_B], tl.float32)
+        d_m = tl.zeros([BLOCK_B], tl.float32)
+        u_g = tl.zeros([BLOCK_B], tl.float32)
+        for db in range(NUM_DBLOCKS):
+            part = part_ptr + ((direction * NUM_DBLOCKS + db) * 4) * B + rows
+            h_s += tl.load(part, mask=ok, other=0.0)
+            if HAS_TEACHER:
+                c_m += tl.load(part + B, mask=ok, other=0.0)
+                d_m += tl.load(part + 2 * B, mask=ok, other=0.0)
+            u_g += tl.load(part + 3 * B, mask=ok, other=0.0)
+        lse_s = tl.load(lse_ptr + direction * 2 * B + rows, mask=ok, other=0.0)
+        loss = lse_s - (1.0 - alpha) * h_s
         if HAS_TEACHER:
-            pm = _merge_acc(ws_max_ptr, ws_acc_ptr, stat + NUM_SPLITS * B, acc0 + NUM_SPLITS * B, rows, d_offs,
-                            mx_m, z_m, B, D, NUM_SPLITS, BLOCK_M, BLOCK_D)
-            g -= alpha * pm
-            c_m += tl.sum(u * pm, 1)
-            u_m = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
-            d_m += tl.sum(u_m * pm, 1)
-        u_g += tl.sum(u * g, 1)
-        dq = g * (inv_t / B)
-        tl.store(dq_ptr + rows[:, None] * D + d_offs[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask)
-
-    lse_s = (mx_s + tl.log2(z_s)) * 0.6931471805599453
-    lse_m = (mx_m + tl.log2(z_m)) * 0.6931471805599453
-    loss = lse_s - (1.0 - alpha) * h_s
-    kl = tl.zeros([BLOCK_M], tl.float32)
-    if HAS_TEACHER:
-        loss -= alpha * c_m
-        kl = d_m - lse_m - c_m + lse_s
-    out = rows_out_ptr + direction * 4 * B + rows
-    tl.store(out, loss, mask=row_ok)
-    tl.store(out + B, -u_g * inv_t, mask=row_ok)
-    tl.store(out + 2 * B, lse_s - h_s, mask=row_ok)
-    tl.store(out + 3 * B, kl, mask=row_ok)
+            lse_m = tl.load(lse_ptr + (direction * 2 + 1) * B + rows, mask=ok, other=0.0)
+            loss -= alpha * c_m
+            sum_kl += tl.where(ok, d_m - lse_m - c_m + lse_s, 0.0)
+        sum_loss += tl.where(ok, loss, 0.0)
+        sum_dt += tl.where(ok, -u_g / temp, 0.0)
+        sum_ce += tl.where(ok, lse_s - h_s, 0.0)
+    tl.store(losses_ptr + direction, tl.sum(sum_loss, 0) / B)
+    tl.store(grad_temp_ptr + direction, tl.sum(sum_dt, 0) / B)
+    tl.store(terms_ptr + direction, tl.sum(sum_ce, 0) / B)
+    tl.store(terms_ptr + 2 + direction, tl.sum(sum_kl, 0) / B)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -343,6 +376,13 @@ def _blocks(b: int, d: int) -> Tuple[int, int]:
     block_m = 16 if _INTERPRET else min(64, max(16, triton.next_power_of_2(b)))
     block_d = 16 if _INTERPRET else min(128, max(16, triton.next_power_of_2(d)))
     return block_m, block_d
+
+
+def _merge_blocks(b: int, d: int) -> Tuple[int, int]:
+    """(BLOCK_M, BLOCK_D) of the merge: small tiles, so that B = 64 still spreads over many SMs."""
+    if _INTERPRET:
+        return 16, 16
+    return min(32, max(16, triton.next_power_of_2(b))), min(64, max(16, triton.next_power_of_2(d)))
 
 
 def _dot_flags(dtype: torch.dtype, precision: str):
@@ -397,16 +437,23 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     )
     dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
-    rows = torch.empty((2, 4, b), **f32)
-    _itc_merge_fwd_kernel[(row_blocks, 2)](
-        *feats, temp_t if temp_t is not None else dummy, ws_max, ws_z, ws_acc, ws_count, dq_img, dq_txt, rows,
+    merge_m, merge_d = _merge_blocks(b, d)
+    merge_d_blocks = triton.cdiv(d, merge_d)
+    part = torch.empty((2, merge_d_blocks, 4, b), **f32)
+    lse = torch.empty((2, 2, b), **f32)
+    _itc_merge_fwd_kernel[(triton.cdiv(b, merge_m), merge_d_blocks, 2)](
+        *feats, temp_t if temp_t is not None else dummy, ws_max, ws_z, ws_acc, ws_count, dq_img, dq_txt, part, lse,
         feats[0].stride(0), feats[0].stride(1), b, d, splits, temp_v, float(alpha),
         HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+        BLOCK_M=merge_m, BLOCK_D=merge_d, num_warps=4,
     )
-    means = rows.mean(dim=2)  # [2, 4]: (loss, dT, ce, kl) per direction
-    terms = torch.cat([means[:, 2], means[:, 3]])
-    return means[:, 0].contiguous(), dq_img, dq_txt, means[:, 1].contiguous(), sims, terms
+    losses, grad_temp, terms = torch.empty(2, **f32), torch.empty(2, **f32), torch.empty(4, **f32)
+    _itc_finish_fwd_kernel[(2,)](
+        part, lse, temp_t if temp_t is not None else dummy, losses, grad_temp, terms, b, merge_d_blocks, temp_v,
+        float(alpha), HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_t is not None,
+        BLOCK_B=min(1024, triton.next_power_of_2(b)), num_warps=4,
+    )
+    return losses, dq_img, dq_txt, grad_temp, sims, terms
 
 
 def _common_strides(feats):
