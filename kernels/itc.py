@@ -61,6 +61,24 @@ def _load_rows(base, stride_r, stride_d, r_offs, d_offs, B, D):
 
 
 @triton.jit
+def _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr):
+    """(queries, momentum queries, in-batch keys) of a direction: i2t = 0 (image queries, text
+    keys), t2i = 1 (text queries, image keys)."""
+    q_ptr = tl.where(direction == 0, img_ptr, txt_ptr)
+    qm_ptr = tl.where(direction == 0, img_m_ptr, txt_m_ptr)
+    kb_ptr = tl.where(direction == 0, txt_m_ptr, img_m_ptr)
+    return q_ptr, qm_ptr, kb_ptr
+
+
+@triton.jit
+def _temperature(temp_ptr, temp_value, TEMP_FROM_PTR: tl.constexpr):
+    """T in fp32: read from the 0-dim tensor (no host sync for a Parameter) or the float argument."""
+    if TEMP_FROM_PTR:
+        return tl.load(temp_ptr).to(tl.float32)
+    return temp_value
+
+
+@triton.jit
 def _dot(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation, both cast to DOT_DTYPE (fp32 at INPUT_PRECISION, or bf16 / fp16)."""
     if DOT_DTYPE == tl.float32:
@@ -77,6 +95,18 @@ def _logits(q, qm, k, HAS_TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_
     else:
         m = tl.zeros_like(s)
     return s, m
+
+
+@triton.jit
+def _online_softmax(mx, z, acc, logits, valid, scale, k_t, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One key tile into a running state: max (base 2), Z = sum 2^(l - max), acc = sum 2^(l - max) k."""
+    l2 = tl.where(valid, logits * scale, float("-inf"))
+    new_mx = tl.maximum(mx, tl.max(l2, 1))
+    rescale = tl.exp2(mx - new_mx)
+    p = tl.exp2(l2 - new_mx[:, None])
+    z = z * rescale + tl.sum(p, 1)
+    acc = acc * rescale[:, None] + _dot(p, k_t, DOT_DTYPE, INPUT_PRECISION)
+    return new_mx, z, acc
 
 
 @triton.autotune(configs=_configs(), key=["D", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
@@ -104,15 +134,9 @@ def _itc_split_fwd_kernel(
     """
     pid_m, pid_s, pid_dd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     direction, pid_d = pid_dd % 2, pid_dd // 2
-    # i2t: queries image, keys text; t2i: queries text, keys image.
-    q_ptr = tl.where(direction == 0, img_ptr, txt_ptr)
-    qm_ptr = tl.where(direction == 0, img_m_ptr, txt_m_ptr)
-    kb_ptr = tl.where(direction == 0, txt_m_ptr, img_m_ptr)
+    q_ptr, qm_ptr, kb_ptr = _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr)
     queue_ptr = tl.where(direction == 0, txt_queue_ptr, img_queue_ptr)
-    if TEMP_FROM_PTR:
-        temp = tl.load(temp_ptr).to(tl.float32)
-    else:
-        temp = temp_value
+    temp = _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
     scale = 1.4426950408889634 / temp  # base-2 logits: exp(s) = exp2(s * log2(e))
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -174,21 +198,10 @@ def _itc_split_fwd_kernel(
                     sim_mask = (rows[:, None] < B) & valid
                     sim_offs = direction * B * B + rows[:, None] * B + j[None, :]
                     tl.store(sim_ptr + sim_offs, (s / temp).to(sim_ptr.dtype.element_ty), mask=sim_mask)
-            s2 = tl.where(valid, s * scale, float("-inf"))
-            new_mx = tl.maximum(mx_s, tl.max(s2, 1))
-            rescale = tl.exp2(mx_s - new_mx)
-            p = tl.exp2(s2 - new_mx[:, None])
-            z_s = z_s * rescale + tl.sum(p, 1)
-            acc_s = acc_s * rescale[:, None] + _dot(p, k_t, DOT_DTYPE, INPUT_PRECISION)
-            mx_s = new_mx
+            mx_s, z_s, acc_s = _online_softmax(mx_s, z_s, acc_s, s, valid, scale, k_t, DOT_DTYPE, INPUT_PRECISION)
             if HAS_TEACHER:
-                m2 = tl.where(valid, m * scale, float("-inf"))
-                new_mx_m = tl.maximum(mx_m, tl.max(m2, 1))
-                rescale_m = tl.exp2(mx_m - new_mx_m)
-                p_m = tl.exp2(m2 - new_mx_m[:, None])
-                z_m = z_m * rescale_m + tl.sum(p_m, 1)
-                acc_m = acc_m * rescale_m[:, None] + _dot(p_m, k_t, DOT_DTYPE, INPUT_PRECISION)
-                mx_m = new_mx_m
+                mx_m, z_m, acc_m = _online_softmax(mx_m, z_m, acc_m, m, valid, scale, k_t, DOT_DTYPE,
+                                                   INPUT_PRECISION)
             if RETRIEVAL:
                 key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=0)
                 hard = ((row_ids[:, None] == key_ids[None, :]) & valid).to(tl.float32)
@@ -267,15 +280,9 @@ def _itc_merge_fwd_kernel(
     D block (P_m = A_m / Z_m), and from D block 0 the log-partition functions lse [2, 2, B].
     """
     pid_m, pid_d, direction = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_ptr = tl.where(direction == 0, img_ptr, txt_ptr)
-    qm_ptr = tl.where(direction == 0, img_m_ptr, txt_m_ptr)
-    kb_ptr = tl.where(direction == 0, txt_m_ptr, img_m_ptr)
+    q_ptr, qm_ptr, kb_ptr = _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr)
     dq_ptr = tl.where(direction == 0, dq_img_ptr, dq_txt_ptr)
-    if TEMP_FROM_PTR:
-        temp = tl.load(temp_ptr).to(tl.float32)
-    else:
-        temp = temp_value
-    inv_t = 1.0 / temp
+    inv_t = 1.0 / _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < B
@@ -328,10 +335,7 @@ def _itc_finish_fwd_kernel(
     """Row values and their means for one direction (grid (2,)), summing the D-block partials in
     order: losses[dir], grad_temp[dir] = d loss / d T, terms[dir] = ce, terms[2 + dir] = kl."""
     direction = tl.program_id(0)
-    if TEMP_FROM_PTR:
-        temp = tl.load(temp_ptr).to(tl.float32)
-    else:
-        temp = temp_value
+    temp = _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
     sum_loss = tl.zeros([BLOCK_B], tl.float32)  # per-lane sums, reduced once at the end
     sum_dt = tl.zeros([BLOCK_B], tl.float32)
     sum_ce = tl.zeros([BLOCK_B], tl.float32)
