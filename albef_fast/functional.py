@@ -109,9 +109,11 @@ def itc_loss(
     backend, precision = resolve_backend(backend, precision, image_feat)
     temp_t = temp if isinstance(temp, torch.Tensor) else None
     temp_v = 0.0 if temp_t is not None else float(temp)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (image_feat, text_feat, temp_t))
     losses, _, _, _, sims, terms = itc(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
-                                       temp_t, temp_v, float(alpha), idx, idx_queue, return_details, backend,
-                                       precision)
+                                       temp_t, temp_v, float(alpha), idx, idx_queue, return_details, grad,
+                                       backend, precision)
     loss = losses.mean()
     if not return_details:
         return loss

@@ -31,11 +31,11 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _torch_backend(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
-                   alpha, idx, idx_queue, details, precision) -> Outputs:
+                   alpha, idx, idx_queue, details, grad, precision) -> Outputs:
     ids_b = None if idx is None else idx.reshape(-1)
     ids_q = None if idx_queue is None else idx_queue.reshape(-1)
     run = lambda q, q_m, k, queue: streaming.stream_direction(  # noqa: E731
-        q, q_m, k, queue, temp, alpha, ids_b, ids_q, details=details
+        q, q_m, k, queue, temp, alpha, ids_b, ids_q, details=details, grad=grad
     )
     i2t = run(image_feat, image_feat_m, text_feat_m, text_queue)
     t2i = run(text_feat, text_feat_m, image_feat_m, image_queue)
@@ -71,18 +71,20 @@ def itc(
     idx: Optional[torch.Tensor],
     idx_queue: Optional[torch.Tensor],
     details: bool,
+    grad: bool,
     backend: str,
     precision: str,
 ) -> Outputs:
-    """temp (0-dim tensor) wins over temp_value (float) when given; inputs are pre-validated."""
+    """temp (0-dim tensor) wins over temp_value (float) when given; inputs are pre-validated.
+    grad=False (nothing needs a gradient) skips the student's key sums; the grads are zeros."""
     t = temp if temp is not None else temp_value
     return BACKEND_IMPLS[backend](image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
-                                  t, alpha, idx, idx_queue, details, precision)
+                                  t, alpha, idx, idx_queue, details, grad, precision)
 
 
 @itc.register_fake
 def _itc_fake(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, temp_value,
-              alpha, idx, idx_queue, details, backend, precision) -> Outputs:
+              alpha, idx, idx_queue, details, grad, backend, precision) -> Outputs:
     b, d = image_feat.shape
     w = work_dtype(image_feat.dtype)
     return (
@@ -109,7 +111,7 @@ def _backward(ctx, g_losses, g_image, g_text, g_temp, g_sims, g_terms):
     d_temp = None
     if ctx.temp_dtype is not None:
         d_temp = (grad_temp * g_losses.to(grad_temp.dtype)).sum().to(ctx.temp_dtype)
-    return d_image, d_text, None, None, None, None, d_temp, None, None, None, None, None, None, None
+    return d_image, d_text, None, None, None, None, d_temp, None, None, None, None, None, None, None, None
 
 
 itc.register_autograd(_backward, setup_context=_setup_context)

@@ -41,23 +41,31 @@ class DirectionResult(NamedTuple):
 
 
 class _Stream:
-    """Running online-softmax state over rows [student B | teacher B (opt.) | hard B (opt.)]."""
+    """Running online-softmax state over rows [student B | teacher B (opt.) | hard B (opt.)].
 
-    def __init__(self, u: torch.Tensor, n_soft: int, n_hard: int, dim: int):
+    The key sums A are kept for the rows from `first` on: without gradients the student's A_s
+    is not needed (the loss uses only Z_s and the teacher / hard-target means), so first = B.
+    """
+
+    def __init__(self, u: torch.Tensor, n_soft: int, n_hard: int, dim: int, first: int):
         self.u = u  # [n_soft, D] scaled queries, in the work dtype
         self.n_soft = n_soft
+        self.first = first
         rows = n_soft + n_hard
         self.mx = u.new_full((n_soft,), float("-inf"))
         self.z = u.new_zeros(n_soft)
-        self.acc = u.new_zeros(rows, dim)  # [A_s; A_m; H_k]
+        self.acc = u.new_zeros(rows - first, dim)  # [A_s; A_m; H_k][first:]
         self.scale = u.new_ones(rows)
         self.count = u.new_zeros(n_hard)  # number of positives (retrieval)
+
+    def acc_rows(self, start: int, end: int) -> torch.Tensor:
+        return self.acc[start - self.first : end - self.first]
 
     def step(self, keys_t: torch.Tensor, buf: torch.Tensor, hard: Optional[torch.Tensor]) -> None:
         """Consume one block of keys. keys_t: [D, c] (a view, any strides); buf: flat scratch."""
         keys_t = keys_t.to(self.u.dtype)  # no copy unless the queue has another dtype
         c = keys_t.shape[1]
-        block = buf[: self.acc.shape[0] * c].view(-1, c)  # contiguous [rows, c]
+        block = buf[: self.scale.shape[0] * c].view(-1, c)  # contiguous [rows, c]
         logits = block[: self.n_soft]
         torch.matmul(self.u, keys_t, out=logits)
         new_mx = torch.maximum(self.mx, logits.amax(dim=1))
@@ -68,7 +76,8 @@ class _Stream:
         if hard is not None:
             block[self.n_soft :].copy_(hard)
             self.count.add_(hard.sum(dim=1))
-        self.acc.mul_(self.scale[:, None]).addmm_(block, keys_t.T)
+        if self.acc.shape[0]:
+            self.acc.mul_(self.scale[self.first :, None]).addmm_(block[self.first :], keys_t.T)
 
 
 def _hard_mask(idx: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -86,12 +95,14 @@ def stream_direction(
     idx_queue: Optional[torch.Tensor] = None,
     details: bool = False,
     chunk: Optional[int] = None,
+    grad: bool = True,
 ) -> DirectionResult:
     """One direction of the ITC loss, its gradient to q and to T, streamed over the keys.
 
     q, q_m: [B, D] queries and momentum queries; keys_batch: [B, D] in-batch momentum keys;
     queue: [D, Q] (read through its strides, never copied whole); temp: float or 0-dim tensor;
     idx: [B] and idx_queue: [Q] select retrieval targets. Products run in fp32 (fp64 for fp64).
+    grad=False skips the student's key sums (dq and dtemp come back as zeros).
     """
     work = torch.promote_types(q.dtype, torch.float32)
     b, d = q.shape
@@ -100,7 +111,7 @@ def stream_direction(
     u = q.detach().to(work) * inv_t
     rows_u = torch.cat([u, q_m.detach().to(work) * inv_t]) if teacher else u
     n_soft, n_hard = rows_u.shape[0], (b if idx is not None else 0)
-    state = _Stream(rows_u, n_soft, n_hard, d)
+    state = _Stream(rows_u, n_soft, n_hard, d, first=0 if grad else b)
     if chunk is None:
         chunk = DEFAULT_CHUNK.get(q.device.type, 8192)
     buf = u.new_empty((n_soft + n_hard) * max(b, min(chunk, queue.shape[1])))
@@ -113,37 +124,32 @@ def stream_direction(
         keys_t = queue[:, start : start + chunk]
         hard = _hard_mask(idx, idx_queue[start : start + chunk], work) if retrieval else None
         state.step(keys_t, buf, hard)
-    return _finish(state, u, b, alpha, keys_batch, inv_t, q.dtype, sim_batch, teacher)
+    return _finish(state, u, b, alpha, keys_batch, inv_t, q.dtype, sim_batch, teacher, grad)
 
 
-def _finish(state, u, b, alpha, keys_batch, inv_t, out_dtype, sim_batch, teacher) -> DirectionResult:
-    acc, z = state.acc, state.z
-    p_s = acc[:b] / z[:b, None]  # E_{p_s}[k]
-    if state.acc.shape[0] > state.n_soft:  # retrieval: mean of the matching keys
-        h_k = acc[state.n_soft :] / state.count[:, None]
+def _finish(state, u, b, alpha, keys_batch, inv_t, out_dtype, sim_batch, teacher, grad) -> DirectionResult:
+    z, n_soft = state.z, state.n_soft
+    if state.scale.shape[0] > n_soft:  # retrieval: mean of the matching keys
+        h_k = state.acc_rows(n_soft, n_soft + b) / state.count[:, None]
     else:
         h_k = keys_batch.detach().to(u.dtype)
     lse_s = state.mx[:b] + z[:b].log()
-    grad = p_s - (1.0 - alpha) * h_k
+    g = -(1.0 - alpha) * h_k  # G = E_{p_s}[k] - alpha E_{p_m}[k] - (1 - alpha) H_k / n
     h_s = (u * h_k).sum(1)
     loss_rows = lse_s - (1.0 - alpha) * h_s
     ce_rows = lse_s - h_s
     kl_rows = torch.zeros_like(lse_s)
     if teacher:
-        p_m = acc[b : 2 * b] / z[b:, None]
+        p_m = state.acc_rows(b, 2 * b) / z[b:, None]
         c_m = (u * p_m).sum(1)
-        grad = grad - alpha * p_m
+        g = g - alpha * p_m
         loss_rows = loss_rows - alpha * c_m
-        u_m = state.u[b:]
         lse_m = state.mx[b:] + z[b:].log()
-        kl_rows = (u_m * p_m).sum(1) - lse_m - c_m + lse_s
-    dq_rows = grad * inv_t
-    dtemp_rows = -(u * dq_rows).sum(1)
-    return DirectionResult(
-        loss=loss_rows.mean(),
-        dq=(dq_rows / b).to(out_dtype),
-        dtemp=dtemp_rows.mean(),
-        sim_batch=sim_batch,
-        ce=ce_rows.mean(),
-        kl=kl_rows.mean(),
-    )
+        kl_rows = (state.u[b:] * p_m).sum(1) - lse_m - c_m + lse_s
+    if grad:
+        dq_rows = (g + state.acc_rows(0, b) / z[:b, None]) * inv_t
+        dq, dtemp = (dq_rows / b).to(out_dtype), -(u * dq_rows).sum(1).mean()
+    else:
+        dq, dtemp = u.new_zeros(u.shape, dtype=out_dtype), u.new_zeros(())
+    return DirectionResult(loss=loss_rows.mean(), dq=dq, dtemp=dtemp, sim_batch=sim_batch, ce=ce_rows.mean(),
+                           kl=kl_rows.mean())

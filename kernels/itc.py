@@ -98,18 +98,21 @@ def _logits(q, qm, k, HAS_TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_
 
 
 @triton.jit
-def _online_softmax(mx, z, acc, logits, valid, scale, k_t, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One key tile into a running state: max (base 2), Z = sum 2^(l - max), acc = sum 2^(l - max) k."""
+def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    """One key tile into a running state: max (base 2), Z = sum 2^(l - max) and, if ACC,
+    acc = sum 2^(l - max) k."""
     l2 = tl.where(valid, logits * scale, float("-inf"))
     new_mx = tl.maximum(mx, tl.max(l2, 1))
     rescale = tl.exp2(mx - new_mx)
     p = tl.exp2(l2 - new_mx[:, None])
     z = z * rescale + tl.sum(p, 1)
-    acc = acc * rescale[:, None] + _dot(p, k_t, DOT_DTYPE, INPUT_PRECISION)
+    if ACC:
+        acc = acc * rescale[:, None] + _dot(p, k_t, DOT_DTYPE, INPUT_PRECISION)
     return new_mx, z, acc
 
 
-@triton.autotune(configs=_configs(), key=["D", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
+@triton.autotune(configs=_configs(), key=["D", "GRAD", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
 @triton.jit
 def _itc_split_fwd_kernel(
     # pointers: per direction (image = i2t queries, text = t2i queries)
@@ -120,7 +123,7 @@ def _itc_split_fwd_kernel(
     # shapes
     B, Q, D, NUM_SPLITS, temp_value,
     # constexpr flags
-    HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
+    GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr,
 ):
@@ -128,7 +131,7 @@ def _itc_split_fwd_kernel(
 
     Features [B, D] (all four share strides stride_fb, stride_fd), queues [D, Q] (strides
     stride_qd, stride_qj), idx [B], idx_queue [Q]; temp 0-dim (or temp_value).
-    Writes, with R = number of state rows (student, teacher, hard) and S = NUM_SPLITS:
+    Writes, with R = number of key sums kept (student if GRAD, teacher, hard) and S = NUM_SPLITS:
     ws_max, ws_z [2, 2, S, B] (student / teacher), ws_acc [2, R, S, B, D], ws_count [2, S, B],
     sim [2, B, B] (student logits against the in-batch keys; split 0, D block 0 only).
     """
@@ -198,9 +201,10 @@ def _itc_split_fwd_kernel(
                     sim_mask = (rows[:, None] < B) & valid
                     sim_offs = direction * B * B + rows[:, None] * B + j[None, :]
                     tl.store(sim_ptr + sim_offs, (s / temp).to(sim_ptr.dtype.element_ty), mask=sim_mask)
-            mx_s, z_s, acc_s = _online_softmax(mx_s, z_s, acc_s, s, valid, scale, k_t, DOT_DTYPE, INPUT_PRECISION)
+            mx_s, z_s, acc_s = _online_softmax(mx_s, z_s, acc_s, s, valid, scale, k_t, GRAD, DOT_DTYPE,
+                                               INPUT_PRECISION)
             if HAS_TEACHER:
-                mx_m, z_m, acc_m = _online_softmax(mx_m, z_m, acc_m, m, valid, scale, k_t, DOT_DTYPE,
+                mx_m, z_m, acc_m = _online_softmax(mx_m, z_m, acc_m, m, valid, scale, k_t, True, DOT_DTYPE,
                                                    INPUT_PRECISION)
             if RETRIEVAL:
                 key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=0)
@@ -219,15 +223,16 @@ def _itc_split_fwd_kernel(
             tl.store(ws_z_ptr + stat + teacher_off, z_m, mask=row_ok)
         if RETRIEVAL:
             tl.store(ws_count_ptr + (direction * NUM_SPLITS + pid_s) * B + rows, count, mask=row_ok)
-    n_kinds = 1 + HAS_TEACHER + RETRIEVAL
+    n_kinds = GRAD + HAS_TEACHER + RETRIEVAL  # kinds of key sums kept: [A_s (GRAD), A_m, H]
     acc_mask = row_ok[:, None] & (d_acc[None, :] < D)
     acc_offs = ((direction * n_kinds * NUM_SPLITS + pid_s) * B + rows[:, None]) * D + d_acc[None, :]
     kind_stride = NUM_SPLITS * B * D
-    tl.store(ws_acc_ptr + acc_offs, acc_s, mask=acc_mask)
+    if GRAD:
+        tl.store(ws_acc_ptr + acc_offs, acc_s, mask=acc_mask)
     if HAS_TEACHER:
-        tl.store(ws_acc_ptr + acc_offs + kind_stride, acc_m, mask=acc_mask)
+        tl.store(ws_acc_ptr + acc_offs + GRAD * kind_stride, acc_m, mask=acc_mask)
     if RETRIEVAL:
-        tl.store(ws_acc_ptr + acc_offs + (1 + HAS_TEACHER) * kind_stride, acc_h, mask=acc_mask)
+        tl.store(ws_acc_ptr + acc_offs + (GRAD + HAS_TEACHER) * kind_stride, acc_h, mask=acc_mask)
 
 
 @triton.jit
@@ -270,7 +275,7 @@ def _itc_merge_fwd_kernel(
     # shapes and scalars
     B, D, NUM_SPLITS, temp_value, alpha,
     # constexpr flags
-    HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
+    GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Combine the splits of one (row block, D block, direction), in split order.
@@ -287,17 +292,21 @@ def _itc_merge_fwd_kernel(
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < B
     mask = row_ok[:, None] & (d_offs[None, :] < D)
-    n_kinds = 1 + HAS_TEACHER + RETRIEVAL
+    n_kinds = GRAD + HAS_TEACHER + RETRIEVAL
     stat = direction * 2 * NUM_SPLITS * B
     acc0 = direction * n_kinds * NUM_SPLITS * B
 
     mx_s, z_s = _merge_scalars(ws_max_ptr, ws_z_ptr, stat, rows, B, NUM_SPLITS, BLOCK_M)
     u = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
-    g = _merge_acc(ws_max_ptr, ws_acc_ptr, stat, acc0, rows, d_offs, mx_s, z_s, B, D, NUM_SPLITS, BLOCK_M, BLOCK_D)
+    if GRAD:
+        g = _merge_acc(ws_max_ptr, ws_acc_ptr, stat, acc0, rows, d_offs, mx_s, z_s, B, D, NUM_SPLITS, BLOCK_M,
+                       BLOCK_D)
+    else:
+        g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if RETRIEVAL:
         count = tl.zeros([BLOCK_M], tl.float32)
         h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        h_base = acc0 + (1 + HAS_TEACHER) * NUM_SPLITS * B
+        h_base = acc0 + (GRAD + HAS_TEACHER) * NUM_SPLITS * B
         for sp in range(NUM_SPLITS):
             count += tl.load(ws_count_ptr + (direction * NUM_SPLITS + sp) * B + rows, mask=row_ok, other=0.0)
             h += tl.load(ws_acc_ptr + (h_base + sp * B + rows[:, None]) * D + d_offs[None, :], mask=mask, other=0.0)
@@ -310,12 +319,14 @@ def _itc_merge_fwd_kernel(
     mx_m, z_m = mx_s, z_s
     if HAS_TEACHER:
         mx_m, z_m = _merge_scalars(ws_max_ptr, ws_z_ptr, stat + NUM_SPLITS * B, rows, B, NUM_SPLITS, BLOCK_M)
-        pm = _merge_acc(ws_max_ptr, ws_acc_ptr, stat + NUM_SPLITS * B, acc0 + NUM_SPLITS * B, rows, d_offs,
+        pm = _merge_acc(ws_max_ptr, ws_acc_ptr, stat + NUM_SPLITS * B, acc0 + GRAD * NUM_SPLITS * B, rows, d_offs,
                         mx_m, z_m, B, D, NUM_SPLITS, BLOCK_M, BLOCK_D)
         g -= alpha * pm
         u_m = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
         tl.store(part + B, tl.sum(u * pm, 1), mask=row_ok)
         tl.store(part + 2 * B, tl.sum(u_m * pm, 1), mask=row_ok)
+    if not GRAD:  # no gradient asked for: dq and dT are zeros
+        g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     tl.store(part + 3 * B, tl.sum(u * g, 1), mask=row_ok)
     tl.store(dq_ptr + rows[:, None] * D + d_offs[None, :], (g * (inv_t / B)).to(dq_ptr.dtype.element_ty), mask=mask)
     if pid_d == 0:
@@ -401,7 +412,8 @@ def _dot_flags(dtype: torch.dtype, precision: str):
 
 
 def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha: float,
-               idx: Optional[torch.Tensor], idx_queue: Optional[torch.Tensor], details: bool, precision: str):
+               idx: Optional[torch.Tensor], idx_queue: Optional[torch.Tensor], details: bool, grad: bool,
+               precision: str):
     """The "triton" backend of torch.ops.albef_fast.itc (same outputs as albef_fast.itc_op)."""
     b, d = image_feat.shape
     q = image_queue.shape[1]
@@ -415,7 +427,7 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     min_block_n = 16 if _INTERPRET else 32
     max_tiles = triton.cdiv(b, min_block_n) + triton.cdiv(max(q, 1), min_block_n)
     splits = max(1, min(max_tiles, math.ceil(2 * _num_sms(dev) / (row_blocks * 2 * d_blocks))))
-    n_kinds = 1 + int(teacher) + int(retrieval)
+    n_kinds = max(1, int(grad) + int(teacher) + int(retrieval))
     f32 = dict(device=dev, dtype=torch.float32)
     # Every element of the workspace is written by the split kernel: no fills needed.
     ws_max = torch.empty((2, 2, splits, b), **f32)
@@ -435,7 +447,7 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
         feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
         idx_v.stride(0), idq_v.stride(0),
         b, q, d, splits, temp_v,
-        HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
+        GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision,
         BLOCK_M=block_m, BLOCK_D=block_d, NUM_DK=d_blocks,
     )
@@ -448,7 +460,7 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     _itc_merge_fwd_kernel[(triton.cdiv(b, merge_m), merge_d_blocks, 2)](
         *feats, temp_t if temp_t is not None else dummy, ws_max, ws_z, ws_acc, ws_count, dq_img, dq_txt, part, lse,
         feats[0].stride(0), feats[0].stride(1), b, d, splits, temp_v, float(alpha),
-        HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
+        GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
         BLOCK_M=merge_m, BLOCK_D=merge_d, num_warps=4,
     )
     losses, grad_temp, terms = torch.empty(2, **f32), torch.empty(2, **f32), torch.empty(4, **f32)

@@ -152,3 +152,18 @@ def test_env_variable_picks_the_backend(monkeypatch):
         albef_fast.itc_loss(*_args(x), 0.07)
     monkeypatch.setenv("ALBEF_FAST_BACKEND", "torch")
     torch.testing.assert_close(albef_fast.itc_loss(*_args(x), 0.07), reference.itc_loss(*_args(x), 0.07))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+@pytest.mark.parametrize("retrieval", [False, True])
+@pytest.mark.parametrize("details", [False, True])
+def test_forward_without_gradients_gives_the_same_values(alpha, retrieval, details):
+    """Nothing requires grad: the student's key sums are skipped, the values stay the same."""
+    x = make_inputs(5, 37, 24, torch.float64, retrieval=retrieval)
+    kw = dict(idx=x.idx, idx_queue=x.idx_queue, return_details=details, backend="torch")
+    with torch.no_grad():
+        fast = albef_fast.itc_loss(*_args(x), 0.07, alpha, **kw)
+    a = x.image_feat.clone().requires_grad_()
+    full = albef_fast.itc_loss(a, *_args(x)[1:], 0.07, alpha, **kw)
+    for got, expected in zip(fast if details else [fast], full if details else [full]):
+        assert max_err(got, expected) < 1e-12

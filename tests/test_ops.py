@@ -15,7 +15,7 @@ CUDA = torch.cuda.is_available()
 
 def _itc_args(x, temp, backend="torch", details=True):
     return (x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m, x.image_queue, x.text_queue, temp, 0.0, 0.4,
-            x.idx, x.idx_queue, details, backend, "highest")
+            x.idx, x.idx_queue, details, True, backend, "highest")
 
 
 @pytest.mark.parametrize("retrieval", [False, True])

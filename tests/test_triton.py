@@ -118,3 +118,16 @@ def test_cuda_automatic_backend_choice():
     assert resolve_backend(None, "highest", feat)[0] == "torch"
     assert resolve_backend(None, "high", feat)[0] == "triton"
     assert resolve_backend(None, None, feat.bfloat16())[0] == "triton"
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+@pytest.mark.parametrize("retrieval", [False, True])
+def test_forward_without_gradients_gives_the_same_values(alpha, retrieval):
+    x = make_inputs(6, 29, 16, torch.float32, DEVICE, retrieval=retrieval)
+    kw = dict(idx=x.idx, idx_queue=x.idx_queue, return_details=True, backend="triton", precision="highest")
+    with torch.no_grad():
+        fast = albef_fast.itc_loss(*_args(x), 0.07, alpha, **kw)
+    a = x.image_feat.clone().requires_grad_()
+    full = albef_fast.itc_loss(a, *_args(x)[1:], 0.07, alpha, **kw)
+    for name, got, expected in zip(fast._fields, fast, full):
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-6, atol=1e-6, msg=name)

@@ -36,21 +36,42 @@ __device__ __forceinline__ double blend(double pm, double p, double m, double om
   return __dadd_rn(__dmul_rn(pm, m), __dmul_rn(p, om));
 }
 
+template <typename T, typename A>
+__device__ __forceinline__ uint4 blend_vec(uint4 raw_m, const uint4 raw, A m, A om) {
+  constexpr int kVec = 16 / sizeof(T);
+  T* vm = reinterpret_cast<T*>(&raw_m);
+  const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) vm[j] = static_cast<T>(blend(A(vm[j]), A(v[j]), m, om));
+  return raw_m;
+}
+
+// Elements [begin, end) of one tensor. Aligned: kUnroll 16-byte loads of each operand in flight
+// per thread before any store (the stores may alias nothing, but the compiler cannot know).
 template <typename T>
 __device__ void ema_range(T* pm, const T* p, int64_t begin, int64_t end, bool aligned, double momentum) {
   using acc_t = at::opmath_type<T>;
   const acc_t m = static_cast<acc_t>(momentum), om = static_cast<acc_t>(1.0 - momentum);
   constexpr int kVec = 16 / sizeof(T);
-  int64_t i = begin + threadIdx.x * kVec;
+  constexpr int kUnroll = 4;
+  constexpr int64_t kStep = int64_t(kThreads) * kVec;
   if (aligned) {
-    for (; i + kVec <= end; i += kThreads * kVec) {
-      uint4 raw_m = *reinterpret_cast<const uint4*>(pm + i);
-      const uint4 raw = *reinterpret_cast<const uint4*>(p + i);
-      T* vm = reinterpret_cast<T*>(&raw_m);
-      const T* v = reinterpret_cast<const T*>(&raw);
+    int64_t i = begin + threadIdx.x * kVec;
+    for (; i + (kUnroll - 1) * kStep + kVec <= end; i += kUnroll * kStep) {
+      uint4 raw_m[kUnroll], raw[kUnroll];
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) vm[j] = static_cast<T>(blend(acc_t(vm[j]), acc_t(v[j]), m, om));
-      *reinterpret_cast<uint4*>(pm + i) = raw_m;
+      for (int u = 0; u < kUnroll; ++u) {
+        raw_m[u] = *reinterpret_cast<const uint4*>(pm + i + u * kStep);
+        raw[u] = *reinterpret_cast<const uint4*>(p + i + u * kStep);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        *reinterpret_cast<uint4*>(pm + i + u * kStep) = blend_vec<T>(raw_m[u], raw[u], m, om);
+      }
+    }
+    for (; i + kVec <= end; i += kStep) {
+      const uint4 raw_m = *reinterpret_cast<const uint4*>(pm + i);
+      *reinterpret_cast<uint4*>(pm + i) = blend_vec<T>(raw_m, *reinterpret_cast<const uint4*>(p + i), m, om);
     }
     begin = end - (end - begin) % kVec;  // the tail, element by element
   }
