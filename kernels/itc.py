@@ -34,16 +34,24 @@ _LN2 = 0.6931471805599453
 
 
 def _configs():
-    """Autotuned over key-tile width, warps and pipeline depth; ALBEF_FAST_AUTOTUNE=0 (or the
-    interpreter) takes one config, e.g. for tests that compile many shapes."""
+    """Tile shapes and pipeline depth, autotuned per (D, flags). Compiling for sm_90 (Triton 3.8,
+    no GPU needed) showed 4 warps spilling 1-3 KB per thread and 8 warps with BLOCK_D = 64 the
+    least, so the space is 8 warps. ALBEF_FAST_AUTOTUNE=0 (or the interpreter) takes one config,
+    e.g. for tests that compile many shapes."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}, num_warps=1)]
+    default = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=2)
     if os.environ.get("ALBEF_FAST_AUTOTUNE", "1") == "0":
-        return [triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2)]
+        return [default]
     return [
-        triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-        for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": n, "BLOCK_D": d}, num_warps=8, num_stages=st)
+        for n in (32, 64) for d in (64, 128) for st in (2, 3)
     ]
+
+
+def _split_grid(meta):
+    """(row blocks, key splits, 2 directions x D blocks) for the autotuned tile shape."""
+    return (triton.cdiv(meta["B"], meta["BLOCK_M"]), meta["NUM_SPLITS"], 2 * triton.cdiv(meta["D"], meta["BLOCK_D"]))
 
 
 @triton.jit
@@ -113,6 +121,7 @@ def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ACC: tl.constexpr, DO
 
 
 @triton.autotune(configs=_configs(), key=["D", "GRAD", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
+@triton.heuristics({"NUM_DK": lambda args: triton.cdiv(args["D"], args["BLOCK_D"])})
 @triton.jit
 def _itc_split_fwd_kernel(
     # pointers: per direction (image = i2t queries, text = t2i queries)
@@ -386,13 +395,6 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _blocks(b: int, d: int) -> Tuple[int, int]:
-    """(BLOCK_M, BLOCK_D): rows per program and the D block of the accumulators."""
-    block_m = 16 if _INTERPRET else min(64, max(16, triton.next_power_of_2(b)))
-    block_d = 16 if _INTERPRET else min(128, max(16, triton.next_power_of_2(d)))
-    return block_m, block_d
-
-
 def _merge_blocks(b: int, d: int) -> Tuple[int, int]:
     """(BLOCK_M, BLOCK_D) of the merge: small tiles, so that B = 64 still spreads over many SMs."""
     if _INTERPRET:
@@ -422,8 +424,8 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     feats = _common_strides(feats)
     image_queue, text_queue = _common_queue_strides(image_queue, text_queue)
     teacher, retrieval = alpha != 0.0 or details, idx is not None
-    block_m, block_d = _blocks(b, d)
-    row_blocks, d_blocks = triton.cdiv(b, block_m), triton.cdiv(d, block_d)
+    # Splits for about 2 programs per SM at the nominal 64-row, 64-wide-D tiles.
+    row_blocks, d_blocks = triton.cdiv(b, 16 if _INTERPRET else 64), triton.cdiv(d, 16 if _INTERPRET else 64)
     min_block_n = 16 if _INTERPRET else 32
     max_tiles = triton.cdiv(b, min_block_n) + triton.cdiv(max(q, 1), min_block_n)
     splits = max(1, min(max_tiles, math.ceil(2 * _num_sms(dev) / (row_blocks * 2 * d_blocks))))
@@ -441,7 +443,7 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     idx_v = idx.reshape(-1) if retrieval else dummy
     idq_v = idx_queue.reshape(-1) if retrieval else dummy
     dot_dtype, input_precision = _dot_flags(image_feat.dtype, precision)
-    _itc_split_fwd_kernel[(row_blocks, splits, 2 * d_blocks)](
+    _itc_split_fwd_kernel[_split_grid](
         *feats, image_queue, text_queue, idx_v, idq_v, temp_t if temp_t is not None else dummy,
         ws_max, ws_z, ws_acc, ws_count, sims,
         feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
@@ -449,7 +451,6 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
         b, q, d, splits, temp_v,
         GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision,
-        BLOCK_M=block_m, BLOCK_D=block_d, NUM_DK=d_blocks,
     )
     dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
