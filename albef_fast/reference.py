@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["itc_loss", "itc_logits", "ema_update_", "enqueue_"]
+__all__ = ["itc_loss", "itc_logits", "ema_update_", "enqueue_", "enqueue_slices_"]
 
 
 def itc_logits(
@@ -100,3 +100,14 @@ def enqueue_(queues: Sequence[torch.Tensor], items: Sequence[torch.Tensor], ptr:
     for queue, item in zip(queues, items):
         queue[:, cols] = item.T.to(queue.dtype)
     ptr[0] = (start + n) % q
+
+
+@torch.no_grad()
+def enqueue_slices_(queues: Sequence[torch.Tensor], items: Sequence[torch.Tensor], ptr: torch.Tensor) -> None:
+    """ALBEF's _dequeue_and_enqueue body as written (no gather, no wrap-around: Q % N == 0 assumed):
+    int(queue_ptr), slice writes, ptr update. The baseline of the enqueue benchmark."""
+    start = int(ptr)
+    n = items[0].shape[0]
+    for queue, item in zip(queues, items):
+        queue[:, start:start + n] = item.T
+    ptr[0] = (start + n) % queues[0].shape[1]

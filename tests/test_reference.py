@@ -41,3 +41,12 @@ def test_reference_enqueue_wraps_around():
     assert ptr.tolist() == [2]
     assert queue[:, 4].tolist() == [0.0, 1.0]
     assert queue[:, 0].tolist() == [2.0, 3.0] and queue[:, 1].tolist() == [4.0, 5.0]
+
+
+def test_reference_slice_enqueue_matches_wrapping_one_when_q_is_a_multiple_of_n():
+    queues, ptr = [torch.randn(3, 8)], torch.tensor([4])
+    expected, ptr_e = [queues[0].clone()], ptr.clone()
+    items = [torch.randn(4, 3)]
+    reference.enqueue_slices_(queues, items, ptr)
+    reference.enqueue_(expected, items, ptr_e)
+    assert torch.equal(queues[0], expected[0]) and ptr.item() == ptr_e.item() == 0

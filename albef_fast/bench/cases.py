@@ -85,12 +85,3 @@ def albef_param_shapes():
     bert = [(30522, d), (512, d), (2, d)] + ln
     bert += (self_attn + ffn) * 6 + (self_attn + self_attn + ffn) * 6
     return vit + proj + bert + proj
-
-
-def albef_enqueue_(queues, items, ptr):
-    """ALBEF's _dequeue_and_enqueue body (no gather): int(ptr) host sync, then slice writes."""
-    start = int(ptr)
-    n = items[0].shape[0]
-    for queue, item in zip(queues, items):
-        queue[:, start:start + n] = item.T
-    ptr[0] = (start + n) % queues[0].shape[1]

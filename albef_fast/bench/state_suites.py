@@ -52,7 +52,7 @@ def run_enqueue(args, device: torch.device, progress) -> List[Dict]:
     ptr = torch.zeros(1, dtype=torch.long, device=device)
     for provider in ENQUEUE_PROVIDERS:
         progress.set_description(f"enqueue {provider}")
-        fn = cases.albef_enqueue_ if provider == "albef" else albef_fast.enqueue_
+        fn = reference.enqueue_slices_ if provider == "albef" else albef_fast.enqueue_
         med, p20, p80 = measure.time_ms(lambda: fn(queues, items, ptr), device, reps=max(20, args.reps))
         base = med if provider == "albef" else base
         rows.append(dict(suite="enqueue", provider=provider, mode="step", precision="fp32", B=b, Q=args.queue,
