@@ -26,7 +26,18 @@ import torch
 
 __all__ = ["DirectionResult", "stream_direction", "DEFAULT_CHUNK"]
 
-DEFAULT_CHUNK = {"cpu": 2048, "cuda": 16384}
+# Keys per block. CPU: small blocks stay in cache. Elsewhere (CUDA): as many keys as fit a 16 MiB
+# block of logits, so that B = 64 streams Q = 65536 in two blocks (few launches) and B = 512
+# stays far inside the memory budget (SPEC: 32 MiB at B = 64, 64 MiB at B = 512).
+DEFAULT_CHUNK = {"cpu": 2048}
+_BLOCK_BYTES = 16 << 20
+
+
+def _chunk_for(device: torch.device, key_bytes: int) -> int:
+    """key_bytes: the scratch one key costs (its logits, its converted copy, its mask column)."""
+    if device.type in DEFAULT_CHUNK:
+        return DEFAULT_CHUNK[device.type]
+    return max(1024, min(65536, (_BLOCK_BYTES // key_bytes) // 256 * 256))
 
 
 class DirectionResult(NamedTuple):
@@ -113,7 +124,8 @@ def stream_direction(
     n_soft, n_hard = rows_u.shape[0], (b if idx is not None else 0)
     state = _Stream(rows_u, n_soft, n_hard, d, first=0 if grad else b)
     if chunk is None:
-        chunk = DEFAULT_CHUNK.get(q.device.type, 8192)
+        converted = d if queue.dtype != work else 0  # keys_t.to(work) copies the block
+        chunk = _chunk_for(q.device, (n_soft + 2 * n_hard + converted) * u.element_size())
     buf = u.new_empty((n_soft + n_hard) * max(b, min(chunk, queue.shape[1])))
 
     kb_t = keys_batch.detach().T
