@@ -46,6 +46,11 @@ stamp "benchmark: ITC, eager vs albef_fast, sweep x precisions x modes (autotune
 stage 240 $PY -m albef_fast.bench "${DEV[@]}" "${SWEEP[@]}" --precision "$PREC" --mode fwd,fwd+bwd \
   --providers eager,albef_fast --out "$OUT" --tag sweep 2>&1 | grep -v "it/s" | tee "$OUT/bench.txt"
 
+stamp "benchmark: A/B of ALBEF_FAST_SPLIT_KINDS=1 (student and teacher in separate launches: no spills, keys read twice)"
+ALBEF_FAST_SPLIT_KINDS=1 stage 120 $PY -m albef_fast.bench "${DEV[@]}" --batch 64,512 --precision "$PREC" \
+  --mode fwd+bwd --providers eager,albef_fast --label "[split_kinds]" --no-plot --out "$OUT" 2>&1 \
+  | grep -v "it/s" | tee -a "$OUT/bench.txt"
+
 stamp "benchmark: EMA and enqueue"
 stage 90 $PY -m albef_fast.bench "${DEV[@]}" --suite ema,enqueue --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 

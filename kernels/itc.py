@@ -35,9 +35,11 @@ _LN2 = 0.6931471805599453
 
 def _configs():
     """Tile shapes and pipeline depth, autotuned per (D, flags). Compiling for sm_90 (Triton 3.8,
-    no GPU needed) showed 4 warps spilling 1-3 KB per thread and 8 warps with BLOCK_D = 64 the
-    least, so the space is 8 warps. ALBEF_FAST_AUTOTUNE=0 (or the interpreter) takes one config,
-    e.g. for tests that compile many shapes."""
+    no GPU needed; tests/triton_aot.py) showed 4 warps spilling 1-3 KB per thread and 8 warps with
+    BLOCK_D = 64 the least (about 100 B bf16, 360 B tf32 with student and teacher in one launch;
+    none with one launch each, ALBEF_FAST_SPLIT_KINDS=1), so the space is 8 warps.
+    ALBEF_FAST_AUTOTUNE=0 (or the interpreter) takes one config, e.g. for tests that compile
+    many shapes."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}, num_warps=1)]
     default = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=2)
@@ -95,10 +97,14 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _logits(q, qm, k, HAS_TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Raw dots of one D block: (q . k [BLOCK_M, BLOCK_N], q_m . k, or 0 without a teacher)."""
-    s = _dot(q, k, DOT_DTYPE, INPUT_PRECISION)
-    if HAS_TEACHER:
+def _logits(q, qm, k, STUDENT: tl.constexpr, TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr,
+            INPUT_PRECISION: tl.constexpr):
+    """Raw dots of one D block: (q . k [BLOCK_M, BLOCK_N] if STUDENT, q_m . k if TEACHER; else 0)."""
+    if STUDENT:
+        s = _dot(q, k, DOT_DTYPE, INPUT_PRECISION)
+    else:
+        s = tl.zeros([q.shape[0], k.shape[1]], tl.float32)
+    if TEACHER:
         m = _dot(qm, k, DOT_DTYPE, INPUT_PRECISION)
     else:
         m = tl.zeros_like(s)
@@ -120,7 +126,8 @@ def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ACC: tl.constexpr, DO
     return new_mx, z, acc
 
 
-@triton.autotune(configs=_configs(), key=["D", "GRAD", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
+@triton.autotune(configs=_configs(), key=["D", "GRAD", "HAS_TEACHER", "RETRIEVAL", "STUDENT", "TEACHER", "DOT_DTYPE",
+                                          "INPUT_PRECISION"])
 @triton.heuristics({"NUM_DK": lambda args: triton.cdiv(args["D"], args["BLOCK_D"])})
 @triton.jit
 def _itc_split_fwd_kernel(
@@ -133,10 +140,15 @@ def _itc_split_fwd_kernel(
     B, Q, D, NUM_SPLITS, temp_value,
     # constexpr flags
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    STUDENT: tl.constexpr, TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr,
 ):
     """Per-split online-softmax states of one (row block, key split, direction, D block).
+
+    STUDENT / TEACHER: which states this launch keeps. Both in one launch shares each key tile
+    between the two products; one launch each halves the accumulators held per program (fewer
+    registers) at the price of reading the keys twice. The student launch also keeps the hard
+    targets and writes the sim blocks.
 
     Features [B, D] (all four share strides stride_fb, stride_fd), queues [D, Q] (strides
     stride_qd, stride_qj), idx [B], idx_queue [Q]; temp 0-dim (or temp_value).
@@ -166,10 +178,14 @@ def _itc_split_fwd_kernel(
     acc_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.zeros([BLOCK_M], tl.float32)
 
-    q_one = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_acc, B, D)
-    qm_one = q_one
-    if HAS_TEACHER:
+    if STUDENT:
+        q_one = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_acc, B, D)
+    if TEACHER:
         qm_one = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D)
+    if not STUDENT:
+        q_one = qm_one
+    if not TEACHER:
+        qm_one = q_one
 
     batch_tiles = tl.cdiv(B, BLOCK_N)
     tiles = batch_tiles + tl.cdiv(Q, BLOCK_N)
@@ -188,60 +204,67 @@ def _itc_split_fwd_kernel(
             j = (t - shift) * BLOCK_N + cols
             if NUM_DK == 1:  # the query tiles stay loaded (q_one, qm_one); one key tile serves all
                 k_acc = _load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys)
-                s, m = _logits(q_one, qm_one, k_acc, HAS_TEACHER, DOT_DTYPE, INPUT_PRECISION)
+                s, m = _logits(q_one, qm_one, k_acc, STUDENT, TEACHER, DOT_DTYPE, INPUT_PRECISION)
             else:  # D in NUM_DK blocks for the logits, then this program's D block of the keys again
                 s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 m = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 for dk in range(NUM_DK):
                     d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
                     k = _load_keys(k_base, s_kd, s_kj, d_offs, j, D, n_keys)
-                    q = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
-                    qm = q
-                    if HAS_TEACHER:
+                    if STUDENT:
+                        q = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
+                    if TEACHER:
                         qm = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
-                    s_part, m_part = _logits(q, qm, k, HAS_TEACHER, DOT_DTYPE, INPUT_PRECISION)
+                    if not STUDENT:
+                        q = qm
+                    if not TEACHER:
+                        qm = q
+                    s_part, m_part = _logits(q, qm, k, STUDENT, TEACHER, DOT_DTYPE, INPUT_PRECISION)
                     s += s_part
                     m += m_part
                 k_acc = _load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys)
             k_t = tl.trans(k_acc)
             valid = j[None, :] < n_keys
-            if phase == 0:
-                if pid_d == 0:
-                    sim_mask = (rows[:, None] < B) & valid
-                    sim_offs = direction * B * B + rows[:, None] * B + j[None, :]
-                    tl.store(sim_ptr + sim_offs, (s / temp).to(sim_ptr.dtype.element_ty), mask=sim_mask)
-            mx_s, z_s, acc_s = _online_softmax(mx_s, z_s, acc_s, s, valid, scale, k_t, GRAD, DOT_DTYPE,
-                                               INPUT_PRECISION)
-            if HAS_TEACHER:
+            if STUDENT:
+                if phase == 0:
+                    if pid_d == 0:
+                        sim_mask = (rows[:, None] < B) & valid
+                        sim_offs = direction * B * B + rows[:, None] * B + j[None, :]
+                        tl.store(sim_ptr + sim_offs, (s / temp).to(sim_ptr.dtype.element_ty), mask=sim_mask)
+                mx_s, z_s, acc_s = _online_softmax(mx_s, z_s, acc_s, s, valid, scale, k_t, GRAD, DOT_DTYPE,
+                                                   INPUT_PRECISION)
+                if RETRIEVAL:
+                    key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=0)
+                    hard = ((row_ids[:, None] == key_ids[None, :]) & valid).to(tl.float32)
+                    count += tl.sum(hard, 1)
+                    acc_h += _dot(hard, k_t, DOT_DTYPE, INPUT_PRECISION)
+            if TEACHER:
                 mx_m, z_m, acc_m = _online_softmax(mx_m, z_m, acc_m, m, valid, scale, k_t, True, DOT_DTYPE,
                                                    INPUT_PRECISION)
-            if RETRIEVAL:
-                key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=0)
-                hard = ((row_ids[:, None] == key_ids[None, :]) & valid).to(tl.float32)
-                count += tl.sum(hard, 1)
-                acc_h += _dot(hard, k_t, DOT_DTYPE, INPUT_PRECISION)
 
     row_ok = rows < B
     stat = ((direction * 2) * NUM_SPLITS + pid_s) * B + rows  # [direction, kind, split, row], kind 0 = student
     teacher_off = NUM_SPLITS * B
     if pid_d == 0:
-        tl.store(ws_max_ptr + stat, mx_s, mask=row_ok)
-        tl.store(ws_z_ptr + stat, z_s, mask=row_ok)
-        if HAS_TEACHER:
+        if STUDENT:
+            tl.store(ws_max_ptr + stat, mx_s, mask=row_ok)
+            tl.store(ws_z_ptr + stat, z_s, mask=row_ok)
+            if RETRIEVAL:
+                tl.store(ws_count_ptr + (direction * NUM_SPLITS + pid_s) * B + rows, count, mask=row_ok)
+        if TEACHER:
             tl.store(ws_max_ptr + stat + teacher_off, mx_m, mask=row_ok)
             tl.store(ws_z_ptr + stat + teacher_off, z_m, mask=row_ok)
-        if RETRIEVAL:
-            tl.store(ws_count_ptr + (direction * NUM_SPLITS + pid_s) * B + rows, count, mask=row_ok)
     n_kinds = GRAD + HAS_TEACHER + RETRIEVAL  # kinds of key sums kept: [A_s (GRAD), A_m, H]
     acc_mask = row_ok[:, None] & (d_acc[None, :] < D)
     acc_offs = ((direction * n_kinds * NUM_SPLITS + pid_s) * B + rows[:, None]) * D + d_acc[None, :]
     kind_stride = NUM_SPLITS * B * D
-    if GRAD:
-        tl.store(ws_acc_ptr + acc_offs, acc_s, mask=acc_mask)
-    if HAS_TEACHER:
+    if STUDENT:
+        if GRAD:
+            tl.store(ws_acc_ptr + acc_offs, acc_s, mask=acc_mask)
+        if RETRIEVAL:
+            tl.store(ws_acc_ptr + acc_offs + (GRAD + HAS_TEACHER) * kind_stride, acc_h, mask=acc_mask)
+    if TEACHER:
         tl.store(ws_acc_ptr + acc_offs + GRAD * kind_stride, acc_m, mask=acc_mask)
-    if RETRIEVAL:
-        tl.store(ws_acc_ptr + acc_offs + (GRAD + HAS_TEACHER) * kind_stride, acc_h, mask=acc_mask)
 
 
 @triton.jit
@@ -443,15 +466,18 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     idx_v = idx.reshape(-1) if retrieval else dummy
     idq_v = idx_queue.reshape(-1) if retrieval else dummy
     dot_dtype, input_precision = _dot_flags(image_feat.dtype, precision)
-    _itc_split_fwd_kernel[_split_grid](
-        *feats, image_queue, text_queue, idx_v, idq_v, temp_t if temp_t is not None else dummy,
-        ws_max, ws_z, ws_acc, ws_count, sims,
-        feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
-        idx_v.stride(0), idq_v.stride(0),
-        b, q, d, splits, temp_v,
-        GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision,
-    )
+    # One launch keeping student and teacher states, or one launch each (ALBEF_FAST_SPLIT_KINDS=1).
+    separate = teacher and os.environ.get("ALBEF_FAST_SPLIT_KINDS", "0") == "1"
+    for student_on, teacher_on in ([(True, False), (False, True)] if separate else [(True, teacher)]):
+        _itc_split_fwd_kernel[_split_grid](
+            *feats, image_queue, text_queue, idx_v, idq_v, temp_t if temp_t is not None else dummy,
+            ws_max, ws_z, ws_acc, ws_count, sims,
+            feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
+            idx_v.stride(0), idq_v.stride(0),
+            b, q, d, splits, temp_v,
+            GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
+            STUDENT=student_on, TEACHER=teacher_on, DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision,
+        )
     dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
     merge_m, merge_d = _merge_blocks(b, d)

@@ -57,6 +57,25 @@ def test_matches_reference_fp32(b, q, d, alpha, retrieval):
     _check_rule(make_inputs(b, q, d, torch.float32, DEVICE, retrieval=retrieval), alpha, precision="highest")
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+@pytest.mark.parametrize("retrieval", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_separate_student_and_teacher_launches(monkeypatch, alpha, retrieval, grad):
+    """ALBEF_FAST_SPLIT_KINDS=1 keeps student and teacher states in two launches: same results."""
+    x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=retrieval)
+    kw = dict(idx=x.idx, idx_queue=x.idx_queue, return_details=True, backend="triton", precision="highest")
+    a = x.image_feat.clone().requires_grad_(grad)
+    fused = albef_fast.itc_loss(a, *_args(x)[1:], 0.07, alpha, **kw)
+    monkeypatch.setenv("ALBEF_FAST_SPLIT_KINDS", "1")
+    b = x.image_feat.clone().requires_grad_(grad)
+    separate = albef_fast.itc_loss(b, *_args(x)[1:], 0.07, alpha, **kw)
+    for name, got, expected in zip(fused._fields, separate, fused):
+        assert torch.equal(got, expected), name
+    if grad:
+        (ga,), (gb,) = torch.autograd.grad(fused.loss, a), torch.autograd.grad(separate.loss, b)
+        assert torch.equal(ga, gb)
+
+
 @pytest.mark.parametrize("b,q,d", [(1, 10, 4), (6, 0, 8), (2, 1, 5)])
 def test_edge_shapes(b, q, d):
     _check_rule(make_inputs(b, q, d, torch.float32, DEVICE, retrieval=True), 0.4, precision="highest")

@@ -45,8 +45,12 @@ def _compile(kernel, constexprs, feature_type, num_warps):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 
-FLAGS = {
+FLAGS = {  # STUDENT / TEACHER: which states the split launch keeps (both, or one launch each)
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
+    "bf16-student-only": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16",
+                              TEACHER=False),
+    "bf16-teacher-only": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16",
+                              STUDENT=False),
     "tf32-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float32, PREC="tf32", TYPE="*fp32"),
     "fp32-nograd": dict(GRAD=False, HAS_TEACHER=False, RETRIEVAL=False, DOT=tl.float32, PREC="ieee", TYPE="*fp32"),
 }
@@ -54,8 +58,10 @@ FLAGS = {
 
 def compile_all(flags):
     common = dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True)
-    split = _compile(itc._itc_split_fwd_kernel, dict(common, DOT_DTYPE=flags["DOT"], INPUT_PRECISION=flags["PREC"],
-                                                     BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, NUM_DK=4),
+    roles = dict(STUDENT=flags.get("STUDENT", True), TEACHER=flags.get("TEACHER", flags["HAS_TEACHER"]))
+    split = _compile(itc._itc_split_fwd_kernel, dict(common, **roles, DOT_DTYPE=flags["DOT"],
+                                                     INPUT_PRECISION=flags["PREC"], BLOCK_M=64, BLOCK_N=64,
+                                                     BLOCK_D=64, NUM_DK=4),
                      flags["TYPE"], num_warps=8)
     merge = _compile(itc._itc_merge_fwd_kernel, dict(common, BLOCK_M=32, BLOCK_D=64), flags["TYPE"], num_warps=4)
     finish = _compile(itc._itc_finish_fwd_kernel, dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=True,

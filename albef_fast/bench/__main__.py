@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=10, help="timed repetitions on the CPU (default 10)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the CSV and PNG")
     p.add_argument("--tag", default="", help="suffix of the PNG's name (the CSV is shared)")
+    p.add_argument("--label", default="", help="appended to albef_fast's provider name, e.g. for an A/B of a setting")
+    p.add_argument("--no-plot", action="store_true", help="write the CSV rows but no PNG")
     p.add_argument("--no-save", action="store_true", help="print only; write no CSV or PNG")
     return p.parse_args(argv)
 
@@ -71,6 +73,8 @@ def run_itc(args, device: torch.device, progress) -> List[Dict]:
                         row = _measure_itc(case, provider, mode, device, args.reps)
                     eager_ms = row["median_ms"] if provider == "eager" else eager_ms
                     row["speedup_vs_eager"] = eager_ms / row["median_ms"] if eager_ms else ""
+                    if provider == "albef_fast":
+                        row["provider"] += args.label
                     rows.append(row)
                     progress.update(1)
             del case
@@ -144,7 +148,7 @@ def main(argv=None) -> int:
         base = os.path.join(args.out, f"itc_{report.slug(name)}")
         report.append_csv(rows, base + ".csv")
         print(f"appended to {base}.csv", file=sys.stderr)
-        if any(r["suite"] == "itc" for r in rows):
+        if any(r["suite"] == "itc" for r in rows) and not args.no_plot:
             png = base + (f"_{report.slug(args.tag)}" if args.tag else "") + ".png"
             report.plot(rows, png, f"albef_fast ITC, Q={args.queue}, D={args.dim} on {name}")
             print(f"wrote {png}", file=sys.stderr)
