@@ -1,8 +1,8 @@
 """Pure-PyTorch implementations of the state ops, used when the C++ extension is not built.
 
-Both match ALBEF's numbers bit for bit: the EMA rounds as ``p_m * m + p * (1. - m)`` does
-(two products rounded to the parameter dtype, then a rounded add), and the enqueue writes the
-same columns. Neither reads a device value on the host.
+Both match ALBEF's numbers bit for bit, in every dtype: the EMA rounds as
+``p_m * m + p * (1. - m)`` does (two products rounded to the parameter dtype, then a rounded
+add), and the enqueue writes the same columns. Neither reads a device value on the host.
 """
 from __future__ import annotations
 
@@ -31,11 +31,20 @@ def _groups(params_m: List[torch.Tensor], params: List[torch.Tensor]) -> Iterato
 
 @torch.no_grad()
 def ema_update_(params_m: List[torch.Tensor], params: List[torch.Tensor], momentum: float) -> None:
-    """In place p_m <- p_m * m + p * (1 - m), rounded exactly as ALBEF's expression."""
-    for group_m, group in _groups(params_m, params):
+    """In place p_m <- p_m * m + p * (1 - m), rounded exactly as ALBEF's expression.
+
+    fp32 / fp64 go through the multi-tensor (_foreach) kernels, which round as the plain
+    expression does for them; 16-bit tensors take ALBEF's expression itself, since the
+    _foreach kernels round the fp16 scalar differently on the CPU.
+    """
+    wide = [(p_m, p) for p_m, p in zip(params_m, params) if p.dtype in (torch.float32, torch.float64)]
+    for group_m, group in _groups([pair[0] for pair in wide], [pair[1] for pair in wide]):
         scaled = torch._foreach_mul(group, 1.0 - momentum)
         torch._foreach_mul_(group_m, momentum)
         torch._foreach_add_(group_m, scaled)
+    for p_m, p in zip(params_m, params):
+        if p.dtype not in (torch.float32, torch.float64):
+            torch.add(p_m * momentum, p * (1.0 - momentum), out=p_m)
 
 
 @torch.no_grad()
