@@ -47,6 +47,11 @@ def _env_backend() -> str:
 
 
 @torch.compiler.assume_constant_result
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@torch.compiler.assume_constant_result
 def _triton_registered() -> bool:
     if "triton" not in BACKEND_IMPLS:
         try:
@@ -71,6 +76,8 @@ def resolve_backend(backend: Optional[str], precision: Optional[str], feat: torc
     if backend == "triton":
         if feat.dtype == torch.float64:
             raise ValueError("backend: 'triton' does not take float64 features; use backend='torch'")
+        if not feat.is_cuda and not _interpreting():  # checked before triton is first imported
+            raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {feat.device}")
         if not _triton_registered():
             raise ValueError("backend: 'triton' requested, but triton is not installed")
     return backend, precision

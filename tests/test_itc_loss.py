@@ -178,3 +178,10 @@ def test_cuda_block_size_follows_the_memory_budget():
     for key_bytes in (128 * 4, 192 * 4, 1024 * 4, (128 + 256) * 4):
         assert streaming._chunk_for(cuda, key_bytes) * key_bytes <= 16 << 20
     assert streaming._chunk_for(torch.device("cpu"), 128 * 4) == streaming.DEFAULT_CHUNK["cpu"]
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    x = make_inputs(4, 9, 8, torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend: 'triton' needs CUDA"):
+        albef_fast.itc_loss(*_args(x), 0.07, backend="triton")
