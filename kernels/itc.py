@@ -89,6 +89,21 @@ def _temperature(temp_ptr, temp_value, TEMP_FROM_PTR: tl.constexpr):
 
 
 @triton.jit
+def _query_tiles(q_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, STUDENT: tl.constexpr,
+                 TEACHER: tl.constexpr):
+    """(query tile, momentum-query tile) [BLOCK_M, BLOCK_D]; a role not kept reuses the other's."""
+    if STUDENT:
+        q = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
+    if TEACHER:
+        qm = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
+    if not STUDENT:
+        q = qm
+    if not TEACHER:
+        qm = q
+    return q, qm
+
+
+@triton.jit
 def _dot(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation, both cast to DOT_DTYPE (fp32 at INPUT_PRECISION, or bf16 / fp16)."""
     if DOT_DTYPE == tl.float32:
@@ -178,14 +193,7 @@ def _itc_split_fwd_kernel(
     acc_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.zeros([BLOCK_M], tl.float32)
 
-    if STUDENT:
-        q_one = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_acc, B, D)
-    if TEACHER:
-        qm_one = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D)
-    if not STUDENT:
-        q_one = qm_one
-    if not TEACHER:
-        qm_one = q_one
+    q_one, qm_one = _query_tiles(q_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D, STUDENT, TEACHER)
 
     batch_tiles = tl.cdiv(B, BLOCK_N)
     tiles = batch_tiles + tl.cdiv(Q, BLOCK_N)
@@ -211,14 +219,7 @@ def _itc_split_fwd_kernel(
                 for dk in range(NUM_DK):
                     d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
                     k = _load_keys(k_base, s_kd, s_kj, d_offs, j, D, n_keys)
-                    if STUDENT:
-                        q = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
-                    if TEACHER:
-                        qm = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
-                    if not STUDENT:
-                        q = qm
-                    if not TEACHER:
-                        qm = q
+                    q, qm = _query_tiles(q_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, STUDENT, TEACHER)
                     s_part, m_part = _logits(q, qm, k, STUDENT, TEACHER, DOT_DTYPE, INPUT_PRECISION)
                     s += s_part
                     m += m_part
