@@ -45,10 +45,14 @@ def _configs():
     default = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=2)
     if os.environ.get("ALBEF_FAST_AUTOTUNE", "1") == "0":
         return [default]
-    return [
+    narrow_d = [  # 64 rows, D in blocks: each D block's program recomputes the logits
         triton.Config({"BLOCK_M": 64, "BLOCK_N": n, "BLOCK_D": d}, num_warps=8, num_stages=st)
         for n in (32, 64) for d in (64, 128) for st in (2, 3)
     ]
+    full_d = [  # 32 rows, all of D = 256 per program: no recomputed logits, keys read per row block
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": n, "BLOCK_D": 256}, num_warps=8, num_stages=2) for n in (32, 64)
+    ]
+    return narrow_d + full_d
 
 
 def _split_grid(meta):
