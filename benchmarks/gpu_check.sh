@@ -17,11 +17,11 @@ stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
 
 if [ "$SMOKE" = 1 ]; then
   DEV=(--device cpu --queue 256 --dim 32 --reps 2)
-  SWEEP=(--batch 8,16); PREC=fp32
+  SWEEP=(--batch 8,16); PREC=fp32; AB_PREC=fp32
   QUICK=(tests/test_triton.py -k "fp32 and 5-37-24"); REST=(tests/test_triton.py -k "details")
 else
   DEV=(--device cuda)
-  SWEEP=(--sweep); PREC=fp32,tf32,bf16
+  SWEEP=(--sweep); PREC=fp32,tf32,bf16; AB_PREC=tf32,bf16  # fp32 "highest" runs the torch backend
   # Correctness at ALBEF's shapes first (fp32 / TF32 / bf16 vs the fp64 reference), the rest later.
   QUICK=(tests/test_triton.py -k "cuda_albef_shape or cuda_automatic or bitwise or details")
   REST=(tests/test_cuda_state.py tests/test_ops.py tests/test_triton.py -k "not cuda_albef_shape")
@@ -46,10 +46,12 @@ stamp "benchmark: ITC, eager vs albef_fast, sweep x precisions x modes (autotune
 stage 240 $PY -m albef_fast.bench "${DEV[@]}" "${SWEEP[@]}" --precision "$PREC" --mode fwd,fwd+bwd \
   --providers eager,albef_fast --out "$OUT" --tag sweep 2>&1 | grep -v "it/s" | tee "$OUT/bench.txt"
 
-stamp "benchmark: A/B of ALBEF_FAST_SPLIT_KINDS=1 (student and teacher in separate launches: no spills, keys read twice)"
-ALBEF_FAST_SPLIT_KINDS=1 stage 120 $PY -m albef_fast.bench "${DEV[@]}" --batch 64,512 --precision "$PREC" \
-  --mode fwd+bwd --providers eager,albef_fast --label "[split_kinds]" --no-plot --out "$OUT" 2>&1 \
-  | grep -v "it/s" | tee -a "$OUT/bench.txt"
+stamp "benchmark: A/B, one config each: student + teacher in one launch vs two (ALBEF_FAST_SPLIT_KINDS=1)"
+for split in 0 1; do
+  ALBEF_FAST_AUTOTUNE=0 ALBEF_FAST_SPLIT_KINDS=$split stage 90 $PY -m albef_fast.bench "${DEV[@]}" --batch 64,512 \
+    --precision "$AB_PREC" --mode fwd+bwd --providers albef_fast --label "[fixed,split_kinds=$split]" --no-plot \
+    --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
+done
 
 stamp "benchmark: EMA and enqueue"
 stage 90 $PY -m albef_fast.bench "${DEV[@]}" --suite ema,enqueue --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
