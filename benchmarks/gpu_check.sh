@@ -27,39 +27,40 @@ else
   REST=(tests/test_cuda_state.py tests/test_ops.py tests/test_triton.py -k "not cuda_albef_shape")
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 fi
-# Every stage has a time limit, so that a slow one cannot take the results of the others with it.
+# Every stage has a time limit, so that a slow one cannot take the results of the others with it;
+# the limits add up to 560 s, inside one device command (600 s): run with timeout_s=600.
 stage() { local limit=$1; shift; timeout "$limit" "$@"; local rc=$?; [ $rc = 124 ] && stamp "TIMED OUT after ${limit}s"; return $rc; }
 
 stamp "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
 stamp "install (build the extension)"
-if ! stage 240 $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
+if ! stage 140 $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
   stamp "install FAILED"; tail -30 "$OUT/install.log"; exit 1
 fi
 $PY -c "from albef_fast import _extension; print('extension', _extension.build_info())" | tee -a "$OUT/device.txt"
 
 stamp "tests: correctness at ALBEF's shapes"
-ALBEF_FAST_AUTOTUNE=0 stage 150 $PY -m pytest -q -p no:cacheprovider "${QUICK[@]}" 2>&1 | tee "$OUT/tests.log" | tail -8
+ALBEF_FAST_AUTOTUNE=0 stage 60 $PY -m pytest -q -p no:cacheprovider "${QUICK[@]}" 2>&1 | tee "$OUT/tests.log" | tail -8
 
 stamp "benchmark: ITC, eager vs albef_fast, sweep x precisions x modes (autotunes on first use)"
-stage 240 $PY -m albef_fast.bench "${DEV[@]}" "${SWEEP[@]}" --precision "$PREC" --mode fwd,fwd+bwd \
+stage 140 $PY -m albef_fast.bench "${DEV[@]}" "${SWEEP[@]}" --precision "$PREC" --mode fwd,fwd+bwd \
   --providers eager,albef_fast --out "$OUT" --tag sweep 2>&1 | grep -v "it/s" | tee "$OUT/bench.txt"
 
 stamp "benchmark: A/B, one config each: student + teacher in one launch vs two (ALBEF_FAST_SPLIT_KINDS=1)"
 for split in 0 1; do
-  ALBEF_FAST_AUTOTUNE=0 ALBEF_FAST_SPLIT_KINDS=$split stage 90 $PY -m albef_fast.bench "${DEV[@]}" --batch 64,512 \
+  ALBEF_FAST_AUTOTUNE=0 ALBEF_FAST_SPLIT_KINDS=$split stage 40 $PY -m albef_fast.bench "${DEV[@]}" --batch 64,512 \
     --precision "$AB_PREC" --mode fwd+bwd --providers albef_fast --label "[fixed,split_kinds=$split]" --no-plot \
     --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 done
 
 stamp "benchmark: EMA and enqueue"
-stage 90 $PY -m albef_fast.bench "${DEV[@]}" --suite ema,enqueue --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
+stage 40 $PY -m albef_fast.bench "${DEV[@]}" --suite ema,enqueue --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 
 stamp "tests: the rest (state ops, CUDA graph capture, torch.compile, small shapes)"
-ALBEF_FAST_AUTOTUNE=0 stage 150 $PY -m pytest -q -p no:cacheprovider "${REST[@]}" 2>&1 | tee -a "$OUT/tests.log" | tail -8
+ALBEF_FAST_AUTOTUNE=0 stage 40 $PY -m pytest -q -p no:cacheprovider "${REST[@]}" 2>&1 | tee -a "$OUT/tests.log" | tail -8
 
 stamp "benchmark: torch.compile(reference) at B=64 and 512 (compiles are slow: last)"
-stage 150 $PY -m albef_fast.bench "${DEV[@]}" --batch 64,512 --precision fp32,bf16 --mode fwd+bwd \
+stage 60 $PY -m albef_fast.bench "${DEV[@]}" --batch 64,512 --precision fp32,bf16 --mode fwd+bwd \
   --providers eager,compile,albef_fast --out "$OUT" --tag compile 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 stamp "done"
