@@ -72,13 +72,16 @@ class _Stream:
     def acc_rows(self, start: int, end: int) -> torch.Tensor:
         return self.acc[start - self.first : end - self.first]
 
-    def step(self, keys_t: torch.Tensor, buf: torch.Tensor, hard: Optional[torch.Tensor]) -> None:
-        """Consume one block of keys. keys_t: [D, c] (a view, any strides); buf: flat scratch."""
+    def step(self, keys_t: torch.Tensor, buf: torch.Tensor, hard: Optional[torch.Tensor],
+             keep_rows: int = 0) -> Optional[torch.Tensor]:
+        """Consume one block of keys. keys_t: [D, c] (a view, any strides); buf: flat scratch.
+        keep_rows > 0 returns a copy of the first keep_rows rows of its logits (the sim block)."""
         keys_t = keys_t.to(self.u.dtype)  # no copy unless the queue has another dtype
         c = keys_t.shape[1]
         block = buf[: self.scale.shape[0] * c].view(-1, c)  # contiguous [rows, c]
         logits = block[: self.n_soft]
         torch.matmul(self.u, keys_t, out=logits)
+        kept = logits[:keep_rows].clone() if keep_rows else None  # before exp_ overwrites them
         new_mx = torch.maximum(self.mx, logits.amax(dim=1))
         torch.exp(self.mx - new_mx, out=self.scale[: self.n_soft])
         logits.sub_(new_mx[:, None]).exp_()
@@ -89,6 +92,7 @@ class _Stream:
             self.count.add_(hard.sum(dim=1))
         if self.acc.shape[0]:
             self.acc.mul_(self.scale[self.first :, None]).addmm_(block[self.first :], keys_t.T)
+        return kept
 
 
 def _hard_mask(idx: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -130,8 +134,7 @@ def stream_direction(
 
     kb_t = keys_batch.detach().T
     retrieval = idx is not None
-    state.step(kb_t, buf, _hard_mask(idx, idx, work) if retrieval else None)
-    sim_batch = (u @ kb_t.to(work)).to(q.dtype)
+    sim_batch = state.step(kb_t, buf, _hard_mask(idx, idx, work) if retrieval else None, keep_rows=b).to(q.dtype)
     for start in range(0, queue.shape[1], chunk):
         keys_t = queue[:, start : start + chunk]
         hard = _hard_mask(idx, idx_queue[start : start + chunk], work) if retrieval else None

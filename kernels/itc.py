@@ -29,8 +29,6 @@ import triton.language as tl
 __all__ = ["itc_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 def _configs():

@@ -8,8 +8,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from tests.helpers import make_inputs  # noqa: E402,F401
-
 
 @pytest.fixture(autouse=True)
 def _seed():
