@@ -18,9 +18,10 @@ Queues are read in place through their strides ([D, Q] as ALBEF stores them); in
 """
 from __future__ import annotations
 
+import json
 import math
 import os
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -32,30 +33,87 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs():
-    """Tile shapes and pipeline depth, autotuned per (D, flags). Compiling for sm_90 (Triton 3.8,
-    no GPU needed; tests/triton_aot.py) showed 4 warps spilling 1-3 KB per thread and 8 warps with
-    BLOCK_D = 64 the least (about 100 B bf16, 360 B tf32 with student and teacher in one launch;
-    none with one launch each, ALBEF_FAST_SPLIT_KINDS=1), so the space is 8 warps.
-    ALBEF_FAST_AUTOTUNE=0 (or the interpreter) takes one config, e.g. for tests that compile
-    many shapes."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}, num_warps=1)]
-    default = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=2)
-    if os.environ.get("ALBEF_FAST_AUTOTUNE", "1") == "0":
-        return [default]
-    narrow_d = [  # 64 rows, D in blocks: each D block's program recomputes the logits
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": n, "BLOCK_D": d}, num_warps=8, num_stages=st)
-        for n in (32, 64) for d in (64, 128) for st in (2, 3)
-    ]
-    full_d = [  # 32 rows, all of D = 256 per program: no recomputed logits, keys read per row block
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": n, "BLOCK_D": 256}, num_warps=8, num_stages=2) for n in (32, 64)
-    ]
+    """The autotune space: tile shapes, KIND_AXIS, KT_LOAD and warps, tuned per (B, D, flags).
+
+    Compiling for sm_90 with no GPU (tests/triton_aot.py --report) showed what fits in registers:
+    with both states in one program, BLOCK_D = 64 and 8 warps; one state per program (KIND_AXIS)
+    also fits 64 x 256 accumulators (bf16; tf32 spills a few hundred bytes). Pipeline depth is
+    left at 2: 3 compiled to the same kernels. ALBEF_FAST_CONFIGS="spec;spec;..." (specs as for
+    ALBEF_FAST_CONFIG, read at import) replaces the space."""
+    if os.environ.get("ALBEF_FAST_CONFIGS"):
+        return [_parse_config(spec) for spec in os.environ["ALBEF_FAST_CONFIGS"].split(";")]
+    narrow_d = [_config(64, n, 64, kinds, kt, 8) for n in (32, 64) for kinds in (0, 1) for kt in (0, 1)]
+    narrow_d += [_config(64, n, 64, 1, 0, 4) for n in (32, 64)]
+    full_d = [_config(m, n, 256, kinds, kt, 8) for m, kinds in ((32, 0), (64, 1)) for n in (32, 64) for kt in (0, 1)]
     return narrow_d + full_d
 
 
+# Measured configs: precision -> [(largest B it was tuned for, ALBEF_FAST_CONFIG spec, waves)].
+# Filled from benchmarks/triton_configs.py on a GPU; ALBEF_FAST_TUNED=path.json replaces it.
+TUNED: Dict[str, List[Tuple[int, str, float]]] = {}
+
+
+def _launch_config(b: int, dot_dtype, input_precision: str) -> Tuple[Optional[triton.Config], float]:
+    """(config, waves) of a launch, read at each call; config None = autotune.
+
+    ALBEF_FAST_CONFIG="BLOCK_M,BLOCK_N,BLOCK_D,KIND_AXIS,KT_LOAD,num_warps[,num_stages]" forces one
+    (the per-config table, tests), ALBEF_FAST_AUTOTUNE=1 autotunes over _configs(),
+    ALBEF_FAST_AUTOTUNE=0 takes the default config (tests that compile many shapes); else the
+    TUNED entry for the smallest tuned B >= b (the largest B beyond them), else the default.
+    ALBEF_FAST_WAVES overrides the programs per SM the splits aim at."""
+    waves = float(os.environ.get("ALBEF_FAST_WAVES", "0")) or None
+    default = _config(16, 16, 16, 0, 0, 1) if _INTERPRET else _config(64, 64, 64, 0, 0, 8)
+    if os.environ.get("ALBEF_FAST_CONFIG"):
+        return _parse_config(os.environ["ALBEF_FAST_CONFIG"]), waves or 2.0
+    autotune = os.environ.get("ALBEF_FAST_AUTOTUNE", "")
+    if _INTERPRET or autotune == "0":
+        return default, waves or 2.0
+    if autotune == "1":
+        return None, waves or 2.0
+    if dot_dtype == tl.float32 and input_precision != "tf32":  # ieee dots: tuned for none, the default
+        return default, waves or 2.0
+    entries = sorted(_tuned_table().get("tf32" if dot_dtype == tl.float32 else "bf16", []))
+    for max_b, spec, tuned_waves in entries:
+        if b <= max_b or (max_b, spec, tuned_waves) == entries[-1]:
+            return _parse_config(spec), waves or tuned_waves
+    return default, waves or 2.0
+
+
+def _tuned_table() -> Dict[str, List[Tuple[int, str, float]]]:
+    path = os.environ.get("ALBEF_FAST_TUNED")
+    if not path:
+        return TUNED
+    if path not in _TABLES:
+        with open(path) as f:
+            _TABLES[path] = {k: [tuple(e) for e in v] for k, v in json.load(f).items()}
+    return _TABLES[path]
+
+
+_TABLES: Dict[str, Dict[str, List[Tuple[int, str, float]]]] = {}
+
+
+def _parse_config(spec: str):
+    return _config(*(int(v) for v in spec.split(",")))
+
+
+def config_spec(config) -> str:
+    """The ALBEF_FAST_CONFIG string of a config."""
+    m = config.kwargs
+    return ",".join(str(v) for v in (m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_D"], m["KIND_AXIS"], m["KT_LOAD"],
+                                     config.num_warps, config.num_stages))
+
+
+def _config(block_m, block_n, block_d, kind_axis, kt_load, num_warps, num_stages=2):
+    """KIND_AXIS: student and teacher in separate programs; KT_LOAD: the [BLOCK_N, BLOCK_D] key
+    tile of the key-sum product loaded as such instead of transposed from the logits' tile."""
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "KIND_AXIS": kind_axis, "KT_LOAD": kt_load}
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
 def _split_grid(meta):
-    """(row blocks, key splits, 2 directions x D blocks) for the autotuned tile shape."""
-    return (triton.cdiv(meta["B"], meta["BLOCK_M"]), meta["NUM_SPLITS"], 2 * triton.cdiv(meta["D"], meta["BLOCK_D"]))
+    """(kinds x row blocks, key splits, 2 directions x D blocks) for the autotuned config."""
+    rows = triton.cdiv(meta["B"], meta["BLOCK_M"]) * meta["GRID_KINDS"]
+    return (rows, meta["NUM_SPLITS"], 2 * triton.cdiv(meta["D"], meta["BLOCK_D"]))
 
 
 @triton.jit
@@ -91,16 +149,12 @@ def _temperature(temp_ptr, temp_value, TEMP_FROM_PTR: tl.constexpr):
 
 
 @triton.jit
-def _query_tiles(q_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, STUDENT: tl.constexpr,
-                 TEACHER: tl.constexpr):
-    """(query tile, momentum-query tile) [BLOCK_M, BLOCK_D]; a role not kept reuses the other's."""
-    if STUDENT:
-        q = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
+def _query_tiles(q_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, TEACHER: tl.constexpr):
+    """(query tile, momentum-query tile) [BLOCK_M, BLOCK_D]; without TEACHER the second is the first."""
+    q = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
     if TEACHER:
         qm = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
-    if not STUDENT:
-        q = qm
-    if not TEACHER:
+    else:
         qm = q
     return q, qm
 
@@ -114,13 +168,9 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _logits(q, qm, k, STUDENT: tl.constexpr, TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr,
-            INPUT_PRECISION: tl.constexpr):
-    """Raw dots of one D block: (q . k [BLOCK_M, BLOCK_N] if STUDENT, q_m . k if TEACHER; else 0)."""
-    if STUDENT:
-        s = _dot(q, k, DOT_DTYPE, INPUT_PRECISION)
-    else:
-        s = tl.zeros([q.shape[0], k.shape[1]], tl.float32)
+def _logits(q, qm, k, TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Raw dots of one D block: (q . k [BLOCK_M, BLOCK_N], q_m . k if TEACHER else 0)."""
+    s = _dot(q, k, DOT_DTYPE, INPUT_PRECISION)
     if TEACHER:
         m = _dot(qm, k, DOT_DTYPE, INPUT_PRECISION)
     else:
@@ -143,9 +193,19 @@ def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ACC: tl.constexpr, DO
     return new_mx, z, acc
 
 
-@triton.autotune(configs=_configs(), key=["D", "GRAD", "HAS_TEACHER", "RETRIEVAL", "STUDENT", "TEACHER", "DOT_DTYPE",
-                                          "INPUT_PRECISION"])
-@triton.heuristics({"NUM_DK": lambda args: triton.cdiv(args["D"], args["BLOCK_D"])})
+def _kind_heuristics(args):
+    """KIND_AXIS (a config choice): student and teacher states in separate programs of one launch
+    (GRID_KINDS = 2; each program keeps one state, so half the accumulators) or both in one."""
+    two = bool(args["KIND_AXIS"]) and bool(args["HAS_TEACHER"])
+    return {"GRID_KINDS": 2 if two else 1, "TEACHER": bool(args["HAS_TEACHER"]) and not two}
+
+
+@triton.autotune(configs=_configs(), key=["B", "D", "GRAD", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
+@triton.heuristics({
+    "NUM_DK": lambda args: triton.cdiv(args["D"], args["BLOCK_D"]),
+    "GRID_KINDS": lambda args: _kind_heuristics(args)["GRID_KINDS"],
+    "TEACHER": lambda args: _kind_heuristics(args)["TEACHER"],
+})
 @triton.jit
 def _itc_split_fwd_kernel(
     # pointers: per direction (image = i2t queries, text = t2i queries)
@@ -157,15 +217,17 @@ def _itc_split_fwd_kernel(
     B, Q, D, NUM_SPLITS, temp_value,
     # constexpr flags
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
-    STUDENT: tl.constexpr, TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KIND_AXIS: tl.constexpr,
+    KT_LOAD: tl.constexpr, NUM_DK: tl.constexpr, GRID_KINDS: tl.constexpr, TEACHER: tl.constexpr,
 ):
-    """Per-split online-softmax states of one (row block, key split, direction, D block).
+    """Per-split online-softmax states of one (kind, row block, key split, direction, D block).
 
-    STUDENT / TEACHER: which states this launch keeps. Both in one launch shares each key tile
-    between the two products; one launch each halves the accumulators held per program (fewer
-    registers) at the price of reading the keys twice. The student launch also keeps the hard
-    targets and writes the sim blocks.
+    Each program keeps a main state for its kind (kind 0 = student logits q . k, kind 1 = teacher
+    logits q_m . k; GRID_KINDS = 2 puts the kinds in separate programs, neighbours in launch order
+    so that they read the same keys from L2) and, with TEACHER (both kinds in one program), a
+    second, teacher state computed from the same key tile. The student also keeps the hard targets
+    and writes the sim blocks.
 
     Features [B, D] (all four share strides stride_fb, stride_fd), queues [D, Q] (strides
     stride_qd, stride_qj), idx [B], idx_queue [Q]; temp 0-dim (or temp_value).
@@ -173,9 +235,12 @@ def _itc_split_fwd_kernel(
     ws_max, ws_z [2, 2, S, B] (student / teacher), ws_acc [2, R, S, B, D], ws_count [2, S, B],
     sim [2, B, B] (student logits against the in-batch keys; split 0, D block 0 only).
     """
-    pid_m, pid_s, pid_dd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_mk, pid_s, pid_dd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kind, pid_m = pid_mk % GRID_KINDS, pid_mk // GRID_KINDS
     direction, pid_d = pid_dd % 2, pid_dd // 2
     q_ptr, qm_ptr, kb_ptr = _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr)
+    main_ptr = tl.where(kind == 0, q_ptr, qm_ptr)  # queries of this program's main state
+    is_student = kind == 0
     queue_ptr = tl.where(direction == 0, txt_queue_ptr, img_queue_ptr)
     temp = _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
     scale = 1.4426950408889634 / temp  # base-2 logits: exp(s) = exp2(s * log2(e))
@@ -195,7 +260,7 @@ def _itc_split_fwd_kernel(
     acc_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.zeros([BLOCK_M], tl.float32)
 
-    q_one, qm_one = _query_tiles(q_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D, STUDENT, TEACHER)
+    q_one, qm_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D, TEACHER)
 
     batch_tiles = tl.cdiv(B, BLOCK_N)
     tiles = batch_tiles + tl.cdiv(Q, BLOCK_N)
@@ -214,29 +279,34 @@ def _itc_split_fwd_kernel(
             j = (t - shift) * BLOCK_N + cols
             if NUM_DK == 1:  # the query tiles stay loaded (q_one, qm_one); one key tile serves all
                 k_acc = _load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys)
-                s, m = _logits(q_one, qm_one, k_acc, STUDENT, TEACHER, DOT_DTYPE, INPUT_PRECISION)
+                s, m = _logits(q_one, qm_one, k_acc, TEACHER, DOT_DTYPE, INPUT_PRECISION)
             else:  # D in NUM_DK blocks for the logits, then this program's D block of the keys again
                 s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 m = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 for dk in range(NUM_DK):
                     d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
                     k = _load_keys(k_base, s_kd, s_kj, d_offs, j, D, n_keys)
-                    q, qm = _query_tiles(q_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, STUDENT, TEACHER)
-                    s_part, m_part = _logits(q, qm, k, STUDENT, TEACHER, DOT_DTYPE, INPUT_PRECISION)
+                    q, qm = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, TEACHER)
+                    s_part, m_part = _logits(q, qm, k, TEACHER, DOT_DTYPE, INPUT_PRECISION)
                     s += s_part
                     m += m_part
-                k_acc = _load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys)
-            k_t = tl.trans(k_acc)
+            if KT_LOAD:  # [BLOCK_N, BLOCK_D] loaded as such: no transpose through registers
+                k_t = _load_keys(k_base, s_kj, s_kd, j, d_acc, n_keys, D)
+            else:
+                if NUM_DK > 1:
+                    k_acc = _load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys)
+                k_t = tl.trans(k_acc)
             valid = j[None, :] < n_keys
-            if STUDENT:
-                if phase == 0:
-                    if pid_d == 0:
-                        sim_mask = (rows[:, None] < B) & valid
-                        sim_offs = direction * B * B + rows[:, None] * B + j[None, :]
-                        tl.store(sim_ptr + sim_offs, (s / temp).to(sim_ptr.dtype.element_ty), mask=sim_mask)
-                mx_s, z_s, acc_s = _online_softmax(mx_s, z_s, acc_s, s, valid, scale, k_t, GRAD, DOT_DTYPE,
-                                                   INPUT_PRECISION)
-                if RETRIEVAL:
+            if phase == 0:
+                if (pid_d == 0) & is_student:
+                    sim_mask = (rows[:, None] < B) & valid
+                    sim_offs = direction * B * B + rows[:, None] * B + j[None, :]
+                    tl.store(sim_ptr + sim_offs, (s / temp).to(sim_ptr.dtype.element_ty), mask=sim_mask)
+            # the main state needs its key sum unless it is a student's with no gradient asked for
+            mx_s, z_s, acc_s = _online_softmax(mx_s, z_s, acc_s, s, valid, scale, k_t, GRAD + GRID_KINDS - 1,
+                                               DOT_DTYPE, INPUT_PRECISION)
+            if RETRIEVAL:
+                if is_student:
                     key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=0)
                     hard = ((row_ids[:, None] == key_ids[None, :]) & valid).to(tl.float32)
                     count += tl.sum(hard, 1)
@@ -244,59 +314,80 @@ def _itc_split_fwd_kernel(
             if TEACHER:
                 mx_m, z_m, acc_m = _online_softmax(mx_m, z_m, acc_m, m, valid, scale, k_t, True, DOT_DTYPE,
                                                    INPUT_PRECISION)
+    _store_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count,
+                  kind, direction, pid_s, pid_d, rows, d_acc, B, D, NUM_SPLITS, GRAD, HAS_TEACHER, RETRIEVAL, TEACHER)
 
+
+@triton.jit
+def _store_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count,
+                  kind, direction, pid_s, pid_d, rows, d_acc, B, D, NUM_SPLITS, GRAD: tl.constexpr,
+                  HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEACHER: tl.constexpr):
+    """Write one program's states into the workspace (layout: _itc_split_fwd_kernel). The main
+    state belongs to `kind`; the second one (TEACHER) is the teacher's."""
     row_ok = rows < B
-    stat = ((direction * 2) * NUM_SPLITS + pid_s) * B + rows  # [direction, kind, split, row], kind 0 = student
-    teacher_off = NUM_SPLITS * B
+    is_student = kind == 0
+    stat = ((direction * 2) * NUM_SPLITS + pid_s) * B + rows  # [direction, kind, split, row]
+    kind_off = NUM_SPLITS * B
     if pid_d == 0:
-        if STUDENT:
-            tl.store(ws_max_ptr + stat, mx_s, mask=row_ok)
-            tl.store(ws_z_ptr + stat, z_s, mask=row_ok)
-            if RETRIEVAL:
-                tl.store(ws_count_ptr + (direction * NUM_SPLITS + pid_s) * B + rows, count, mask=row_ok)
+        tl.store(ws_max_ptr + stat + kind * kind_off, mx_s, mask=row_ok)
+        tl.store(ws_z_ptr + stat + kind * kind_off, z_s, mask=row_ok)
+        if RETRIEVAL:
+            tl.store(ws_count_ptr + (direction * NUM_SPLITS + pid_s) * B + rows, count, mask=row_ok & is_student)
         if TEACHER:
-            tl.store(ws_max_ptr + stat + teacher_off, mx_m, mask=row_ok)
-            tl.store(ws_z_ptr + stat + teacher_off, z_m, mask=row_ok)
+            tl.store(ws_max_ptr + stat + kind_off, mx_m, mask=row_ok)
+            tl.store(ws_z_ptr + stat + kind_off, z_m, mask=row_ok)
     n_kinds = GRAD + HAS_TEACHER + RETRIEVAL  # kinds of key sums kept: [A_s (GRAD), A_m, H]
     acc_mask = row_ok[:, None] & (d_acc[None, :] < D)
     acc_offs = ((direction * n_kinds * NUM_SPLITS + pid_s) * B + rows[:, None]) * D + d_acc[None, :]
     kind_stride = NUM_SPLITS * B * D
-    if STUDENT:
-        if GRAD:
-            tl.store(ws_acc_ptr + acc_offs, acc_s, mask=acc_mask)
-        if RETRIEVAL:
-            tl.store(ws_acc_ptr + acc_offs + (GRAD + HAS_TEACHER) * kind_stride, acc_h, mask=acc_mask)
+    # main state: the student's key sum (slot 0) only if GRAD; the teacher's at slot GRAD
+    tl.store(ws_acc_ptr + acc_offs + kind * GRAD * kind_stride, acc_s, mask=acc_mask & ((kind == 1) | GRAD))
+    if RETRIEVAL:
+        tl.store(ws_acc_ptr + acc_offs + (GRAD + HAS_TEACHER) * kind_stride, acc_h, mask=acc_mask & is_student)
     if TEACHER:
         tl.store(ws_acc_ptr + acc_offs + GRAD * kind_stride, acc_m, mask=acc_mask)
 
 
 @triton.jit
-def _merge_scalars(ws_max_ptr, ws_z_ptr, base, rows, B, NUM_SPLITS, BLOCK_M: tl.constexpr):
-    """Global max and Z of one kind (student or teacher) over the splits, in split order."""
+def _split_rows(base, s0, rows, B, NUM_SPLITS, CHUNK: tl.constexpr):
+    """Offsets [CHUNK, BLOCK_M] of (split s0 + c, row) in a [..., S, B] array, and their mask."""
+    sp = s0 + tl.arange(0, CHUNK)
+    return base + sp[:, None] * B + rows[None, :], (sp[:, None] < NUM_SPLITS) & (rows[None, :] < B)
+
+
+@triton.jit
+def _merge_scalars(ws_max_ptr, ws_z_ptr, base, rows, B, NUM_SPLITS, CHUNK: tl.constexpr):
+    """Global max and Z of one kind (student or teacher) over the splits, CHUNK splits per load
+    (independent loads in flight rather than one dependent load per split)."""
     row_ok = rows < B
-    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for sp in range(NUM_SPLITS):
-        mx = tl.maximum(mx, tl.load(ws_max_ptr + base + sp * B + rows, mask=row_ok, other=float("-inf")))
+    mx = tl.full([rows.shape[0]], float("-inf"), tl.float32)
+    for s0 in range(0, NUM_SPLITS, CHUNK):
+        offs, ok = _split_rows(base, s0, rows, B, NUM_SPLITS, CHUNK)
+        mx = tl.maximum(mx, tl.max(tl.load(ws_max_ptr + offs, mask=ok, other=float("-inf")), 0))
     mx = tl.where(row_ok, mx, 0.0)  # finite everywhere: no inf - inf below
-    z = tl.zeros([BLOCK_M], tl.float32)
-    for sp in range(NUM_SPLITS):
-        m_sp = tl.load(ws_max_ptr + base + sp * B + rows, mask=row_ok, other=float("-inf"))
-        z += tl.load(ws_z_ptr + base + sp * B + rows, mask=row_ok, other=0.0) * tl.exp2(m_sp - mx)
+    z = tl.zeros([rows.shape[0]], tl.float32)
+    for s0 in range(0, NUM_SPLITS, CHUNK):
+        offs, ok = _split_rows(base, s0, rows, B, NUM_SPLITS, CHUNK)
+        m_sp = tl.load(ws_max_ptr + offs, mask=ok, other=float("-inf"))
+        z += tl.sum(tl.load(ws_z_ptr + offs, mask=ok, other=0.0) * tl.exp2(m_sp - mx[None, :]), 0)
     return mx, tl.where(row_ok, z, 1.0)
 
 
 @triton.jit
-def _merge_acc(ws_max_ptr, ws_acc_ptr, max_base, acc_base, rows, d_offs, mx, z, B, D, NUM_SPLITS,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """sum_split 2^(m_split - max) A_split / Z over one D block: E_p[k] for that block."""
-    row_ok = rows < B
-    mask = row_ok[:, None] & (d_offs[None, :] < D)
-    out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for sp in range(NUM_SPLITS):
-        m_sp = tl.load(ws_max_ptr + max_base + sp * B + rows, mask=row_ok, other=float("-inf"))
-        w = tl.exp2(m_sp - mx) / z  # 0 for a split that saw no keys (m_sp = -inf)
-        a = tl.load(ws_acc_ptr + (acc_base + sp * B + rows[:, None]) * D + d_offs[None, :], mask=mask, other=0.0)
-        out += w[:, None] * a
+def _sum_splits(ws_acc_ptr, acc_base, weight_ptr, max_base, rows, d_offs, mx, z, B, D, NUM_SPLITS,
+                WEIGHTED: tl.constexpr, CHUNK: tl.constexpr):
+    """sum over splits of [BLOCK_M, BLOCK_D] blocks of ws_acc, weighted by 2^(m_split - max) / Z
+    if WEIGHTED (E_p[k] for that D block; 0 for a split that saw no keys, m = -inf), else plain."""
+    out = tl.zeros([rows.shape[0], d_offs.shape[0]], tl.float32)
+    for s0 in range(0, NUM_SPLITS, CHUNK):
+        offs, ok = _split_rows(acc_base, s0, rows, B, NUM_SPLITS, CHUNK)
+        mask = ok[:, :, None] & (d_offs[None, None, :] < D)
+        a = tl.load(ws_acc_ptr + offs[:, :, None] * D + d_offs[None, None, :], mask=mask, other=0.0)
+        if WEIGHTED:
+            m_offs, _ = _split_rows(max_base, s0, rows, B, NUM_SPLITS, CHUNK)
+            w = tl.exp2(tl.load(weight_ptr + m_offs, mask=ok, other=float("-inf")) - mx[None, :]) / z[None, :]
+            a = a * w[:, :, None]
+        out += tl.sum(a, 0)
     return out
 
 
@@ -311,9 +402,10 @@ def _itc_merge_fwd_kernel(
     B, D, NUM_SPLITS, temp_value, alpha,
     # constexpr flags
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Combine the splits of one (row block, D block, direction), in split order.
+    """Combine the splits of one (row block, D block, direction), CHUNK splits at a time (a fixed
+    order: the same bits every run).
 
     Writes dq [B, D] (feature dtype, d loss_dir / d q including 1 / B) for its D block, the
     partial row dots part [2, D blocks, 4, B] = (u . H / n, u . P_m, u_m . P_m, u . G) over its
@@ -331,20 +423,19 @@ def _itc_merge_fwd_kernel(
     stat = direction * 2 * NUM_SPLITS * B
     acc0 = direction * n_kinds * NUM_SPLITS * B
 
-    mx_s, z_s = _merge_scalars(ws_max_ptr, ws_z_ptr, stat, rows, B, NUM_SPLITS, BLOCK_M)
+    mx_s, z_s = _merge_scalars(ws_max_ptr, ws_z_ptr, stat, rows, B, NUM_SPLITS, CHUNK)
     u = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
     if GRAD:
-        g = _merge_acc(ws_max_ptr, ws_acc_ptr, stat, acc0, rows, d_offs, mx_s, z_s, B, D, NUM_SPLITS, BLOCK_M,
-                       BLOCK_D)
+        g = _sum_splits(ws_acc_ptr, acc0, ws_max_ptr, stat, rows, d_offs, mx_s, z_s, B, D, NUM_SPLITS, True, CHUNK)
     else:
         g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if RETRIEVAL:
         count = tl.zeros([BLOCK_M], tl.float32)
-        h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for s0 in range(0, NUM_SPLITS, CHUNK):
+            offs, ok = _split_rows(direction * NUM_SPLITS * B, s0, rows, B, NUM_SPLITS, CHUNK)
+            count += tl.sum(tl.load(ws_count_ptr + offs, mask=ok, other=0.0), 0)
         h_base = acc0 + (GRAD + HAS_TEACHER) * NUM_SPLITS * B
-        for sp in range(NUM_SPLITS):
-            count += tl.load(ws_count_ptr + (direction * NUM_SPLITS + sp) * B + rows, mask=row_ok, other=0.0)
-            h += tl.load(ws_acc_ptr + (h_base + sp * B + rows[:, None]) * D + d_offs[None, :], mask=mask, other=0.0)
+        h = _sum_splits(ws_acc_ptr, h_base, ws_max_ptr, stat, rows, d_offs, mx_s, z_s, B, D, NUM_SPLITS, False, CHUNK)
         h = h / tl.where(row_ok, count, 1.0)[:, None]
     else:
         h = _load_rows(kb_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32)
@@ -353,9 +444,9 @@ def _itc_merge_fwd_kernel(
     tl.store(part, tl.sum(u * h, 1), mask=row_ok)
     mx_m, z_m = mx_s, z_s
     if HAS_TEACHER:
-        mx_m, z_m = _merge_scalars(ws_max_ptr, ws_z_ptr, stat + NUM_SPLITS * B, rows, B, NUM_SPLITS, BLOCK_M)
-        pm = _merge_acc(ws_max_ptr, ws_acc_ptr, stat + NUM_SPLITS * B, acc0 + GRAD * NUM_SPLITS * B, rows, d_offs,
-                        mx_m, z_m, B, D, NUM_SPLITS, BLOCK_M, BLOCK_D)
+        mx_m, z_m = _merge_scalars(ws_max_ptr, ws_z_ptr, stat + NUM_SPLITS * B, rows, B, NUM_SPLITS, CHUNK)
+        pm = _sum_splits(ws_acc_ptr, acc0 + GRAD * NUM_SPLITS * B, ws_max_ptr, stat + NUM_SPLITS * B, rows, d_offs,
+                         mx_m, z_m, B, D, NUM_SPLITS, True, CHUNK)
         g -= alpha * pm
         u_m = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
         tl.store(part + B, tl.sum(u * pm, 1), mask=row_ok)
@@ -421,11 +512,29 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _merge_blocks(b: int, d: int) -> Tuple[int, int]:
-    """(BLOCK_M, BLOCK_D) of the merge: small tiles, so that B = 64 still spreads over many SMs."""
+def _split_count(b: int, q: int, d: int, teacher: bool, device: torch.device, config, waves: float) -> int:
+    """Key splits for about `waves` programs per SM with the config's tiles
+    (the nominal 64-row, 64-wide-D, both-kinds tiles when autotuning), at most one key tile each;
+    ALBEF_FAST_SPLITS fixes the count (tests that compare configs bit for bit)."""
+    if os.environ.get("ALBEF_FAST_SPLITS"):
+        return int(os.environ["ALBEF_FAST_SPLITS"])
+    if config is None:
+        block_m, block_d, kinds = 64, 64, 1
+    else:
+        meta = config.kwargs
+        block_m, block_d, kinds = meta["BLOCK_M"], meta["BLOCK_D"], 2 if meta["KIND_AXIS"] and teacher else 1
+    per_split = triton.cdiv(b, block_m) * kinds * 2 * triton.cdiv(d, block_d)
+    min_block_n = 16 if _INTERPRET else 32
+    max_tiles = triton.cdiv(b, min_block_n) + triton.cdiv(max(q, 1), min_block_n)
+    return max(1, min(max_tiles, math.ceil(waves * _num_sms(device) / per_split)))
+
+
+def _merge_blocks(b: int, d: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, CHUNK) of the merge: small tiles, so that B = 64 still spreads over many
+    SMs, CHUNK splits loaded at once (the interpreter: 2, to cover partial chunks)."""
     if _INTERPRET:
-        return 16, 16
-    return min(32, max(16, triton.next_power_of_2(b))), min(64, max(16, triton.next_power_of_2(d)))
+        return 16, 16, 2
+    return 16, min(64, max(16, triton.next_power_of_2(d))), 8
 
 
 def _dot_flags(dtype: torch.dtype, precision: str):
@@ -450,11 +559,9 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     feats = _common_strides(feats)
     image_queue, text_queue = _common_queue_strides(image_queue, text_queue)
     teacher, retrieval = alpha != 0.0 or details, idx is not None
-    # Splits for about 2 programs per SM at the nominal 64-row, 64-wide-D tiles.
-    row_blocks, d_blocks = triton.cdiv(b, 16 if _INTERPRET else 64), triton.cdiv(d, 16 if _INTERPRET else 64)
-    min_block_n = 16 if _INTERPRET else 32
-    max_tiles = triton.cdiv(b, min_block_n) + triton.cdiv(max(q, 1), min_block_n)
-    splits = max(1, min(max_tiles, math.ceil(2 * _num_sms(dev) / (row_blocks * 2 * d_blocks))))
+    dot_dtype, input_precision = _dot_flags(image_feat.dtype, precision)
+    config, waves = _launch_config(b, dot_dtype, input_precision)
+    splits = _split_count(b, q, d, teacher, dev, config, waves)
     n_kinds = max(1, int(grad) + int(teacher) + int(retrieval))
     f32 = dict(device=dev, dtype=torch.float32)
     # Every element of the workspace is written by the split kernel: no fills needed.
@@ -468,22 +575,22 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     dummy = ws_z
     idx_v = idx.reshape(-1) if retrieval else dummy
     idq_v = idx_queue.reshape(-1) if retrieval else dummy
-    dot_dtype, input_precision = _dot_flags(image_feat.dtype, precision)
-    # One launch keeping student and teacher states, or one launch each (ALBEF_FAST_SPLIT_KINDS=1).
-    separate = teacher and os.environ.get("ALBEF_FAST_SPLIT_KINDS", "0") == "1"
-    for student_on, teacher_on in ([(True, False), (False, True)] if separate else [(True, teacher)]):
-        _itc_split_fwd_kernel[_split_grid](
-            *feats, image_queue, text_queue, idx_v, idq_v, temp_t if temp_t is not None else dummy,
-            ws_max, ws_z, ws_acc, ws_count, sims,
-            feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
-            idx_v.stride(0), idq_v.stride(0),
-            b, q, d, splits, temp_v,
-            GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
-            STUDENT=student_on, TEACHER=teacher_on, DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision,
-        )
+    kernel, meta = _itc_split_fwd_kernel, {}
+    if config is not None:  # past the autotuner, straight to the heuristics
+        kernel, meta = _itc_split_fwd_kernel.fn, dict(config.kwargs, num_warps=config.num_warps,
+                                                      num_stages=config.num_stages)
+    kernel[_split_grid](
+        *feats, image_queue, text_queue, idx_v, idq_v, temp_t if temp_t is not None else dummy,
+        ws_max, ws_z, ws_acc, ws_count, sims,
+        feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
+        idx_v.stride(0), idq_v.stride(0),
+        b, q, d, splits, temp_v,
+        GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision, **meta,
+    )
     dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
-    merge_m, merge_d = _merge_blocks(b, d)
+    merge_m, merge_d, chunk = _merge_blocks(b, d)
     merge_d_blocks = triton.cdiv(d, merge_d)
     part = torch.empty((2, merge_d_blocks, 4, b), **f32)
     lse = torch.empty((2, 2, b), **f32)
@@ -491,7 +598,7 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
         *feats, temp_t if temp_t is not None else dummy, ws_max, ws_z, ws_acc, ws_count, dq_img, dq_txt, part, lse,
         feats[0].stride(0), feats[0].stride(1), b, d, splits, temp_v, float(alpha),
         GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
-        BLOCK_M=merge_m, BLOCK_D=merge_d, num_warps=4,
+        BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk, num_warps=4,
     )
     losses, grad_temp, terms = torch.empty(2, **f32), torch.empty(2, **f32), torch.empty(4, **f32)
     _itc_finish_fwd_kernel[(2,)](

@@ -57,23 +57,28 @@ def test_matches_reference_fp32(b, q, d, alpha, retrieval):
     _check_rule(make_inputs(b, q, d, torch.float32, DEVICE, retrieval=retrieval), alpha, precision="highest")
 
 
+@pytest.mark.parametrize("block_d", [16, 32])  # D = 24 in two blocks (logits recomputed), or one
 @pytest.mark.parametrize("alpha", [0.0, 0.4])
 @pytest.mark.parametrize("retrieval", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
-def test_separate_student_and_teacher_launches(monkeypatch, alpha, retrieval, grad):
-    """ALBEF_FAST_SPLIT_KINDS=1 keeps student and teacher states in two launches: same results."""
+def test_kind_axis_matches_fused(monkeypatch, block_d, alpha, retrieval, grad):
+    """KIND_AXIS=1 keeps the student and teacher states in separate programs: the same bits as
+    both in one program, for a D split in blocks and for all of D in one."""
     x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=retrieval)
     kw = dict(idx=x.idx, idx_queue=x.idx_queue, return_details=True, backend="triton", precision="highest")
-    a = x.image_feat.clone().requires_grad_(grad)
-    fused = albef_fast.itc_loss(a, *_args(x)[1:], 0.07, alpha, **kw)
-    monkeypatch.setenv("ALBEF_FAST_SPLIT_KINDS", "1")
-    b = x.image_feat.clone().requires_grad_(grad)
-    separate = albef_fast.itc_loss(b, *_args(x)[1:], 0.07, alpha, **kw)
-    for name, got, expected in zip(fused._fields, separate, fused):
+    runs = []
+    monkeypatch.setenv("ALBEF_FAST_SPLITS", "3")  # the same splits for both (the default depends on the tiles)
+    for kind_axis in (0, 1):
+        monkeypatch.setenv("ALBEF_FAST_CONFIG", f"16,16,{block_d},{kind_axis},{kind_axis},1")
+        a = x.image_feat.clone().requires_grad_(grad)
+        out = albef_fast.itc_loss(a, *_args(x)[1:], 0.07, alpha, **kw)
+        runs.append((out, torch.autograd.grad(out.loss, a)[0] if grad else None))
+    (fused, ga), (split, gb) = runs
+    for name, got, expected in zip(fused._fields, split, fused):
         assert torch.equal(got, expected), name
     if grad:
-        (ga,), (gb,) = torch.autograd.grad(fused.loss, a), torch.autograd.grad(separate.loss, b)
         assert torch.equal(ga, gb)
+    _check_rule(x, alpha, precision="highest")  # and KIND_AXIS against the fp64 reference
 
 
 @pytest.mark.parametrize("b,q,d", [(1, 10, 4), (6, 0, 8), (2, 1, 5)])
@@ -127,6 +132,14 @@ def test_bitwise_deterministic():
 def test_cuda_albef_shape(precision, dtype, atol, b):
     x = make_inputs(b, 65536, 256, dtype, "cuda")
     _check_rule(x, 0.4, atol=atol, precision=precision)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision,dtype,atol", [("high", torch.float32, 2e-3), (None, torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("b", [64, 200])
+def test_cuda_retrieval_odd_dim(precision, dtype, atol, b):
+    """Masked D (200: no power of two), a queue length no multiple of any tile, retrieval targets."""
+    _check_rule(make_inputs(b, 4001, 200, dtype, "cuda", retrieval=True), 0.4, atol=atol, precision=precision)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -45,32 +45,70 @@ def _compile(kernel, constexprs, feature_type, num_warps):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 
-FLAGS = {  # STUDENT / TEACHER: which states the split launch keeps (both, or one launch each)
+FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one program each (1)
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
-    "bf16-student-only": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16",
-                              TEACHER=False),
-    "bf16-teacher-only": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16",
-                              STUDENT=False),
+    "bf16-kind-axis": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16",
+                           KIND_AXIS=1, KT_LOAD=1),
     "tf32-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float32, PREC="tf32", TYPE="*fp32"),
     "fp32-nograd": dict(GRAD=False, HAS_TEACHER=False, RETRIEVAL=False, DOT=tl.float32, PREC="ieee", TYPE="*fp32"),
 }
+REPORT = {  # --report: every autotune config of these
+    "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
+    "tf32": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float32, PREC="tf32", TYPE="*fp32"),
+}
+
+
+def _split_constexprs(flags, config):
+    kw = dict(config.kwargs)
+    args = dict(kw, HAS_TEACHER=flags["HAS_TEACHER"], D=256)
+    heur = itc._kind_heuristics(args)
+    return dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True,
+                DOT_DTYPE=flags["DOT"], INPUT_PRECISION=flags["PREC"], NUM_DK=-(-256 // kw["BLOCK_D"]), **kw, **heur)
 
 
 def compile_all(flags):
     common = dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True)
-    roles = dict(STUDENT=flags.get("STUDENT", True), TEACHER=flags.get("TEACHER", flags["HAS_TEACHER"]))
-    split = _compile(itc._itc_split_fwd_kernel, dict(common, **roles, DOT_DTYPE=flags["DOT"],
-                                                     INPUT_PRECISION=flags["PREC"], BLOCK_M=64, BLOCK_N=64,
-                                                     BLOCK_D=64, NUM_DK=4),
-                     flags["TYPE"], num_warps=8)
-    merge = _compile(itc._itc_merge_fwd_kernel, dict(common, BLOCK_M=32, BLOCK_D=64), flags["TYPE"], num_warps=4)
+    config = itc._config(64, 64, 64, flags.get("KIND_AXIS", 0), flags.get("KT_LOAD", 0), 8)
+    split = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], num_warps=8)
+    merge = _compile(itc._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=64, CHUNK=8), flags["TYPE"], num_warps=4)
     finish = _compile(itc._itc_finish_fwd_kernel, dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=True,
                                                        BLOCK_B=64), flags["TYPE"], num_warps=4)
     return {name: (k.metadata.shared, len(k.asm["cubin"])) for name, k in
             (("split", split), ("merge", merge), ("finish", finish))}
 
 
+def _ptxas_report(kernel):
+    """(registers, spill store bytes, spill load bytes) from ptxas -v on the kernel's PTX."""
+    import re
+    import subprocess
+    import tempfile
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                         text=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return regs, int(spills.group(1)), int(spills.group(2))
+
+
+def report():
+    """Registers and spills of the split kernel for every autotune config (sm_90a)."""
+    for name, flags in REPORT.items():
+        for config in itc._configs():
+            k = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], config.num_warps)
+            regs, st, ld = _ptxas_report(k)
+            sass_mma = "HGMMA" if "wgmma" in k.asm["ptx"] else "HMMA" if "mma.sync" in k.asm["ptx"] else "none"
+            print(json.dumps({"flags": name, "config": {**config.kwargs, "warps": config.num_warps,
+                                                        "stages": config.num_stages},
+                              "regs": regs, "spill_st": st, "spill_ld": ld, "shared": k.metadata.shared,
+                              "mma": sass_mma}), flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--report"]:
+        report()
+        sys.exit()
     names = sys.argv[1:] or list(FLAGS)
     for name in names:
         print(json.dumps({"flags": name, **compile_all(FLAGS[name])}), flush=True)

@@ -1,0 +1,204 @@
+"""Per-config table of the Triton ITC kernels: every autotune candidate timed on its own.
+
+    python benchmarks/triton_configs.py --out OUTDIR [--batch 64,512] [--precision tf32,bf16]
+
+For each (precision, B) at Q=65536, D=256 (ALBEF's shapes) it times eager ALBEF and albef_fast's
+fwd+bwd with each config forced (ALBEF_FAST_CONFIG), checks each result against fp64 (the
+tolerance rule of SPEC section 5: error <= 2 x eager's in the same precision + 1e-5), then times
+the fastest configs again at other split counts (ALBEF_FAST_WAVES). Configs are compiled first in
+parallel worker processes (Triton's on-disk cache), so the serial timing loop pays no compiles.
+Writes OUTDIR/triton_configs_<gpu>.csv and prints the table, fastest first.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import csv
+import json
+import multiprocessing
+import os
+import pathlib
+import sys
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from albef_fast import reference
+from albef_fast.bench.cases import ITCCase
+from albef_fast.bench.measure import device_name, matmul_precision, time_ms
+from albef_fast.bench.report import slug
+
+PRECISIONS = {"tf32": "high", "bf16": "highest", "fp32": "highest"}
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", default="64,512")
+    p.add_argument("--queue", type=int, default=65536)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--precision", default="tf32,bf16")
+    p.add_argument("--configs", default="", help="';'-separated ALBEF_FAST_CONFIG specs (default: the autotune space)")
+    p.add_argument("--waves", default="1,4", help="split counts tried again for the 2 fastest configs")
+    p.add_argument("--jobs", type=int, default=12, help="parallel compile workers (0: compile while timing)")
+    p.add_argument("--tuned", default="", help="write the fastest correct config per (precision, B) here (JSON, "
+                                                "the format of ALBEF_FAST_TUNED / kernels.itc.TUNED)")
+    return p.parse_args()
+
+
+def _specs(args) -> List[str]:
+    if args.configs:
+        return args.configs.split(";")
+    from albef_fast.kernels import itc
+
+    return [itc.config_spec(c) for c in itc._configs()]
+
+
+def _case(args, b: int, precision: str) -> ITCCase:
+    torch.manual_seed(b)
+    return ITCCase(b, args.queue, args.dim, "bf16" if precision == "bf16" else "fp32", torch.device(args.device))
+
+
+def _loss_and_grads(fn, case: ITCCase, dtype=None) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    a = cast(case.image_feat).detach().requires_grad_(True)
+    b = cast(case.text_feat).detach().requires_grad_(True)
+    temp = cast(case.temp.detach()).requires_grad_(True)
+    loss = fn(a, b, cast(case.image_feat_m), cast(case.text_feat_m), cast(case.image_queue), cast(case.text_queue),
+              temp, 0.4)
+    return loss.detach(), torch.autograd.grad(loss, (a, b, temp))
+
+
+def _rel_err(got, ref) -> float:
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _errors(fn, case, ref) -> List[float]:
+    loss, grads = _loss_and_grads(fn, case)
+    return [_rel_err(loss, ref[0])] + [_rel_err(g, r) for g, r in zip(grads, ref[1])]
+
+
+def _step(fn, case: ITCCase):
+    def step():
+        a = case.image_feat.detach().requires_grad_(True)
+        b = case.text_feat.detach().requires_grad_(True)
+        loss = fn(a, b, case.image_feat_m, case.text_feat_m, case.image_queue, case.text_queue, case.temp, 0.4)
+        loss.backward()
+
+    return step
+
+
+def _albef_fast(*a):
+    import albef_fast
+
+    return albef_fast.itc_loss(*a, backend="triton")
+
+
+def _warm(spec: str, args) -> Optional[str]:
+    """Worker: compile one config for every case (on-disk cache); the error text, if any."""
+    os.environ["ALBEF_FAST_CONFIG"] = spec
+    try:
+        for precision in args.precision.split(","):
+            for b in (int(v) for v in args.batch.split(",")):
+                with matmul_precision(PRECISIONS[precision]):
+                    _step(_albef_fast, _case(args, b, precision))()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # noqa: BLE001  (reported in the table: e.g. out of shared memory)
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
+def _measure(fn, case, ref, eager_err, reps) -> Dict[str, object]:
+    errs = _errors(fn, case, ref)
+    ok = all(e <= 2 * ee + 1e-5 for e, ee in zip(errs, eager_err))
+    ms = time_ms(_step(fn, case), case.device, reps=reps)
+    return {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2], "err_loss": errs[0], "err_grad": max(errs[1:3]),
+            "err_temp": errs[3], "ok": ok}
+
+
+def main():
+    args = _parse()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = _specs(args)
+    failed: Dict[str, str] = {}
+    if args.jobs > 0:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=min(args.jobs, len(specs)), mp_context=ctx) as pool:
+            for spec, err in zip(specs, pool.map(_warm, specs, [args] * len(specs))):
+                if err:
+                    failed[spec] = err
+                    print(f"config {spec}: {err}", flush=True)
+    dev = torch.device(args.device)
+    gpu = device_name(dev)
+    reps = 10 if dev.type == "cuda" else 2
+    rows = []
+    for precision in args.precision.split(","):
+        for b in (int(v) for v in args.batch.split(",")):
+            case = _case(args, b, precision)
+            with matmul_precision(PRECISIONS[precision]):
+                ref = _loss_and_grads(reference.itc_loss, case, torch.float64)
+                eager_err = _errors(reference.itc_loss, case, ref)
+                base = dict(gpu=gpu, torch=torch.__version__, precision=precision, B=b, Q=args.queue, D=args.dim)
+                eager = _measure(reference.itc_loss, case, ref, eager_err, reps)
+                rows.append(dict(base, config="eager", waves="", **eager))
+                results = []
+                for spec in specs:
+                    if spec in failed:
+                        rows.append(dict(base, config=spec, waves=2, ms=float("nan"), ok=failed[spec]))
+                        continue
+                    os.environ["ALBEF_FAST_CONFIG"] = spec
+                    results.append((spec, 2, _measure(_albef_fast, case, ref, eager_err, reps)))
+                fastest = sorted((r for r in results if r[2]["ok"]), key=lambda r: r[2]["ms"])[:2]
+                for spec, _, _ in fastest:
+                    for waves in (w for w in args.waves.split(",") if w):
+                        os.environ.update(ALBEF_FAST_CONFIG=spec, ALBEF_FAST_WAVES=waves)
+                        results.append((spec, waves, _measure(_albef_fast, case, ref, eager_err, reps)))
+                os.environ.pop("ALBEF_FAST_WAVES", None)
+                for spec, waves, r in results:
+                    rows.append(dict(base, config=spec, waves=waves, speedup=eager["ms"] / r["ms"], **r))
+            os.environ.pop("ALBEF_FAST_CONFIG", None)
+            _print_table([r for r in rows if r["precision"] == precision and r["B"] == b])
+    path = out / f"triton_configs_{slug(gpu)}.csv"
+    fields = ["gpu", "torch", "precision", "B", "Q", "D", "config", "waves", "ms", "ms_p20", "ms_p80", "speedup",
+              "err_loss", "err_grad", "err_temp", "ok"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+    table = _tuned(rows)
+    print("tuned:", json.dumps(table))
+    if args.tuned:
+        pathlib.Path(args.tuned).write_text(json.dumps(table))
+
+
+def _tuned(rows) -> Dict[str, list]:
+    """precision -> [[B, spec, waves]] of the fastest config that passed the error rule."""
+    best: Dict[Tuple[str, int], dict] = {}
+    for r in rows:
+        if r["config"] == "eager" or r["ok"] is not True:
+            continue
+        key = (r["precision"], r["B"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    table: Dict[str, list] = {}
+    for (precision, b), r in sorted(best.items()):
+        table.setdefault(precision, []).append([b, r["config"], float(r["waves"])])
+    return table
+
+
+def _print_table(rows):
+    rows = sorted(rows, key=lambda r: (r["config"] != "eager", r["ms"] if r["ms"] == r["ms"] else 1e9))
+    print(f"\n{rows[0]['precision']} B={rows[0]['B']}  (config = BLOCK_M,BLOCK_N,BLOCK_D,KIND_AXIS,KT_LOAD,warps,stages)")
+    for r in rows:
+        speed = f"{r.get('speedup', 1.0):6.2f}x" if r["ms"] == r["ms"] else "   -   "
+        err = f"err {r.get('err_grad', float('nan')):.1e}"
+        print(f"  {r['config']:<22} waves {str(r['waves']):<3} {r['ms']:9.4f} ms {speed}  {err}  ok={r['ok']}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
