@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import csv
 import json
 import multiprocessing
@@ -28,7 +29,15 @@ from albef_fast.bench.cases import ITCCase
 from albef_fast.bench.measure import device_name, matmul_precision, time_ms
 from albef_fast.bench.report import slug
 
-PRECISIONS = {"tf32": "high", "bf16": "highest", "fp32": "highest"}
+# name -> (torch float32 matmul precision, environment): fp32x3 = fp32 "highest" on the Triton path
+# with 3 TF32 products per dot, timed for the candidate configs that fit its registers
+PRECISIONS = {"tf32": ("high", {}), "bf16": ("highest", {}), "fp32x3": ("highest", {"ALBEF_FAST_FP32_DOT": "tf32x3"})}
+
+
+def _specs_for(precision: str, specs: List[str]) -> List[str]:
+    if precision != "fp32x3":
+        return specs
+    return [s for s in specs if s.split(",")[2:4] == ["64", "1"] and s.split(",")[5] == "8"]
 
 
 def _parse():
@@ -53,6 +62,20 @@ def _specs(args) -> List[str]:
     from albef_fast.kernels import itc
 
     return [itc.config_spec(c) for c in itc._configs()]
+
+
+@contextlib.contextmanager
+def _env(values: Dict[str, str]):
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _case(args, b: int, precision: str) -> ITCCase:
@@ -95,13 +118,21 @@ def _albef_fast(*a):
     return albef_fast.itc_loss(*a, backend="triton")
 
 
+def _torch_backend(*a):
+    import albef_fast
+
+    return albef_fast.itc_loss(*a, backend="torch")
+
+
 def _warm(spec: str, args) -> Optional[str]:
     """Worker: compile one config for every case (on-disk cache); the error text, if any."""
     os.environ["ALBEF_FAST_CONFIG"] = spec
     try:
         for precision in args.precision.split(","):
+            if spec not in _specs_for(precision, [spec]):
+                continue
             for b in (int(v) for v in args.batch.split(",")):
-                with matmul_precision(PRECISIONS[precision]):
+                with matmul_precision(PRECISIONS[precision][0]), _env(PRECISIONS[precision][1]):
                     _step(_albef_fast, _case(args, b, precision))()
         if args.device == "cuda":
             torch.cuda.synchronize()
@@ -138,14 +169,19 @@ def main():
     for precision in args.precision.split(","):
         for b in (int(v) for v in args.batch.split(",")):
             case = _case(args, b, precision)
-            with matmul_precision(PRECISIONS[precision]):
+            mm_precision, env = PRECISIONS[precision]
+            with matmul_precision(mm_precision), _env(env):
                 ref = _loss_and_grads(reference.itc_loss, case, torch.float64)
                 eager_err = _errors(reference.itc_loss, case, ref)
                 base = dict(gpu=gpu, torch=torch.__version__, precision=precision, B=b, Q=args.queue, D=args.dim)
                 eager = _measure(reference.itc_loss, case, ref, eager_err, reps)
                 rows.append(dict(base, config="eager", waves="", **eager))
                 results = []
-                for spec in specs:
+                if precision == "fp32x3":  # the default fp32 path on CUDA, for comparison
+                    torch_backend = _measure(_torch_backend, case, ref, eager_err, reps)
+                    rows.append(dict(base, config="torch-backend", waves="", speedup=eager["ms"] / torch_backend["ms"],
+                                     **torch_backend))
+                for spec in _specs_for(precision, specs):
                     if spec in failed:
                         rows.append(dict(base, config=spec, waves=2, ms=float("nan"), ok=failed[spec]))
                         continue
@@ -179,14 +215,15 @@ def _tuned(rows) -> Dict[str, list]:
     """precision -> [[B, spec, waves]] of the fastest config that passed the error rule."""
     best: Dict[Tuple[str, int], dict] = {}
     for r in rows:
-        if r["config"] == "eager" or r["ok"] is not True:
+        if "," not in r["config"] or r["ok"] is not True:  # eager, torch-backend: not configs
             continue
         key = (r["precision"], r["B"])
         if key not in best or r["ms"] < best[key]["ms"]:
             best[key] = r
     table: Dict[str, list] = {}
     for (precision, b), r in sorted(best.items()):
-        table.setdefault(precision, []).append([b, r["config"], float(r["waves"])])
+        key = {"fp32x3": "tf32x3"}.get(precision, precision)  # keys: the dot's input precision
+        table.setdefault(key, []).append([b, r["config"], float(r["waves"])])
     return table
 
 

@@ -44,9 +44,13 @@ def _configs():
         return [_parse_config(spec) for spec in os.environ["ALBEF_FAST_CONFIGS"].split(";")]
     narrow_d = [_config(64, n, 64, kinds, kt, 8) for n in (32, 64) for kinds in (0, 1) for kt in (0, 1)]
     narrow_d += [_config(64, n, 64, 1, 0, 4) for n in (32, 64)]
+    narrow_d += [_config(64, 128, 64, 1, 0, 8), _config(128, 32, 64, 1, 0, 8)]  # bf16: no spills either
+    narrow_d += [_config(128, 64, 64, 1, kt, 8) for kt in (0, 1)]
     full_d = [_config(m, n, 256, kinds, kt, 8) for m, kinds in ((32, 0), (64, 1)) for n in (32, 64) for kt in (0, 1)]
     return narrow_d + full_d
 
+
+WORKSPACE_BYTES = 24 << 20
 
 # Measured configs: precision -> [(largest B it was tuned for, ALBEF_FAST_CONFIG spec, waves)].
 # Filled from benchmarks/triton_configs.py on a GPU; ALBEF_FAST_TUNED=path.json replaces it.
@@ -70,9 +74,7 @@ def _launch_config(b: int, dot_dtype, input_precision: str) -> Tuple[Optional[tr
         return default, waves or 2.0
     if autotune == "1":
         return None, waves or 2.0
-    if dot_dtype == tl.float32 and input_precision != "tf32":  # ieee dots: tuned for none, the default
-        return default, waves or 2.0
-    entries = sorted(_tuned_table().get("tf32" if dot_dtype == tl.float32 else "bf16", []))
+    entries = sorted(_tuned_table().get(input_precision if dot_dtype == tl.float32 else "bf16", []))
     for max_b, spec, tuned_waves in entries:
         if b <= max_b or (max_b, spec, tuned_waves) == entries[-1]:
             return _parse_config(spec), waves or tuned_waves
@@ -512,10 +514,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_count(b: int, q: int, d: int, teacher: bool, device: torch.device, config, waves: float) -> int:
+def _split_count(b: int, q: int, d: int, teacher: bool, n_sums: int, device: torch.device, config, waves: float) -> int:
     """Key splits for about `waves` programs per SM with the config's tiles
     (the nominal 64-row, 64-wide-D, both-kinds tiles when autotuning), at most one key tile each;
-    ALBEF_FAST_SPLITS fixes the count (tests that compare configs bit for bit)."""
+    ALBEF_FAST_SPLITS fixes the count (tests that compare configs bit for bit). The key sums'
+    workspace stays within WORKSPACE_BYTES (the extra-memory budget of SPEC section 6)."""
     if os.environ.get("ALBEF_FAST_SPLITS"):
         return int(os.environ["ALBEF_FAST_SPLITS"])
     if config is None:
@@ -526,7 +529,8 @@ def _split_count(b: int, q: int, d: int, teacher: bool, device: torch.device, co
     per_split = triton.cdiv(b, block_m) * kinds * 2 * triton.cdiv(d, block_d)
     min_block_n = 16 if _INTERPRET else 32
     max_tiles = triton.cdiv(b, min_block_n) + triton.cdiv(max(q, 1), min_block_n)
-    return max(1, min(max_tiles, math.ceil(waves * _num_sms(device) / per_split)))
+    max_workspace = WORKSPACE_BYTES // (2 * n_sums * b * d * 4)  # ws_acc [2, n_sums, S, B, D] fp32
+    return max(1, min(max_tiles, max_workspace, math.ceil(waves * _num_sms(device) / per_split)))
 
 
 def _merge_blocks(b: int, d: int) -> Tuple[int, int, int]:
@@ -542,7 +546,9 @@ def _dot_flags(dtype: torch.dtype, precision: str):
     if dtype == torch.float32:
         if precision == "medium":
             return tl.bfloat16, "ieee"
-        return tl.float32, "ieee" if precision == "highest" else "tf32"
+        if precision == "highest":  # ALBEF_FAST_FP32_DOT=tf32x3: 3 TF32 products per dot, ~fp32 error
+            return tl.float32, os.environ.get("ALBEF_FAST_FP32_DOT", "ieee")
+        return tl.float32, "tf32"
     if _INTERPRET:  # the interpreter's bf16 / fp16 dot is wrong: fp32 tiles there
         return tl.float32, "ieee"
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"
@@ -561,8 +567,8 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     teacher, retrieval = alpha != 0.0 or details, idx is not None
     dot_dtype, input_precision = _dot_flags(image_feat.dtype, precision)
     config, waves = _launch_config(b, dot_dtype, input_precision)
-    splits = _split_count(b, q, d, teacher, dev, config, waves)
     n_kinds = max(1, int(grad) + int(teacher) + int(retrieval))
+    splits = _split_count(b, q, d, teacher, n_kinds, dev, config, waves)
     f32 = dict(device=dev, dtype=torch.float32)
     # Every element of the workspace is written by the split kernel: no fills needed.
     ws_max = torch.empty((2, 2, splits, b), **f32)

@@ -53,6 +53,7 @@ FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one pro
     "fp32-nograd": dict(GRAD=False, HAS_TEACHER=False, RETRIEVAL=False, DOT=tl.float32, PREC="ieee", TYPE="*fp32"),
 }
 REPORT = {  # --report: every autotune config of these
+    "tf32x3": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float32, PREC="tf32x3", TYPE="*fp32"),
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
     "tf32": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float32, PREC="tf32", TYPE="*fp32"),
 }
