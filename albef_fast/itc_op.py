@@ -3,7 +3,9 @@
 One forward computes, for both directions, the loss, d loss / d features and d loss / d T
 (SPEC section 3); the registered backward only scales the saved gradients by grad_output, so
 backward costs nothing and syncs nothing. Being a custom op with a fake implementation, it is
-opaque to torch.compile, which traces a training step around it with fullgraph=True.
+opaque to torch.compile, which traces a training step around it with fullgraph=True. Eager
+calls go through itc_apply: the same forward and backward as a plain autograd.Function, without
+the custom-op dispatch (about 100 us a call, as much as the whole fused kernel at B = 64).
 
 Outputs (all fresh tensors; B rows, D features, W = the work dtype, fp32 or fp64):
     losses [2] W        (loss_i2t, loss_t2i)
@@ -21,7 +23,7 @@ import torch
 
 from . import streaming
 
-__all__ = ["itc", "BACKEND_IMPLS", "work_dtype"]
+__all__ = ["itc", "itc_apply", "BACKEND_IMPLS", "work_dtype"]
 
 Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -77,6 +79,12 @@ def itc(
 ) -> Outputs:
     """temp (0-dim tensor) wins over temp_value (float) when given; inputs are pre-validated.
     grad=False (nothing needs a gradient) skips the student's key sums; the grads are zeros."""
+    return _impl(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, temp_value,
+                 alpha, idx, idx_queue, details, grad, backend, precision)
+
+
+def _impl(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, temp_value, alpha,
+          idx, idx_queue, details, grad, backend, precision) -> Outputs:
     t = temp if temp is not None else temp_value
     return BACKEND_IMPLS[backend](image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
                                   t, alpha, idx, idx_queue, details, grad, precision)
@@ -95,6 +103,30 @@ def _itc_fake(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, tex
         image_feat.new_empty(2, b, b),
         image_feat.new_empty(4, dtype=w),
     )
+
+
+class _EagerITC(torch.autograd.Function):
+    """The op's forward and backward for eager calls (no custom-op dispatch)."""
+
+    @staticmethod
+    def forward(*inputs):  # with setup_context: no ctx here
+        return _impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
+def itc_apply(*inputs) -> Outputs:
+    """torch.ops.albef_fast.itc when compiling (traced as one opaque op), else the same
+    computation through _EagerITC. Arguments as for itc."""
+    if torch.compiler.is_compiling():
+        return itc(*inputs)
+    return _EagerITC.apply(*inputs)
 
 
 def _setup_context(ctx, inputs, output) -> None:

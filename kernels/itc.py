@@ -18,6 +18,7 @@ Queues are read in place through their strides ([D, Q] as ALBEF stores them); in
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -162,10 +163,23 @@ def _query_tiles(q_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, TEACHE
 
 
 @triton.jit
+def _round_tf32(x):
+    """fp32 -> the nearest TF32 value (ties away from zero), kept in fp32. The tensor cores read
+    only the top 19 bits of an fp32 operand, i.e. truncate: a bias of half an ulp (2^-12) on every
+    operand, which summed over 65536 keys put the loss 25x and dT 50x further from fp64 than
+    cuBLAS TF32 (measured, H200). Rounding first makes the error zero-mean."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return (((bits + 0x1000) >> 13) << 13).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dot(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation, both cast to DOT_DTYPE (fp32 at INPUT_PRECISION, or bf16 / fp16)."""
     if DOT_DTYPE == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
+        a, b = a.to(tl.float32), b.to(tl.float32)
+        if INPUT_PRECISION == "tf32":
+            a, b = _round_tf32(a), _round_tf32(b)
+        return tl.dot(a, b, input_precision=INPUT_PRECISION)
     return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
 
 
@@ -511,7 +525,12 @@ def _itc_finish_fwd_kernel(
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter: enough splits to exercise the merge
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _split_count(b: int, q: int, d: int, teacher: bool, n_sums: int, device: torch.device, config, waves: float) -> int:
@@ -567,52 +586,65 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     teacher, retrieval = alpha != 0.0 or details, idx is not None
     dot_dtype, input_precision = _dot_flags(image_feat.dtype, precision)
     config, waves = _launch_config(b, dot_dtype, input_precision)
-    n_kinds = max(1, int(grad) + int(teacher) + int(retrieval))
-    splits = _split_count(b, q, d, teacher, n_kinds, dev, config, waves)
-    f32 = dict(device=dev, dtype=torch.float32)
-    # Every element of the workspace is written by the split kernel: no fills needed.
-    ws_max = torch.empty((2, 2, splits, b), **f32)
-    ws_z = torch.empty((2, 2, splits, b), **f32)
-    ws_acc = torch.empty((2, n_kinds, splits, b, d), **f32)
-    ws_count = torch.empty((2, splits, b), **f32) if retrieval else ws_z
+    n_sums = max(1, int(grad) + int(teacher) + int(retrieval))
+    splits = _split_count(b, q, d, teacher, n_sums, dev, config, waves)
+    merge_m, merge_d, chunk = _merge_blocks(b, d)
+    merge_d_blocks = triton.cdiv(d, merge_d)
+    ws = _Workspace(dev, splits, b, d, n_sums, merge_d_blocks)
     sims = torch.empty((2, b, b), device=dev, dtype=image_feat.dtype)
     temp_t = temp if torch.is_tensor(temp) else None
-    temp_v = 1.0 if temp_t is not None else float(temp)
-    dummy = ws_z
-    idx_v = idx.reshape(-1) if retrieval else dummy
-    idq_v = idx_queue.reshape(-1) if retrieval else dummy
-    kernel, meta = _itc_split_fwd_kernel, {}
-    if config is not None:  # past the autotuner, straight to the heuristics
-        kernel, meta = _itc_split_fwd_kernel.fn, dict(config.kwargs, num_warps=config.num_warps,
-                                                      num_stages=config.num_stages)
-    kernel[_split_grid](
-        *feats, image_queue, text_queue, idx_v, idq_v, temp_t if temp_t is not None else dummy,
-        ws_max, ws_z, ws_acc, ws_count, sims,
+    temp_arg, temp_v = (temp_t, 1.0) if temp_t is not None else (ws.lse, float(temp))  # lse: an unused pointer
+    idx_v = idx.reshape(-1) if retrieval else ws.count
+    idq_v = idx_queue.reshape(-1) if retrieval else ws.count
+    flags = dict(GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None)
+    kernel, grid, meta = _split_launch(config, b, d, splits, teacher)
+    kernel[grid](
+        *feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims,
         feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
-        idx_v.stride(0), idq_v.stride(0),
-        b, q, d, splits, temp_v,
-        GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision, **meta,
+        idx_v.stride(0), idq_v.stride(0), b, q, d, splits, temp_v,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision, **flags, **meta,
     )
     dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
-    merge_m, merge_d, chunk = _merge_blocks(b, d)
-    merge_d_blocks = triton.cdiv(d, merge_d)
-    part = torch.empty((2, merge_d_blocks, 4, b), **f32)
-    lse = torch.empty((2, 2, b), **f32)
     _itc_merge_fwd_kernel[(triton.cdiv(b, merge_m), merge_d_blocks, 2)](
-        *feats, temp_t if temp_t is not None else dummy, ws_max, ws_z, ws_acc, ws_count, dq_img, dq_txt, part, lse,
+        *feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse,
         feats[0].stride(0), feats[0].stride(1), b, d, splits, temp_v, float(alpha),
-        GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None,
-        BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk, num_warps=4,
+        **flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk, num_warps=4,
     )
-    losses, grad_temp, terms = torch.empty(2, **f32), torch.empty(2, **f32), torch.empty(4, **f32)
+    losses, grad_temp, terms = (torch.empty(n, device=dev, dtype=torch.float32) for n in (2, 2, 4))
     _itc_finish_fwd_kernel[(2,)](
-        part, lse, temp_t if temp_t is not None else dummy, losses, grad_temp, terms, b, merge_d_blocks, temp_v,
-        float(alpha), HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_t is not None,
-        BLOCK_B=min(1024, triton.next_power_of_2(b)), num_warps=4,
+        ws.part, ws.lse, temp_arg, losses, grad_temp, terms, b, merge_d_blocks, temp_v, float(alpha),
+        HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_t is not None, BLOCK_B=min(1024, triton.next_power_of_2(b)),
+        num_warps=4,
     )
     return losses, dq_img, dq_txt, grad_temp, sims, terms
+
+
+class _Workspace:
+    """The kernels' fp32 scratch, one allocation (host time per call counts at B = 64), carved
+    into: max, z [2, 2, S, B] and count [2, S, B] (per split), acc [2, n_sums, S, B, D] (key
+    sums), part [2, D blocks, 4, B] (row partial dots), lse [2, 2, B]. Every element the merge
+    reads is written by the split kernel first: no fills."""
+
+    def __init__(self, device, splits: int, b: int, d: int, n_sums: int, merge_d_blocks: int):
+        shapes = [(2, 2, splits, b), (2, 2, splits, b), (2, splits, b), (2, n_sums, splits, b, d),
+                  (2, merge_d_blocks, 4, b), (2, 2, b)]
+        sizes = [math.prod(shape) for shape in shapes]
+        flat = torch.empty(sum(sizes), device=device, dtype=torch.float32)
+        self.max, self.z, self.count, self.acc, self.part, self.lse = (
+            part.view(shape) for part, shape in zip(flat.split(sizes), shapes))
+
+
+def _split_launch(config, b: int, d: int, splits: int, teacher: bool):
+    """(kernel, grid, meta) of the split launch: straight to the JIT function for a fixed config
+    (host time: no autotuner, no heuristics), through the autotuner otherwise."""
+    if config is None:
+        return _itc_split_fwd_kernel, _split_grid, {}
+    meta = dict(config.kwargs)
+    meta.update(_kind_heuristics(dict(meta, HAS_TEACHER=teacher)), NUM_DK=triton.cdiv(d, meta["BLOCK_D"]))
+    grid = _split_grid(dict(meta, B=b, D=d, NUM_SPLITS=splits))
+    jit = _itc_split_fwd_kernel.fn.fn  # autotuner -> heuristics -> JITFunction
+    return jit, grid, dict(meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _common_strides(feats):

@@ -11,6 +11,10 @@ from albef_fast import reference
 from tests.helpers import make_inputs, max_err
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from albef_fast.kernels import itc  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -163,3 +167,26 @@ def test_forward_without_gradients_gives_the_same_values(alpha, retrieval):
     full = albef_fast.itc_loss(a, *_args(x)[1:], 0.07, alpha, **kw)
     for name, got, expected in zip(fast._fields, fast, full):
         torch.testing.assert_close(got, expected.detach(), rtol=1e-6, atol=1e-6, msg=name)
+
+
+@triton.jit
+def _round_tf32_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, itc._round_tf32(tl.load(x_ptr + offs)))
+
+
+def test_round_tf32_is_nearest_ties_away():
+    """The rounding applied before TF32 dots: nearest TF32 value, ties away from zero."""
+    x = torch.cat([torch.randn(1000) * 10.0 ** torch.randint(-8, 8, (1000,)),
+                   torch.tensor([1.0 + 2.0 ** -11, -(1.0 + 2.0 ** -11), 1.0 + 2.0 ** -12, 0.0, -0.0])])
+    x = torch.nn.functional.pad(x, (0, 1024 - x.numel()))
+    xd = x.to(DEVICE)
+    out = torch.empty_like(xd)
+    _round_tf32_kernel[(1,)](xd, out, N=1024)
+    got = out.cpu()
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # as uint32: sign bit untouched below
+    r = ((bits + 0x1000) >> 13) << 13
+    expected = (r - (r >= 2**31).long() * 2**32).to(torch.int32).view(torch.float32)
+    assert torch.equal(got, expected)
+    assert ((got - x).abs() <= x.abs() * 2.0 ** -11).all()  # within half a TF32 ulp
+    assert got[1000] == 1.0 + 2.0 ** -10 and got[1001] == -(1.0 + 2.0 ** -10)  # ties away from zero

@@ -37,12 +37,24 @@ def _signature(fn, constexprs, feature_type):
     return sig
 
 
-def _compile(kernel, constexprs, feature_type, num_warps):
+UNIT_STRIDES = {"stride_fd": 1, "stride_qj": 1, "stride_idx": 1, "stride_idq": 1}  # == 1: constexpr at run time
+DIVISIBLE = {"B", "Q", "D", "stride_fb", "stride_qd"}  # multiples of 16 at ALBEF's shapes
+
+
+def _compile(kernel, constexprs, feature_type, num_warps, num_stages=2):
+    """Compile as Triton specializes at run time for ALBEF's shapes (B, Q, D multiples of 16,
+    contiguous features and queue): pointers and those ints marked divisible by 16 (what lets
+    loads vectorize and pipeline), unit strides folded in as constants."""
     fn = kernel
     while not isinstance(fn, triton.runtime.JITFunction):  # through autotune / heuristics
         fn = fn.fn
-    src = ASTSource(fn=fn, signature=_signature(fn, constexprs, feature_type), constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    constexprs = dict(constexprs, **{k: v for k, v in UNIT_STRIDES.items() if k in fn.arg_names})
+    sig = _signature(fn, constexprs, feature_type)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name not in constexprs and (name.endswith("_ptr") or name in DIVISIBLE)}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
+                                                                              num_stages=num_stages))
 
 
 FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one program each (1)
@@ -97,13 +109,15 @@ def report():
     """Registers and spills of the split kernel for every autotune config (sm_90a)."""
     for name, flags in REPORT.items():
         for config in itc._configs():
-            k = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], config.num_warps)
+            k = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], config.num_warps,
+                         config.num_stages)
             regs, st, ld = _ptxas_report(k)
             sass_mma = "HGMMA" if "wgmma" in k.asm["ptx"] else "HMMA" if "mma.sync" in k.asm["ptx"] else "none"
+            pipelined = k.asm["ttgir"].count("async_copy_global_to_local") + k.asm["ttgir"].count("async_tma")
             print(json.dumps({"flags": name, "config": {**config.kwargs, "warps": config.num_warps,
                                                         "stages": config.num_stages},
                               "regs": regs, "spill_st": st, "spill_ld": ld, "shared": k.metadata.shared,
-                              "mma": sass_mma}), flush=True)
+                              "mma": sass_mma, "async_loads": pipelined}), flush=True)
 
 
 if __name__ == "__main__":
