@@ -4,7 +4,7 @@
 # For a machine with a CUDA GPU and no network, torch and triton already installed (torch 2.11 +
 # triton 3.6 work). Installs albef_fast without dependencies or build isolation: the Python part
 # first (seconds), the C++/CUDA extension in the background while the Triton table runs.
-# Each stage has its own time limit (485 s together: run with timeout_s >= 540). GPU_CHECK_SMOKE=1
+# Each stage has its own time limit (455 s together: run with timeout_s >= 480). GPU_CHECK_SMOKE=1
 # runs the same steps on the CPU at tiny shapes (to test the script).
 # OUTDIR receives 7 files: device.txt install.log tests.log bench.txt, itc_<gpu>.csv,
 # itc_<gpu>_sweep.png, triton_configs_<gpu>.csv.
@@ -29,12 +29,17 @@ if [ "$SMOKE" = 1 ]; then
   QUICK=(tests/test_triton.py -k "fp32 and 5-37-24"); REST=(tests/test_triton.py -k "details")
 else
   DEV=(--device cuda)
-  TABLE=(--batch 64,512 --precision tf32,bf16,fp32x3 --jobs 16)
+  TABLE=(--batch 64,512 --precision tf32,bf16,tf32a,tf32t --jobs 16)
   SWEEP=(--sweep); PREC=fp32,tf32,bf16
-  QUICK=(tests/test_triton.py -k "cuda_albef_shape or cuda_retrieval or cuda_automatic or bitwise or details")
+  QUICK=(tests/test_triton.py -k "cuda_albef_shape or cuda_retrieval or cuda_automatic or bitwise or details or round")
+  # the CUDA state ops first (their only GPU check), then the rest
   REST=(tests/test_cuda_state.py tests/test_ops.py tests/test_triton.py -k "not cuda_albef_shape and not cuda_retrieval")
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 fi
+
+# per-test limits where pytest-timeout is installed, so that one slow test cannot eat its stage
+PYTEST=($PY -m pytest -v -rfE -p no:cacheprovider)
+$PY -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 45)
 
 stamp "device"; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/device.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
@@ -48,7 +53,7 @@ stamp "install: the extension, in the background"
 BUILD=$!
 
 stamp "Triton config table: every candidate config, B x precision, vs eager and fp64"
-ALBEF_FAST_DISABLE_EXTENSION=1 stage 150 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --tuned "$TUNED" \
+ALBEF_FAST_DISABLE_EXTENSION=1 stage 110 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --tuned "$TUNED" \
   2>&1 | tee "$OUT/bench.txt"
 [ -s "$TUNED" ] && export ALBEF_FAST_TUNED="$TUNED"   # the measured configs serve everything below
 
@@ -56,17 +61,21 @@ stamp "waiting for the extension build"; wait $BUILD; tail -2 "$OUT/install.log"
 $PY -c "from albef_fast import _extension; print('extension', _extension.build_info())" 2>&1 | tee -a "$OUT/device.txt"
 
 stamp "tests: correctness at ALBEF's shapes (tuned configs)"
-stage 60 $PY -m pytest -q -p no:cacheprovider "${QUICK[@]}" 2>&1 | tee "$OUT/tests.log" | tail -8
+stage 70 "${PYTEST[@]}" "${QUICK[@]}" > "$OUT/tests.log" 2>&1; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -25
 
 stamp "benchmark: ITC, eager vs albef_fast, sweep x precisions x modes"
-stage 100 $PY -m albef_fast.bench "${DEV[@]}" "${SWEEP[@]}" --precision "$PREC" --mode fwd,fwd+bwd \
+stage 60 $PY -m albef_fast.bench "${DEV[@]}" "${SWEEP[@]}" --precision "$PREC" --mode fwd,fwd+bwd \
   --providers eager,albef_fast --out "$OUT" --tag sweep 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 
+stamp "profile: device time per kernel and host time per step (tuned configs)"
+[ "$SMOKE" = 1 ] || stage 30 $PY benchmarks/profile_step.py 2>&1 | tee -a "$OUT/bench.txt"
+
 stamp "benchmark: EMA and enqueue"
-stage 30 $PY -m albef_fast.bench "${DEV[@]}" --suite ema,enqueue --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
+stage 20 $PY -m albef_fast.bench "${DEV[@]}" --suite ema,enqueue --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 
 stamp "tests: the rest (state ops, CUDA graph capture, torch.compile, small shapes; default config)"
-ALBEF_FAST_AUTOTUNE=0 stage 40 $PY -m pytest -q -p no:cacheprovider "${REST[@]}" 2>&1 | tee -a "$OUT/tests.log" | tail -8
+ALBEF_FAST_AUTOTUNE=0 stage 60 "${PYTEST[@]}" "${REST[@]}" >> "$OUT/tests.log" 2>&1
+sed -n '/test_cuda_state/,$p' "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed|cuda_state" | tail -25
 
 stamp "benchmark: torch.compile(reference) at B=64 and 512 (compiles are slow: last)"
 stage 45 $PY -m albef_fast.bench "${DEV[@]}" --batch 64,512 --precision fp32,bf16 --mode fwd+bwd \

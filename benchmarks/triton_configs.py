@@ -29,15 +29,20 @@ from albef_fast.bench.cases import ITCCase
 from albef_fast.bench.measure import device_name, matmul_precision, time_ms
 from albef_fast.bench.report import slug
 
-# name -> (torch float32 matmul precision, environment): fp32x3 = fp32 "highest" on the Triton path
-# with 3 TF32 products per dot, timed for the candidate configs that fit its registers
-PRECISIONS = {"tf32": ("high", {}), "bf16": ("highest", {}), "fp32x3": ("highest", {"ALBEF_FAST_FP32_DOT": "tf32x3"})}
+# name -> (torch float32 matmul precision, environment). tf32 rounds the TF32 operands (the
+# default), tf32a all but the keys, tf32t none (hardware truncation); fp32x3: "highest" on the
+# Triton path with 3 TF32 products per dot. The variants are timed for a few configs only.
+PRECISIONS = {"tf32": ("high", {}), "bf16": ("highest", {}),
+              "tf32a": ("high", {"ALBEF_FAST_TF32": "tf32rn-a"}), "tf32t": ("high", {"ALBEF_FAST_TF32": "tf32"}),
+              "fp32x3": ("highest", {"ALBEF_FAST_FP32_DOT": "tf32x3"})}
+VARIANT_SPECS = ["32,64,256,0,1,8,2", "32,64,256,0,0,8,2", "32,32,256,0,0,8,2", "64,32,128,1,0,8,2",
+                 "64,64,64,1,1,8,2"]
 
 
 def _specs_for(precision: str, specs: List[str]) -> List[str]:
-    if precision != "fp32x3":
+    if precision in ("tf32", "bf16"):
         return specs
-    return [s for s in specs if s.split(",")[2:4] == ["64", "1"] and s.split(",")[5] == "8"]
+    return [s for s in specs if s in VARIANT_SPECS]
 
 
 def _parse():
@@ -212,18 +217,18 @@ def main():
 
 
 def _tuned(rows) -> Dict[str, list]:
-    """precision -> [[B, spec, waves]] of the fastest config that passed the error rule."""
+    """precision -> [[B, spec, waves]] of the fastest config that passed the error rule (the
+    defaults' precisions only: tf32 with rounded operands, bf16)."""
     best: Dict[Tuple[str, int], dict] = {}
     for r in rows:
-        if "," not in r["config"] or r["ok"] is not True:  # eager, torch-backend: not configs
-            continue
+        if "," not in r["config"] or r["ok"] is not True or r["precision"] not in ("tf32", "bf16"):
+            continue  # eager / torch-backend rows, failures, and the variants of PRECISIONS
         key = (r["precision"], r["B"])
         if key not in best or r["ms"] < best[key]["ms"]:
             best[key] = r
     table: Dict[str, list] = {}
     for (precision, b), r in sorted(best.items()):
-        key = {"fp32x3": "tf32x3"}.get(precision, precision)  # keys: the dot's input precision
-        table.setdefault(key, []).append([b, r["config"], float(r["waves"])])
+        table.setdefault(precision, []).append([b, r["config"], float(r["waves"])])
     return table
 
 

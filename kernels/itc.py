@@ -34,21 +34,19 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs():
-    """The autotune space: tile shapes, KIND_AXIS, KT_LOAD and warps, tuned per (B, D, flags).
-
-    Compiling for sm_90 with no GPU (tests/triton_aot.py --report) showed what fits in registers:
-    with both states in one program, BLOCK_D = 64 and 8 warps; one state per program (KIND_AXIS)
-    also fits 64 x 256 accumulators (bf16; tf32 spills a few hundred bytes). Pipeline depth is
-    left at 2: 3 compiled to the same kernels. ALBEF_FAST_CONFIGS="spec;spec;..." (specs as for
-    ALBEF_FAST_CONFIG, read at import) replaces the space."""
+    """The candidate configs (autotune space with ALBEF_FAST_AUTOTUNE=1; the per-config table of
+    benchmarks/triton_configs.py), from the first H200 table: one state per program (KIND_AXIS)
+    with all of D = 256 in one block won for bf16, both states in 32-row programs for TF32; D in
+    64-wide blocks (logits recomputed per block) lost at B = 512. The 128-row tiles (bf16, no
+    spills at sm_90) are FlashAttention-3's head-dim-256 shape. ALBEF_FAST_CONFIGS="spec;spec"
+    (specs as for ALBEF_FAST_CONFIG, read at import) replaces the list."""
     if os.environ.get("ALBEF_FAST_CONFIGS"):
         return [_parse_config(spec) for spec in os.environ["ALBEF_FAST_CONFIGS"].split(";")]
-    narrow_d = [_config(64, n, 64, kinds, kt, 8) for n in (32, 64) for kinds in (0, 1) for kt in (0, 1)]
-    narrow_d += [_config(64, n, 64, 1, 0, 4) for n in (32, 64)]
-    narrow_d += [_config(64, 128, 64, 1, 0, 8), _config(128, 32, 64, 1, 0, 8)]  # bf16: no spills either
-    narrow_d += [_config(128, 64, 64, 1, kt, 8) for kt in (0, 1)]
-    full_d = [_config(m, n, 256, kinds, kt, 8) for m, kinds in ((32, 0), (64, 1)) for n in (32, 64) for kt in (0, 1)]
-    return narrow_d + full_d
+    one_state = [_config(m, n, 256, 1, kt, 8) for m in (64, 128) for n, kt in ((32, 0), (32, 1), (64, 0))]
+    two_states = [_config(32, n, 256, 0, kt, 8) for n in (32, 64) for kt in (0, 1)]
+    blocked_d = [_config(64, 64, 64, 1, 1, 8), _config(64, 64, 64, 1, 0, 4), _config(64, 32, 128, 1, 0, 8),
+                 _config(64, 64, 128, 1, 0, 8), _config(128, 64, 128, 1, 0, 16)]
+    return one_state + two_states + blocked_d
 
 
 WORKSPACE_BYTES = 24 << 20
@@ -67,7 +65,7 @@ def _launch_config(b: int, dot_dtype, input_precision: str) -> Tuple[Optional[tr
     TUNED entry for the smallest tuned B >= b (the largest B beyond them), else the default.
     ALBEF_FAST_WAVES overrides the programs per SM the splits aim at."""
     waves = float(os.environ.get("ALBEF_FAST_WAVES", "0")) or None
-    default = _config(16, 16, 16, 0, 0, 1) if _INTERPRET else _config(64, 64, 64, 0, 0, 8)
+    default = _config(16, 16, 16, 0, 0, 1) if _INTERPRET else _config(64, 64, 64, 1, 1, 8)
     if os.environ.get("ALBEF_FAST_CONFIG"):
         return _parse_config(os.environ["ALBEF_FAST_CONFIG"]), waves or 2.0
     autotune = os.environ.get("ALBEF_FAST_AUTOTUNE", "")
@@ -75,7 +73,8 @@ def _launch_config(b: int, dot_dtype, input_precision: str) -> Tuple[Optional[tr
         return default, waves or 2.0
     if autotune == "1":
         return None, waves or 2.0
-    entries = sorted(_tuned_table().get(input_precision if dot_dtype == tl.float32 else "bf16", []))
+    key = "bf16" if dot_dtype != tl.float32 else "tf32" if input_precision.startswith("tf32rn") else input_precision
+    entries = sorted(_tuned_table().get(key, []))
     for max_b, spec, tuned_waves in entries:
         if b <= max_b or (max_b, spec, tuned_waves) == entries[-1]:
             return _parse_config(spec), waves or tuned_waves
@@ -177,10 +176,15 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation, both cast to DOT_DTYPE (fp32 at INPUT_PRECISION, or bf16 / fp16)."""
     if DOT_DTYPE == tl.float32:
         a, b = a.to(tl.float32), b.to(tl.float32)
-        if INPUT_PRECISION == "tf32":
-            a, b = _round_tf32(a), _round_tf32(b)
-        return tl.dot(a, b, input_precision=INPUT_PRECISION)
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+        if INPUT_PRECISION == "tf32rn":  # both operands rounded to TF32
+            out = tl.dot(_round_tf32(a), _round_tf32(b), input_precision="tf32")
+        elif INPUT_PRECISION == "tf32rn-a":  # the first (queries, weights) rounded, the keys truncated
+            out = tl.dot(_round_tf32(a), b, input_precision="tf32")
+        else:
+            out = tl.dot(a, b, input_precision=INPUT_PRECISION)
+    else:
+        out = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+    return out
 
 
 @triton.jit
@@ -567,7 +571,9 @@ def _dot_flags(dtype: torch.dtype, precision: str):
             return tl.bfloat16, "ieee"
         if precision == "highest":  # ALBEF_FAST_FP32_DOT=tf32x3: 3 TF32 products per dot, ~fp32 error
             return tl.float32, os.environ.get("ALBEF_FAST_FP32_DOT", "ieee")
-        return tl.float32, "tf32"
+        # TF32 operand rounding: "tf32rn" both (default), "tf32rn-a" all but the keys, "tf32" none
+        # (the tensor cores truncate); see _round_tf32
+        return tl.float32, os.environ.get("ALBEF_FAST_TF32", "tf32rn")
     if _INTERPRET:  # the interpreter's bf16 / fp16 dot is wrong: fp32 tiles there
         return tl.float32, "ieee"
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"

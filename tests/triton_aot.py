@@ -61,13 +61,12 @@ FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one pro
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
     "bf16-kind-axis": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16",
                            KIND_AXIS=1, KT_LOAD=1),
-    "tf32-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float32, PREC="tf32", TYPE="*fp32"),
+    "tf32-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float32, PREC="tf32rn", TYPE="*fp32"),
     "fp32-nograd": dict(GRAD=False, HAS_TEACHER=False, RETRIEVAL=False, DOT=tl.float32, PREC="ieee", TYPE="*fp32"),
 }
 REPORT = {  # --report: every autotune config of these
-    "tf32x3": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float32, PREC="tf32x3", TYPE="*fp32"),
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
-    "tf32": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float32, PREC="tf32", TYPE="*fp32"),
+    "tf32": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float32, PREC="tf32rn", TYPE="*fp32"),
 }
 
 

@@ -1,0 +1,76 @@
+"""Where one albef_fast ITC step spends its time on a GPU: device time per kernel and host time.
+
+    python benchmarks/profile_step.py [--batch 64,512] [--precision bf16,tf32]
+
+For each case (Q=65536, D=256, fwd+bwd, alpha 0.4) it prints the median step time (do_bench), the
+host time to issue one step (no synchronization: above the step time means the host is the
+bottleneck), and the profiler's device time per kernel, averaged over the profiled steps.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import albef_fast
+from albef_fast.bench.cases import PRECISIONS, ITCCase
+from albef_fast.bench.measure import matmul_precision, time_ms
+
+
+def _step(case: ITCCase):
+    def step():
+        a = case.image_feat.detach().requires_grad_(True)
+        b = case.text_feat.detach().requires_grad_(True)
+        albef_fast.itc_loss(a, b, case.image_feat_m, case.text_feat_m, case.image_queue, case.text_queue,
+                            case.temp, 0.4).backward()
+
+    return step
+
+
+def _host_us(step, n: int = 50) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    host = (time.perf_counter() - start) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def _kernel_table(step, n: int = 10) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if total > 0:
+            rows.append((total / n, e.count // n, e.key[:70]))
+    rows.sort(reverse=True)
+    return "\n".join(f"    {us:9.1f} us/step  x{count:<3d} {name}" for us, count, name in rows[:10])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", default="64,512")
+    p.add_argument("--precision", default="bf16,tf32")
+    args = p.parse_args()
+    for precision in args.precision.split(","):
+        for b in (int(v) for v in args.batch.split(",")):
+            case = ITCCase(b, 65536, 256, precision, torch.device("cuda"))
+            with matmul_precision(PRECISIONS[precision][1]):
+                step = _step(case)
+                for _ in range(3):
+                    step()
+                ms = time_ms(step, case.device)[0]
+                host = _host_us(step)
+                print(f"{precision} B={b}: step {ms * 1e3:.1f} us (do_bench median), host issue {host:.1f} us/step")
+                print(_kernel_table(step), flush=True)
+
+
+if __name__ == "__main__":
+    main()
