@@ -91,29 +91,8 @@ class _Stream:
             block[self.n_soft :].copy_(hard)
             self.count.add_(hard.sum(dim=1))
         if self.acc.shape[0]:
-            _add_key_sums(self.acc.mul_(self.scale[self.first :, None]), block[self.first :], keys_t)
+            self.acc.mul_(self.scale[self.first :, None]).addmm_(block[self.first :], keys_t.T)
         return kept
-
-
-_SPLIT_K_BYTES = 8 << 20
-
-
-def _add_key_sums(acc: torch.Tensor, weights: torch.Tensor, keys_t: torch.Tensor, split: Optional[bool] = None) -> None:
-    """acc [rows, D] += weights [rows, c] @ keys_t.T. The product has a small output and a long
-    reduction (c keys): one GEMM spreads it over a handful of CUDA blocks (measured on an H200:
-    the fp32 path ran 2.5x slower than eager ALBEF), so on CUDA the keys are cut into up to 64
-    batches of >= 512 (a batched GEMM, the batches summed after; scratch <= 8 MiB). split: force
-    (True) or forbid (False) the batching; None = on CUDA."""
-    rows, c = weights.shape
-    n = min(64, c // 512, _SPLIT_K_BYTES // max(1, rows * acc.shape[1] * acc.element_size()))
-    while n > 1 and c % n:
-        n -= 1
-    if not (weights.is_cuda if split is None else split) or n <= 1:
-        acc.addmm_(weights, keys_t.T)
-        return
-    w = weights.view(rows, n, c // n).transpose(0, 1)  # [n, rows, c / n]
-    k = keys_t.T.reshape(n, c // n, keys_t.shape[0])  # a view for a [D, Q] queue slice
-    acc.add_(torch.bmm(w, k).sum(0))
 
 
 def _hard_mask(idx: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -51,9 +51,15 @@ def _configs():
 
 WORKSPACE_BYTES = 24 << 20
 
-# Measured configs: precision -> [(largest B it was tuned for, ALBEF_FAST_CONFIG spec, waves)].
-# Filled from benchmarks/triton_configs.py on a GPU; ALBEF_FAST_TUNED=path.json replaces it.
-TUNED: Dict[str, List[Tuple[int, str, float]]] = {}
+# Measured configs: precision -> [(largest B it was tuned for, ALBEF_FAST_CONFIG spec, waves)],
+# the fastest correct config per (precision, B) of benchmarks/triton_configs.py on an H200
+# (benchmarks/results/h200/triton_configs_nvidia_h200.csv); ALBEF_FAST_TUNED=path.json replaces it.
+# At B = 64 every config ran within 10% of the others there (the host's launch time dominated):
+# those two were picked on device time (benchmarks/profile_step.py).
+TUNED: Dict[str, List[Tuple[int, str, float]]] = {
+    "bf16": [(64, "64,64,128,1,0,8,2", 2.0), (512, "64,32,256,1,0,8,2", 4.0)],
+    "tf32": [(64, "32,64,256,0,0,8,2", 2.0), (512, "32,64,256,0,1,8,2", 4.0)],
+}
 
 
 def _launch_config(b: int, dot_dtype, input_precision: str) -> Tuple[Optional[triton.Config], float]:
@@ -94,6 +100,7 @@ def _tuned_table() -> Dict[str, List[Tuple[int, str, float]]]:
 _TABLES: Dict[str, Dict[str, List[Tuple[int, str, float]]]] = {}
 
 
+@functools.lru_cache(maxsize=None)
 def _parse_config(spec: str):
     return _config(*(int(v) for v in spec.split(",")))
 
@@ -561,7 +568,8 @@ def _merge_blocks(b: int, d: int) -> Tuple[int, int, int]:
     SMs, CHUNK splits loaded at once (the interpreter: 2, to cover partial chunks)."""
     if _INTERPRET:
         return 16, 16, 2
-    return 16, min(64, max(16, triton.next_power_of_2(d))), 8
+    block_d = 64 if b >= 256 else 32 if b >= 128 else 16  # >= 128 programs for D = 256 (H200: 132 SMs)
+    return 16, min(block_d, max(16, triton.next_power_of_2(d))), 8
 
 
 def _dot_flags(dtype: torch.dtype, precision: str):
@@ -637,8 +645,8 @@ class _Workspace:
                   (2, merge_d_blocks, 4, b), (2, 2, b)]
         sizes = [math.prod(shape) for shape in shapes]
         flat = torch.empty(sum(sizes), device=device, dtype=torch.float32)
-        self.max, self.z, self.count, self.acc, self.part, self.lse = (
-            part.view(shape) for part, shape in zip(flat.split(sizes), shapes))
+        # flat 1-D views (one op): the kernels index them themselves
+        self.max, self.z, self.count, self.acc, self.part, self.lse = flat.split(sizes)
 
 
 def _split_launch(config, b: int, d: int, splits: int, teacher: bool):

@@ -186,15 +186,3 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     with pytest.raises(ValueError, match="backend: 'triton' needs CUDA"):
         albef_fast.itc_loss(*_args(x), 0.07, backend="triton")
 
-
-@pytest.mark.parametrize("c", [4096, 3000, 100])
-def test_key_sums_split_k_matches_one_gemm(c):
-    """The CUDA path cuts the key-sum product into batches (split-K): the same sums, for key
-    counts that divide evenly, unevenly (fewer batches) or not at all (one GEMM)."""
-    rows, d = 6, 8
-    weights = torch.randn(rows, c, dtype=torch.float64)
-    keys_t = torch.randn(d, c + 37, dtype=torch.float64)[:, 17 : 17 + c]  # a [D, Q] queue slice
-    acc = torch.randn(rows, d, dtype=torch.float64)
-    expected = acc + weights @ keys_t.T
-    streaming._add_key_sums(acc, weights, keys_t, split=True)
-    torch.testing.assert_close(acc, expected, rtol=1e-12, atol=1e-12)

@@ -55,7 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label", default="", help="appended to albef_fast's provider name, e.g. for an A/B of a setting")
     p.add_argument("--no-plot", action="store_true", help="write the CSV rows but no PNG")
     p.add_argument("--no-save", action="store_true", help="print only; write no CSV or PNG")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if any(v.endswith("[graph]") for v in args.providers) and not device.startswith("cuda"):
+        p.error("providers '...[graph]' replay CUDA graphs: they need --device cuda")
+    return args
 
 
 def run_itc(args, device: torch.device, progress) -> List[Dict]:
@@ -66,14 +70,21 @@ def run_itc(args, device: torch.device, progress) -> List[Dict]:
         for b in batches:
             case = cases.ITCCase(b, args.queue, args.dim, precision, device)
             for mode in args.mode:
-                eager_ms = None
+                eager_ms = {}  # graph rows are compared with eager[graph], the others with eager
                 for provider in args.providers:
                     progress.set_description(f"itc {provider} {mode} {precision} B={b}")
                     with measure.matmul_precision(matmul):
-                        row = _measure_itc(case, provider, mode, device, args.reps)
-                    eager_ms = row["median_ms"] if provider == "eager" else eager_ms
-                    row["speedup_vs_eager"] = eager_ms / row["median_ms"] if eager_ms else ""
-                    if provider == "albef_fast":
+                        try:
+                            row = _measure_itc(case, provider, mode, device, args.reps)
+                        except RuntimeError as exc:  # e.g. a step that cannot be captured in a graph
+                            print(f"{provider} {precision} B={b}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+                            progress.update(1)
+                            continue
+                    graph = provider.endswith("[graph]")
+                    if provider.startswith("eager"):
+                        eager_ms[graph] = row["median_ms"]
+                    row["speedup_vs_eager"] = eager_ms[graph] / row["median_ms"] if graph in eager_ms else ""
+                    if provider.startswith("albef_fast"):
                         row["provider"] += args.label
                     rows.append(row)
                     progress.update(1)
@@ -85,7 +96,8 @@ def _measure_itc(case, provider, mode, device, reps) -> Dict:
     step = cases.step_fn(case, provider, mode)
     step()  # compile / autotune outside the timing
     med, p20, p80 = measure.time_ms(step, device, reps=reps)
-    peak = measure.peak_extra_mib(step, device)
+    # a replayed graph allocates nothing (its pool was taken at capture): no peak to report
+    peak = "" if provider.endswith("[graph]") else measure.peak_extra_mib(step, device)
     flops, nbytes = case.flops(mode), case.bytes()
     return dict(suite="itc", provider=provider, mode=mode, precision=case.precision, B=case.b, Q=case.q, D=case.d,
                 median_ms=med, p20_ms=p20, p80_ms=p80, peak_extra_mib=peak, tflops=flops / med / 1e9,

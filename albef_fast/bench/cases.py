@@ -12,7 +12,7 @@ from albef_fast import reference
 
 # precision name -> (feature/queue dtype, torch float32 matmul precision)
 PRECISIONS = {"fp32": (torch.float32, "highest"), "tf32": (torch.float32, "high"), "bf16": (torch.bfloat16, "highest")}
-PROVIDERS = ("eager", "compile", "albef_fast")
+PROVIDERS = ("eager", "compile", "albef_fast", "eager[graph]", "albef_fast[graph]")
 MODES = ("fwd", "fwd+bwd")
 SWEEP_DEFAULT = [64, 256, 512, 1024]
 
@@ -57,7 +57,10 @@ _COMPILED: Dict[str, Callable] = {}
 
 
 def step_fn(case: ITCCase, provider: str, mode: str) -> Callable[[], object]:
-    """A closure running one forward (and backward) of the provider on the case."""
+    """A closure running one forward (and backward) of the provider on the case. "<provider>[graph]"
+    replays the step captured in a CUDA graph: the device time without the host's launch cost."""
+    if provider.endswith("[graph]"):
+        return _graphed(step_fn(case, provider[: -len("[graph]")], mode), case.device)
     fn = _COMPILED.setdefault(provider, _loss_fn(provider))
     backward = mode == "fwd+bwd"
 
@@ -70,6 +73,21 @@ def step_fn(case: ITCCase, provider: str, mode: str) -> Callable[[], object]:
         return loss
 
     return step
+
+
+def _graphed(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """Capture one call of step in a CUDA graph (after warm-up on a side stream, as capture
+    requires) and return its replay."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def albef_param_shapes():

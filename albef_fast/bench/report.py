@@ -51,7 +51,8 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
         sel = sorted((r for r in rows if (r["provider"], r["mode"], r["precision"]) == key), key=lambda r: r["B"])
         label = " ".join(key)
         axes[0].plot([r["B"] for r in sel], [r["median_ms"] for r in sel], marker="o", label=label)
-        axes[1].plot([r["B"] for r in sel], [r["peak_extra_mib"] for r in sel], marker="o", label=label)
+        mem = [r for r in sel if r["peak_extra_mib"] != ""]  # graph replays report none
+        axes[1].plot([r["B"] for r in mem], [r["peak_extra_mib"] for r in mem], marker="o", label=label)
     for ax, ylabel in zip(axes, ["median time (ms)", "peak extra memory (MiB)"]):
         ax.set_xlabel("batch B")
         ax.set_ylabel(ylabel)
