@@ -30,9 +30,10 @@ from albef_fast.bench.measure import device_name, matmul_precision, time_ms
 from albef_fast.bench.report import slug
 
 # name -> (torch float32 matmul precision, environment). tf32 rounds the TF32 operands (the
-# default), tf32a all but the keys, tf32t none (hardware truncation); fp32x3: "highest" on the
-# Triton path with 3 TF32 products per dot. The variants are timed for a few configs only.
-PRECISIONS = {"tf32": ("high", {}), "bf16": ("highest", {}),
+# default), tf32a all but the keys, tf32t none (hardware truncation); fp32: "highest" on the
+# Triton path (fp32 FMA dots), fp32x3: with 3 TF32 products per dot. The variants are timed for a
+# few configs only.
+PRECISIONS = {"tf32": ("high", {}), "bf16": ("highest", {}), "fp32": ("highest", {}),
               "tf32a": ("high", {"ALBEF_FAST_TF32": "tf32rn-a"}), "tf32t": ("high", {"ALBEF_FAST_TF32": "tf32"}),
               "fp32x3": ("highest", {"ALBEF_FAST_FP32_DOT": "tf32x3"})}
 VARIANT_SPECS = ["32,64,256,0,1,8,2", "32,64,256,0,0,8,2", "32,32,256,0,0,8,2", "64,32,128,1,0,8,2",
@@ -129,21 +130,40 @@ def _torch_backend(*a):
     return albef_fast.itc_loss(*a, backend="torch")
 
 
-def _warm(spec: str, args) -> Optional[str]:
-    """Worker: compile one config for every case (on-disk cache); the error text, if any."""
+def _warm(spec: str, args) -> Dict[str, str]:
+    """Worker: compile one config for every case (on-disk cache); precision -> error text."""
     os.environ["ALBEF_FAST_CONFIG"] = spec
-    try:
-        for precision in args.precision.split(","):
-            if spec not in _specs_for(precision, [spec]):
-                continue
+    errors = {}
+    for precision in args.precision.split(","):
+        if spec not in _specs_for(precision, [spec]):
+            continue
+        try:
             for b in (int(v) for v in args.batch.split(",")):
                 with matmul_precision(PRECISIONS[precision][0]), _env(PRECISIONS[precision][1]):
                     _step(_albef_fast, _case(args, b, precision))()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        return None
-    except Exception as exc:  # noqa: BLE001  (reported in the table: e.g. out of shared memory)
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001  (reported in the table: e.g. out of shared memory)
+            errors[precision] = _error_text(exc)
+    return errors
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
+def _compile_all(args, specs: List[str]) -> Dict[Tuple[str, str], str]:
+    """Compile every config in parallel workers; (spec, precision) -> error of those that failed."""
+    failed: Dict[Tuple[str, str], str] = {}
+    if args.jobs <= 0:
+        return failed
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=min(args.jobs, len(specs)), mp_context=ctx) as pool:
+        for spec, errors in zip(specs, pool.map(_warm, specs, [args] * len(specs))):
+            for precision, err in errors.items():
+                failed[(spec, precision)] = err
+                print(f"config {spec} ({precision}): {err}", flush=True)
+    return failed
 
 
 def _measure(fn, case, ref, eager_err, reps) -> Dict[str, object]:
@@ -159,61 +179,73 @@ def main():
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     specs = _specs(args)
-    failed: Dict[str, str] = {}
-    if args.jobs > 0:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=min(args.jobs, len(specs)), mp_context=ctx) as pool:
-            for spec, err in zip(specs, pool.map(_warm, specs, [args] * len(specs))):
-                if err:
-                    failed[spec] = err
-                    print(f"config {spec}: {err}", flush=True)
+    failed = _compile_all(args, specs)
     dev = torch.device(args.device)
     gpu = device_name(dev)
-    reps = 10 if dev.type == "cuda" else 2
     rows = []
     for precision in args.precision.split(","):
         for b in (int(v) for v in args.batch.split(",")):
-            case = _case(args, b, precision)
-            mm_precision, env = PRECISIONS[precision]
-            with matmul_precision(mm_precision), _env(env):
-                ref = _loss_and_grads(reference.itc_loss, case, torch.float64)
-                eager_err = _errors(reference.itc_loss, case, ref)
-                base = dict(gpu=gpu, torch=torch.__version__, precision=precision, B=b, Q=args.queue, D=args.dim)
-                eager = _measure(reference.itc_loss, case, ref, eager_err, reps)
-                rows.append(dict(base, config="eager", waves="", **eager))
-                results = []
-                if precision == "fp32x3":  # the default fp32 path on CUDA, for comparison
-                    torch_backend = _measure(_torch_backend, case, ref, eager_err, reps)
-                    rows.append(dict(base, config="torch-backend", waves="", speedup=eager["ms"] / torch_backend["ms"],
-                                     **torch_backend))
-                for spec in _specs_for(precision, specs):
-                    if spec in failed:
-                        rows.append(dict(base, config=spec, waves=2, ms=float("nan"), ok=failed[spec]))
-                        continue
-                    os.environ["ALBEF_FAST_CONFIG"] = spec
-                    results.append((spec, 2, _measure(_albef_fast, case, ref, eager_err, reps)))
-                fastest = sorted((r for r in results if r[2]["ok"]), key=lambda r: r[2]["ms"])[:2]
-                for spec, _, _ in fastest:
-                    for waves in (w for w in args.waves.split(",") if w):
-                        os.environ.update(ALBEF_FAST_CONFIG=spec, ALBEF_FAST_WAVES=waves)
-                        results.append((spec, waves, _measure(_albef_fast, case, ref, eager_err, reps)))
-                os.environ.pop("ALBEF_FAST_WAVES", None)
-                for spec, waves, r in results:
-                    rows.append(dict(base, config=spec, waves=waves, speedup=eager["ms"] / r["ms"], **r))
-            os.environ.pop("ALBEF_FAST_CONFIG", None)
-            _print_table([r for r in rows if r["precision"] == precision and r["B"] == b])
+            block = _case_rows(args, precision, b, specs, failed, gpu)
+            _print_table(block)
+            rows += block
     path = out / f"triton_configs_{slug(gpu)}.csv"
+    _write_csv(rows, path)
+    print(f"wrote {path}")
+    table = _tuned(rows)
+    print("tuned:", json.dumps(table))
+    if args.tuned:
+        pathlib.Path(args.tuned).write_text(json.dumps(table))
+
+
+def _case_rows(args, precision: str, b: int, specs: List[str], failed, gpu: str) -> List[dict]:
+    """Rows of one (precision, B): eager, (the torch backend for fp32), every config at the
+    default split count, then the two fastest correct ones at the other split counts."""
+    case = _case(args, b, precision)
+    reps = 10 if case.device.type == "cuda" else 2
+    mm_precision, env = PRECISIONS[precision]
+    base = dict(gpu=gpu, torch=torch.__version__, precision=precision, B=b, Q=args.queue, D=args.dim)
+    rows = []
+    with matmul_precision(mm_precision), _env(env):
+        ref = _loss_and_grads(reference.itc_loss, case, torch.float64)
+        eager_err = _errors(reference.itc_loss, case, ref)
+        eager = _measure(reference.itc_loss, case, ref, eager_err, reps)
+        rows.append(dict(base, config="eager", waves="", **eager))
+        if precision.startswith("fp32"):  # the default fp32 path on CUDA, for comparison
+            rows.append(_row(base, "torch-backend", "", eager, lambda: _measure(_torch_backend, case, ref, eager_err,
+                                                                               reps)))
+        timed = []
+        for spec in _specs_for(precision, specs):
+            if (spec, precision) in failed:
+                rows.append(dict(base, config=spec, waves=2, ms=float("nan"), ok=failed[(spec, precision)]))
+                continue
+            with _env({"ALBEF_FAST_CONFIG": spec}):
+                timed.append(_row(base, spec, 2, eager, lambda: _measure(_albef_fast, case, ref, eager_err, reps)))
+        fastest = sorted((r for r in timed if r["ok"] is True), key=lambda r: r["ms"])[:2]
+        for r in fastest:
+            for waves in (w for w in args.waves.split(",") if w):
+                with _env({"ALBEF_FAST_CONFIG": r["config"], "ALBEF_FAST_WAVES": waves}):
+                    timed.append(_row(base, r["config"], waves, eager,
+                                      lambda: _measure(_albef_fast, case, ref, eager_err, reps)))
+        rows += timed
+    return rows
+
+
+def _row(base: dict, config: str, waves, eager: dict, measure) -> dict:
+    """A table row of one measurement; a config that fails at run time gets its error as `ok`."""
+    try:
+        r = measure()
+    except Exception as exc:  # noqa: BLE001
+        return dict(base, config=config, waves=waves, ms=float("nan"), ok=_error_text(exc))
+    return dict(base, config=config, waves=waves, speedup=eager["ms"] / r["ms"], **r)
+
+
+def _write_csv(rows: List[dict], path: pathlib.Path) -> None:
     fields = ["gpu", "torch", "precision", "B", "Q", "D", "config", "waves", "ms", "ms_p20", "ms_p80", "speedup",
               "err_loss", "err_grad", "err_temp", "ok"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {path}")
-    table = _tuned(rows)
-    print("tuned:", json.dumps(table))
-    if args.tuned:
-        pathlib.Path(args.tuned).write_text(json.dumps(table))
 
 
 def _tuned(rows) -> Dict[str, list]:

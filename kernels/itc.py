@@ -46,7 +46,12 @@ def _configs():
     two_states = [_config(32, n, 256, 0, kt, 8) for n in (32, 64) for kt in (0, 1)]
     blocked_d = [_config(64, 64, 64, 1, 1, 8), _config(64, 64, 64, 1, 0, 4), _config(64, 32, 128, 1, 0, 8),
                  _config(64, 64, 128, 1, 0, 8), _config(128, 64, 128, 1, 0, 16)]
-    return one_state + two_states + blocked_d
+    # not yet timed: deeper pipelines, and 128 registers a thread for two 8-warp programs per SM,
+    # which overlaps one program's softmax with the other's products (bf16: 0-40 B of spills)
+    untimed = [_config(64, 32, 256, 1, 0, 8, 3), _config(64, 32, 256, 1, 0, 8, 2, 128),
+               _config(64, 32, 256, 1, 0, 8, 3, 128), _config(64, 64, 128, 1, 0, 8, 2, 128),
+               _config(32, 64, 256, 0, 0, 8, 3)]
+    return one_state + two_states + blocked_d + untimed
 
 
 WORKSPACE_BYTES = 24 << 20
@@ -108,15 +113,24 @@ def _parse_config(spec: str):
 def config_spec(config) -> str:
     """The ALBEF_FAST_CONFIG string of a config."""
     m = config.kwargs
-    return ",".join(str(v) for v in (m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_D"], m["KIND_AXIS"], m["KT_LOAD"],
-                                     config.num_warps, config.num_stages))
+    fields = [m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_D"], m["KIND_AXIS"], m["KT_LOAD"], config.num_warps,
+              config.num_stages] + ([config.maxnreg] if config.maxnreg else [])
+    return ",".join(str(v) for v in fields)
 
 
-def _config(block_m, block_n, block_d, kind_axis, kt_load, num_warps, num_stages=2):
+def _config(block_m, block_n, block_d, kind_axis, kt_load, num_warps, num_stages=2, maxnreg=0):
     """KIND_AXIS: student and teacher in separate programs; KT_LOAD: the [BLOCK_N, BLOCK_D] key
-    tile of the key-sum product loaded as such instead of transposed from the logits' tile."""
+    tile of the key-sum product loaded as such instead of transposed from the logits' tile;
+    maxnreg (0: none) caps registers per thread, e.g. 128 for two 8-warp programs per SM."""
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "KIND_AXIS": kind_axis, "KT_LOAD": kt_load}
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg or None)
+
+
+def _launch_options(config) -> Dict[str, int]:
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.maxnreg:
+        options["maxnreg"] = config.maxnreg
+    return options
 
 
 def _split_grid(meta):
@@ -658,7 +672,7 @@ def _split_launch(config, b: int, d: int, splits: int, teacher: bool):
     meta.update(_kind_heuristics(dict(meta, HAS_TEACHER=teacher)), NUM_DK=triton.cdiv(d, meta["BLOCK_D"]))
     grid = _split_grid(dict(meta, B=b, D=d, NUM_SPLITS=splits))
     jit = _itc_split_fwd_kernel.fn.fn  # autotuner -> heuristics -> JITFunction
-    return jit, grid, dict(meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    return jit, grid, dict(meta, **_launch_options(config))
 
 
 def _common_strides(feats):

@@ -41,7 +41,7 @@ UNIT_STRIDES = {"stride_fd": 1, "stride_qj": 1, "stride_idx": 1, "stride_idq": 1
 DIVISIBLE = {"B", "Q", "D", "stride_fb", "stride_qd"}  # multiples of 16 at ALBEF's shapes
 
 
-def _compile(kernel, constexprs, feature_type, num_warps, num_stages=2):
+def _compile(kernel, constexprs, feature_type, num_warps, num_stages=2, maxnreg=None):
     """Compile as Triton specializes at run time for ALBEF's shapes (B, Q, D multiples of 16,
     contiguous features and queue): pointers and those ints marked divisible by 16 (what lets
     loads vectorize and pipeline), unit strides folded in as constants."""
@@ -53,8 +53,8 @@ def _compile(kernel, constexprs, feature_type, num_warps, num_stages=2):
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if name not in constexprs and (name.endswith("_ptr") or name in DIVISIBLE)}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
-                                                                              num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one program each (1)
@@ -109,12 +109,12 @@ def report():
     for name, flags in REPORT.items():
         for config in itc._configs():
             k = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], config.num_warps,
-                         config.num_stages)
+                         config.num_stages, config.maxnreg)
             regs, st, ld = _ptxas_report(k)
             sass_mma = "HGMMA" if "wgmma" in k.asm["ptx"] else "HMMA" if "mma.sync" in k.asm["ptx"] else "none"
             pipelined = k.asm["ttgir"].count("async_copy_global_to_local") + k.asm["ttgir"].count("async_tma")
             print(json.dumps({"flags": name, "config": {**config.kwargs, "warps": config.num_warps,
-                                                        "stages": config.num_stages},
+                                                        "stages": config.num_stages, "maxnreg": config.maxnreg},
                               "regs": regs, "spill_st": st, "spill_ld": ld, "shared": k.metadata.shared,
                               "mma": sass_mma, "async_loads": pipelined}), flush=True)
 
