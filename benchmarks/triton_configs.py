@@ -58,16 +58,16 @@ def _parse():
     p.add_argument("--waves", default="1,4", help="split counts tried again for the 2 fastest configs")
     p.add_argument("--jobs", type=int, default=12, help="parallel compile workers (0: compile while timing)")
     p.add_argument("--tuned", default="", help="write the fastest correct config per (precision, B) here (JSON, "
-                                                "the format of ALBEF_FAST_TUNED / kernels.itc.TUNED)")
+                                                "the format of ALBEF_FAST_TUNED / kernels.itc_configs.TUNED)")
     return p.parse_args()
 
 
 def _specs(args) -> List[str]:
     if args.configs:
         return args.configs.split(";")
-    from albef_fast.kernels import itc
+    from albef_fast.kernels import itc_configs
 
-    return [itc.config_spec(c) for c in itc._configs()]
+    return [itc_configs.config_spec(c) for c in itc_configs.candidates()]
 
 
 @contextlib.contextmanager

@@ -19,119 +19,22 @@ Queues are read in place through their strides ([D, Q] as ALBEF stores them); in
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .itc_configs import candidates, launch_config, launch_options
 
 __all__ = ["itc_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs():
-    """The candidate configs (autotune space with ALBEF_FAST_AUTOTUNE=1; the per-config table of
-    benchmarks/triton_configs.py), from the first H200 table: one state per program (KIND_AXIS)
-    with all of D = 256 in one block won for bf16, both states in 32-row programs for TF32; D in
-    64-wide blocks (logits recomputed per block) lost at B = 512. The 128-row tiles (bf16, no
-    spills at sm_90) are FlashAttention-3's head-dim-256 shape. ALBEF_FAST_CONFIGS="spec;spec"
-    (specs as for ALBEF_FAST_CONFIG, read at import) replaces the list."""
-    if os.environ.get("ALBEF_FAST_CONFIGS"):
-        return [_parse_config(spec) for spec in os.environ["ALBEF_FAST_CONFIGS"].split(";")]
-    one_state = [_config(m, n, 256, 1, kt, 8) for m in (64, 128) for n, kt in ((32, 0), (32, 1), (64, 0))]
-    two_states = [_config(32, n, 256, 0, kt, 8) for n in (32, 64) for kt in (0, 1)]
-    blocked_d = [_config(64, 64, 64, 1, 1, 8), _config(64, 64, 64, 1, 0, 4), _config(64, 32, 128, 1, 0, 8),
-                 _config(64, 64, 128, 1, 0, 8), _config(128, 64, 128, 1, 0, 16)]
-    # not yet timed: deeper pipelines, and 128 registers a thread for two 8-warp programs per SM,
-    # which overlaps one program's softmax with the other's products (bf16: 0-40 B of spills)
-    untimed = [_config(64, 32, 256, 1, 0, 8, 3), _config(64, 32, 256, 1, 0, 8, 2, 128),
-               _config(64, 32, 256, 1, 0, 8, 3, 128), _config(64, 64, 128, 1, 0, 8, 2, 128),
-               _config(32, 64, 256, 0, 0, 8, 3)]
-    return one_state + two_states + blocked_d + untimed
-
-
 WORKSPACE_BYTES = 24 << 20
-
-# Measured configs: precision -> [(largest B it was tuned for, ALBEF_FAST_CONFIG spec, waves)],
-# the fastest correct config per (precision, B) of benchmarks/triton_configs.py on an H200
-# (benchmarks/results/h200/triton_configs_nvidia_h200.csv); ALBEF_FAST_TUNED=path.json replaces it.
-# At B = 64 every config ran within 10% of the others there (the host's launch time dominated):
-# those two were picked on device time (benchmarks/profile_step.py).
-TUNED: Dict[str, List[Tuple[int, str, float]]] = {
-    "bf16": [(64, "64,64,128,1,0,8,2", 2.0), (512, "64,32,256,1,0,8,2", 4.0)],
-    "tf32": [(64, "32,64,256,0,0,8,2", 2.0), (512, "32,64,256,0,1,8,2", 4.0)],
-}
-
-
-def _launch_config(b: int, dot_dtype, input_precision: str) -> Tuple[Optional[triton.Config], float]:
-    """(config, waves) of a launch, read at each call; config None = autotune.
-
-    ALBEF_FAST_CONFIG="BLOCK_M,BLOCK_N,BLOCK_D,KIND_AXIS,KT_LOAD,num_warps[,num_stages]" forces one
-    (the per-config table, tests), ALBEF_FAST_AUTOTUNE=1 autotunes over _configs(),
-    ALBEF_FAST_AUTOTUNE=0 takes the default config (tests that compile many shapes); else the
-    TUNED entry for the smallest tuned B >= b (the largest B beyond them), else the default.
-    ALBEF_FAST_WAVES overrides the programs per SM the splits aim at."""
-    waves = float(os.environ.get("ALBEF_FAST_WAVES", "0")) or None
-    default = _config(16, 16, 16, 0, 0, 1) if _INTERPRET else _config(64, 64, 64, 1, 1, 8)
-    if os.environ.get("ALBEF_FAST_CONFIG"):
-        return _parse_config(os.environ["ALBEF_FAST_CONFIG"]), waves or 2.0
-    autotune = os.environ.get("ALBEF_FAST_AUTOTUNE", "")
-    if _INTERPRET or autotune == "0":
-        return default, waves or 2.0
-    if autotune == "1":
-        return None, waves or 2.0
-    key = "bf16" if dot_dtype != tl.float32 else "tf32" if input_precision.startswith("tf32rn") else input_precision
-    entries = sorted(_tuned_table().get(key, []))
-    for max_b, spec, tuned_waves in entries:
-        if b <= max_b or (max_b, spec, tuned_waves) == entries[-1]:
-            return _parse_config(spec), waves or tuned_waves
-    return default, waves or 2.0
-
-
-def _tuned_table() -> Dict[str, List[Tuple[int, str, float]]]:
-    path = os.environ.get("ALBEF_FAST_TUNED")
-    if not path:
-        return TUNED
-    if path not in _TABLES:
-        with open(path) as f:
-            _TABLES[path] = {k: [tuple(e) for e in v] for k, v in json.load(f).items()}
-    return _TABLES[path]
-
-
-_TABLES: Dict[str, Dict[str, List[Tuple[int, str, float]]]] = {}
-
-
-@functools.lru_cache(maxsize=None)
-def _parse_config(spec: str):
-    return _config(*(int(v) for v in spec.split(",")))
-
-
-def config_spec(config) -> str:
-    """The ALBEF_FAST_CONFIG string of a config."""
-    m = config.kwargs
-    fields = [m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_D"], m["KIND_AXIS"], m["KT_LOAD"], config.num_warps,
-              config.num_stages] + ([config.maxnreg] if config.maxnreg else [])
-    return ",".join(str(v) for v in fields)
-
-
-def _config(block_m, block_n, block_d, kind_axis, kt_load, num_warps, num_stages=2, maxnreg=0):
-    """KIND_AXIS: student and teacher in separate programs; KT_LOAD: the [BLOCK_N, BLOCK_D] key
-    tile of the key-sum product loaded as such instead of transposed from the logits' tile;
-    maxnreg (0: none) caps registers per thread, e.g. 128 for two 8-warp programs per SM."""
-    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "KIND_AXIS": kind_axis, "KT_LOAD": kt_load}
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg or None)
-
-
-def _launch_options(config) -> Dict[str, int]:
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    if config.maxnreg:
-        options["maxnreg"] = config.maxnreg
-    return options
-
 
 def _split_grid(meta):
     """(kinds x row blocks, key splits, 2 directions x D blocks) for the autotuned config."""
@@ -241,7 +144,7 @@ def _kind_heuristics(args):
     return {"GRID_KINDS": 2 if two else 1, "TEACHER": bool(args["HAS_TEACHER"]) and not two}
 
 
-@triton.autotune(configs=_configs(), key=["B", "D", "GRAD", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
+@triton.autotune(configs=candidates(), key=["B", "D", "GRAD", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
 @triton.heuristics({
     "NUM_DK": lambda args: triton.cdiv(args["D"], args["BLOCK_D"]),
     "GRID_KINDS": lambda args: _kind_heuristics(args)["GRID_KINDS"],
@@ -613,7 +516,7 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     image_queue, text_queue = _common_queue_strides(image_queue, text_queue)
     teacher, retrieval = alpha != 0.0 or details, idx is not None
     dot_dtype, input_precision = _dot_flags(image_feat.dtype, precision)
-    config, waves = _launch_config(b, dot_dtype, input_precision)
+    config, waves = launch_config(b, dot_dtype, input_precision)
     n_sums = max(1, int(grad) + int(teacher) + int(retrieval))
     splits = _split_count(b, q, d, teacher, n_sums, dev, config, waves)
     merge_m, merge_d, chunk = _merge_blocks(b, d)
@@ -672,7 +575,7 @@ def _split_launch(config, b: int, d: int, splits: int, teacher: bool):
     meta.update(_kind_heuristics(dict(meta, HAS_TEACHER=teacher)), NUM_DK=triton.cdiv(d, meta["BLOCK_D"]))
     grid = _split_grid(dict(meta, B=b, D=d, NUM_SPLITS=splits))
     jit = _itc_split_fwd_kernel.fn.fn  # autotuner -> heuristics -> JITFunction
-    return jit, grid, dict(meta, **_launch_options(config))
+    return jit, grid, dict(meta, **launch_options(config))
 
 
 def _common_strides(feats):

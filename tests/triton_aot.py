@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels import itc  # noqa: E402
+from kernels import itc, itc_configs  # noqa: E402
 
 SCALARS = {"B", "Q", "D", "NUM_SPLITS", "NUM_DBLOCKS"}
 
@@ -80,7 +80,7 @@ def _split_constexprs(flags, config):
 
 def compile_all(flags):
     common = dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True)
-    config = itc._config(64, 64, 64, flags.get("KIND_AXIS", 0), flags.get("KT_LOAD", 0), 8)
+    config = itc_configs.make_config(64, 64, 64, flags.get("KIND_AXIS", 0), flags.get("KT_LOAD", 0), 8)
     split = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], num_warps=8)
     merge = _compile(itc._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=64, CHUNK=8), flags["TYPE"], num_warps=4)
     finish = _compile(itc._itc_finish_fwd_kernel, dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=True,
@@ -107,7 +107,7 @@ def _ptxas_report(kernel):
 def report():
     """Registers and spills of the split kernel for every autotune config (sm_90a)."""
     for name, flags in REPORT.items():
-        for config in itc._configs():
+        for config in itc_configs.candidates():
             k = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], config.num_warps,
                          config.num_stages, config.maxnreg)
             regs, st, ld = _ptxas_report(k)
