@@ -4,7 +4,7 @@
 # For a machine with a CUDA GPU and no network, torch and triton already installed (torch 2.11 +
 # triton 3.6 work). Installs albef_fast without dependencies or build isolation: the Python part
 # first (seconds), the C++/CUDA extension in the background while the Triton table runs.
-# Each stage has its own time limit (455 s together: run with timeout_s >= 480). GPU_CHECK_SMOKE=1
+# Each stage has its own time limit (495 s together: run with timeout_s >= 520). GPU_CHECK_SMOKE=1
 # runs the same steps on the CPU at tiny shapes (to test the script).
 # OUTDIR receives 7 files: device.txt install.log tests.log bench.txt, itc_<gpu>.csv,
 # itc_<gpu>_sweep.png, triton_configs_<gpu>.csv.
@@ -53,7 +53,7 @@ stamp "install: the extension, in the background"
 BUILD=$!
 
 stamp "Triton config table: every candidate config, B x precision, vs eager and fp64"
-ALBEF_FAST_DISABLE_EXTENSION=1 stage 110 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --tuned "$TUNED" \
+ALBEF_FAST_DISABLE_EXTENSION=1 stage 150 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --tuned "$TUNED" \
   2>&1 | tee "$OUT/bench.txt"
 [ -s "$TUNED" ] && export ALBEF_FAST_TUNED="$TUNED"   # the measured configs serve everything below
 

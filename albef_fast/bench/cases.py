@@ -60,7 +60,7 @@ def step_fn(case: ITCCase, provider: str, mode: str) -> Callable[[], object]:
     """A closure running one forward (and backward) of the provider on the case. "<provider>[graph]"
     replays the step captured in a CUDA graph: the device time without the host's launch cost."""
     if provider.endswith("[graph]"):
-        return _graphed(step_fn(case, provider[: -len("[graph]")], mode), case.device)
+        return graphed(step_fn(case, provider[: -len("[graph]")], mode), case.device)
     fn = _COMPILED.setdefault(provider, _loss_fn(provider))
     backward = mode == "fwd+bwd"
 
@@ -75,7 +75,7 @@ def step_fn(case: ITCCase, provider: str, mode: str) -> Callable[[], object]:
     return step
 
 
-def _graphed(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
+def graphed(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
     """Capture one call of step in a CUDA graph (after warm-up on a side stream, as capture
     requires) and return its replay."""
     side = torch.cuda.Stream(device)
