@@ -27,7 +27,7 @@ ALBEF_FAST_DISABLE_EXTENSION=1 stage 110 $PY -m albef_fast.bench --device cuda -
   | grep -v "it/s" | tee -a "$OUT/bench.txt"
 
 stamp "profile"
-ALBEF_FAST_DISABLE_EXTENSION=1 stage 25 $PY benchmarks/profile_step.py 2>&1 | grep -v "warn" | tee -a "$OUT/bench.txt"
+ALBEF_FAST_DISABLE_EXTENSION=1 stage 25 $PY benchmarks/profile_step.py --host-profile 2>&1 | grep -v "warn" | tee -a "$OUT/bench.txt"
 
 stamp "EMA and enqueue"; wait $BUILD; tail -1 "$OUT/install.log"
 stage 20 $PY -m albef_fast.bench --device cuda --suite ema,enqueue --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"

@@ -68,7 +68,7 @@ stage 60 $PY -m albef_fast.bench "${DEV[@]}" "${SWEEP[@]}" --precision "$PREC" -
   --providers eager,albef_fast --out "$OUT" --tag sweep 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 
 stamp "profile: device time per kernel and host time per step (tuned configs)"
-[ "$SMOKE" = 1 ] || stage 30 $PY benchmarks/profile_step.py 2>&1 | tee -a "$OUT/bench.txt"
+[ "$SMOKE" = 1 ] || stage 30 $PY benchmarks/profile_step.py --host-profile 2>&1 | tee -a "$OUT/bench.txt"
 
 stamp "benchmark: EMA and enqueue"
 stage 20 $PY -m albef_fast.bench "${DEV[@]}" --suite ema,enqueue --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"

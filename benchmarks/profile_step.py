@@ -4,7 +4,8 @@
 
 For each case (Q=65536, D=256, fwd+bwd, alpha 0.4) it prints the median step time (do_bench), the
 host time to issue one step (no synchronization: above the step time means the host is the
-bottleneck), and the profiler's device time per kernel, averaged over the profiled steps.
+bottleneck), the profiler's device time per kernel, averaged over the profiled steps, and with
+--host-profile the Python functions that take the host's time (cProfile, cumulative).
 """
 from __future__ import annotations
 
@@ -54,10 +55,28 @@ def _kernel_table(step, n: int = 10) -> str:
     return "\n".join(f"    {us:9.1f} us/step  x{count:<3d} {name}" for us, count, name in rows[:10])
 
 
+def _host_profile(step, n: int = 50) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        step()
+    prof.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
+    return f"host profile over {n} steps (times are totals):\n" + out.getvalue()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", default="64,512")
     p.add_argument("--precision", default="bf16,tf32")
+    p.add_argument("--host-profile", action="store_true", help="also cProfile the host side of each case")
     args = p.parse_args()
     for precision in args.precision.split(","):
         for b in (int(v) for v in args.batch.split(",")):
@@ -70,6 +89,8 @@ def main():
                 host = _host_us(step)
                 print(f"{precision} B={b}: step {ms * 1e3:.1f} us (do_bench median), host issue {host:.1f} us/step")
                 print(_kernel_table(step), flush=True)
+                if args.host_profile:
+                    print(_host_profile(step), flush=True)
 
 
 if __name__ == "__main__":
