@@ -36,10 +36,19 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 WORKSPACE_BYTES = 24 << 20
 
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b): triton.cdiv is a JIT-callable whose host call costs microseconds."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _split_grid(meta):
     """(kinds x row blocks, key splits, 2 directions x D blocks) for the autotuned config."""
-    rows = triton.cdiv(meta["B"], meta["BLOCK_M"]) * meta["GRID_KINDS"]
-    return (rows, meta["NUM_SPLITS"], 2 * triton.cdiv(meta["D"], meta["BLOCK_D"]))
+    rows = _cdiv(meta["B"], meta["BLOCK_M"]) * meta["GRID_KINDS"]
+    return (rows, meta["NUM_SPLITS"], 2 * _cdiv(meta["D"], meta["BLOCK_D"]))
 
 
 @triton.jit
@@ -146,7 +155,7 @@ def _kind_heuristics(args):
 
 @triton.autotune(configs=candidates(), key=["B", "D", "GRAD", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
 @triton.heuristics({
-    "NUM_DK": lambda args: triton.cdiv(args["D"], args["BLOCK_D"]),
+    "NUM_DK": lambda args: _cdiv(args["D"], args["BLOCK_D"]),
     "GRID_KINDS": lambda args: _kind_heuristics(args)["GRID_KINDS"],
     "TEACHER": lambda args: _kind_heuristics(args)["TEACHER"],
 })
@@ -473,9 +482,9 @@ def _split_count(b: int, q: int, d: int, teacher: bool, n_sums: int, device: tor
     else:
         meta = config.kwargs
         block_m, block_d, kinds = meta["BLOCK_M"], meta["BLOCK_D"], 2 if meta["KIND_AXIS"] and teacher else 1
-    per_split = triton.cdiv(b, block_m) * kinds * 2 * triton.cdiv(d, block_d)
+    per_split = _cdiv(b, block_m) * kinds * 2 * _cdiv(d, block_d)
     min_block_n = 16 if _INTERPRET else 32
-    max_tiles = triton.cdiv(b, min_block_n) + triton.cdiv(max(q, 1), min_block_n)
+    max_tiles = _cdiv(b, min_block_n) + _cdiv(max(q, 1), min_block_n)
     max_workspace = WORKSPACE_BYTES // (2 * n_sums * b * d * 4)  # ws_acc [2, n_sums, S, B, D] fp32
     return max(1, min(max_tiles, max_workspace, math.ceil(waves * _num_sms(device) / per_split)))
 
@@ -486,7 +495,7 @@ def _merge_blocks(b: int, d: int) -> Tuple[int, int, int]:
     if _INTERPRET:
         return 16, 16, 2
     block_d = 64 if b >= 256 else 32 if b >= 128 else 16  # >= 128 programs for D = 256 (H200: 132 SMs)
-    return 16, min(block_d, max(16, triton.next_power_of_2(d))), 8
+    return 16, min(block_d, max(16, _next_pow2(d))), 8
 
 
 def _dot_flags(dtype: torch.dtype, precision: str):
@@ -520,7 +529,7 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     n_sums = max(1, int(grad) + int(teacher) + int(retrieval))
     splits = _split_count(b, q, d, teacher, n_sums, dev, config, waves)
     merge_m, merge_d, chunk = _merge_blocks(b, d)
-    merge_d_blocks = triton.cdiv(d, merge_d)
+    merge_d_blocks = _cdiv(d, merge_d)
     ws = _Workspace(dev, splits, b, d, n_sums, merge_d_blocks)
     sims = torch.empty((2, b, b), device=dev, dtype=image_feat.dtype)
     temp_t = temp if torch.is_tensor(temp) else None
@@ -537,7 +546,7 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     )
     dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
-    _itc_merge_fwd_kernel[(triton.cdiv(b, merge_m), merge_d_blocks, 2)](
+    _itc_merge_fwd_kernel[(_cdiv(b, merge_m), merge_d_blocks, 2)](
         *feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse,
         feats[0].stride(0), feats[0].stride(1), b, d, splits, temp_v, float(alpha),
         **flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk, num_warps=4,
@@ -545,7 +554,7 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     losses, grad_temp, terms = (torch.empty(n, device=dev, dtype=torch.float32) for n in (2, 2, 4))
     _itc_finish_fwd_kernel[(2,)](
         ws.part, ws.lse, temp_arg, losses, grad_temp, terms, b, merge_d_blocks, temp_v, float(alpha),
-        HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_t is not None, BLOCK_B=min(1024, triton.next_power_of_2(b)),
+        HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_t is not None, BLOCK_B=min(1024, _next_pow2(b)),
         num_warps=4,
     )
     return losses, dq_img, dq_txt, grad_temp, sims, terms
@@ -572,7 +581,7 @@ def _split_launch(config, b: int, d: int, splits: int, teacher: bool):
     if config is None:
         return _itc_split_fwd_kernel, _split_grid, {}
     meta = dict(config.kwargs)
-    meta.update(_kind_heuristics(dict(meta, HAS_TEACHER=teacher)), NUM_DK=triton.cdiv(d, meta["BLOCK_D"]))
+    meta.update(_kind_heuristics(dict(meta, HAS_TEACHER=teacher)), NUM_DK=_cdiv(d, meta["BLOCK_D"]))
     grid = _split_grid(dict(meta, B=b, D=d, NUM_SPLITS=splits))
     jit = _itc_split_fwd_kernel.fn.fn  # autotuner -> heuristics -> JITFunction
     return jit, grid, dict(meta, **launch_options(config))
