@@ -20,7 +20,7 @@ import multiprocessing
 import os
 import pathlib
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
