@@ -10,7 +10,7 @@ from albef_fast import reference
 
 from . import cases, measure
 
-EMA_PROVIDERS = ("albef_loop", "foreach_lerp", "albef_fast")
+EMA_PROVIDERS = ("albef_loop", "foreach_lerp", "albef_fast", "albef_fast[updater]")
 ENQUEUE_PROVIDERS = ("albef", "albef_fast")
 
 
@@ -19,7 +19,19 @@ def _ema_fn(provider: str, params_m, params, momentum: float):
         return lambda: reference.ema_update_(params_m, params, momentum)
     if provider == "foreach_lerp":  # p_m + (1 - m) (p - p_m): the fast idiom, not bit-exact to ALBEF
         return lambda: torch._foreach_lerp_(params_m, params, 1.0 - momentum)
-    return lambda: albef_fast.ema_update_(params_m, params, momentum)
+    if provider == "albef_fast[updater]":  # the per-step path: arguments validated once, when cached
+        return _updater(params_m, params, momentum).update
+    return lambda: albef_fast.ema_update_(params_m, params, momentum)  # validates 822 tensors every call
+
+
+def _updater(params_m, params, momentum: float) -> albef_fast.MomentumUpdater:
+    """A MomentumUpdater over modules holding the given tensors (shared storage, no copies)."""
+    def module(tensors):
+        m = torch.nn.Module()
+        m.params = torch.nn.ParameterList(torch.nn.Parameter(t, requires_grad=False) for t in tensors)
+        return m
+
+    return albef_fast.MomentumUpdater([(module(params), module(params_m))], momentum=momentum)
 
 
 def run_ema(args, device: torch.device, progress) -> List[Dict]:
