@@ -54,26 +54,27 @@ TUNED: Dict[str, List[Tuple[int, str, float]]] = {
 def launch_config(b: int, dot_dtype, input_precision: str) -> Tuple[Optional[triton.Config], float]:
     """(config, waves) of a launch, read at each call; config None = autotune.
 
-    ALBEF_FAST_CONFIG=<spec> forces one
-    (the per-config table, tests), ALBEF_FAST_AUTOTUNE=1 autotunes over candidates(),
+    ALBEF_FAST_CONFIG=<spec> forces one (the per-config table, tests), ALBEF_FAST_AUTOTUNE=1
+    autotunes over candidates(),
     ALBEF_FAST_AUTOTUNE=0 takes the default config (tests that compile many shapes); else the
     TUNED entry for the smallest tuned B >= b (the largest B beyond them), else the default.
     ALBEF_FAST_WAVES overrides the programs per SM the splits aim at."""
     waves = float(os.environ.get("ALBEF_FAST_WAVES", "0")) or None
-    default = make_config(16, 16, 16, 0, 0, 1) if _INTERPRET else make_config(64, 64, 64, 1, 1, 8)
     if os.environ.get("ALBEF_FAST_CONFIG"):
         return parse_config(os.environ["ALBEF_FAST_CONFIG"]), waves or 2.0
     autotune = os.environ.get("ALBEF_FAST_AUTOTUNE", "")
-    if _INTERPRET or autotune == "0":
-        return default, waves or 2.0
-    if autotune == "1":
+    if autotune == "1" and not _INTERPRET:
         return None, waves or 2.0
     key = "bf16" if dot_dtype != tl.float32 else "tf32" if input_precision.startswith("tf32rn") else input_precision
     entries = sorted(tuned_table().get(key, []))
-    for max_b, spec, tuned_waves in entries:
-        if b <= max_b or (max_b, spec, tuned_waves) == entries[-1]:
-            return parse_config(spec), waves or tuned_waves
-    return default, waves or 2.0
+    if _INTERPRET or autotune == "0" or not entries:
+        return parse_config(_DEFAULT), waves or 2.0
+    _, spec, tuned_waves = next((e for e in entries if b <= e[0]), entries[-1])
+    return parse_config(spec), waves or tuned_waves
+
+
+# the default config: small tiles under the interpreter
+_DEFAULT = "16,16,16,0,0,1" if _INTERPRET else "64,64,64,1,1,8"
 
 
 def tuned_table() -> Dict[str, List[Tuple[int, str, float]]]:
