@@ -7,13 +7,19 @@ opaque to torch.compile, which traces a training step around it with fullgraph=T
 calls go through itc_apply: the same forward and backward as a plain autograd.Function, without
 the custom-op dispatch (about 100 us a call, as much as the whole fused kernel at B = 64).
 
+The op also returns the mean loss, with the gradients saved for it: the usual step
+(`loss.backward()`) then costs no mean and no mean-backward op, and its backward is three
+multiplications (host time is most of a step at B = 64).
+
 Outputs (all fresh tensors; B rows, D features, W = the work dtype, fp32 or fp64):
-    losses [2] W        (loss_i2t, loss_t2i)
-    grad_image [B, D]   d loss_i2t / d image_feat (feature dtype)
-    grad_text [B, D]    d loss_t2i / d text_feat
-    grad_temp [2] W     (d loss_i2t / d T, d loss_t2i / d T)
-    sims [2, B, B]      student logits against the in-batch keys (i2t, t2i), feature dtype
-    terms [4] W         (ce_i2t, ce_t2i, kl_i2t, kl_t2i); kl is 0 when the teacher was skipped
+    loss [] W             (loss_i2t + loss_t2i) / 2
+    losses [2] W          (loss_i2t, loss_t2i)
+    grad_image [B, D]     d loss / d image_feat (feature dtype; = d loss_i2t / d image_feat / 2)
+    grad_text [B, D]      d loss / d text_feat (= d loss_t2i / d text_feat / 2)
+    grad_temp [] W        d loss / d T
+    grad_temp_dirs [2] W  (d loss_i2t / d T, d loss_t2i / d T)
+    sims [2, B, B]        student logits against the in-batch keys (i2t, t2i), feature dtype
+    terms [4] W           (ce_i2t, ce_t2i, kl_i2t, kl_t2i); kl is 0 when the teacher was skipped
 """
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ from . import streaming
 
 __all__ = ["itc", "itc_apply", "BACKEND_IMPLS", "work_dtype"]
 
-Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# the eight outputs listed above (spelled out: custom_op infers the schema from it)
+Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                torch.Tensor]
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,11 +53,14 @@ def _torch_backend(image_feat, text_feat, image_feat_m, text_feat_m, image_queue
 
 
 def _pack(i2t: streaming.DirectionResult, t2i: streaming.DirectionResult) -> Outputs:
+    losses, grad_temp_dirs = torch.stack([i2t.loss, t2i.loss]), torch.stack([i2t.dtemp, t2i.dtemp])
     return (
-        torch.stack([i2t.loss, t2i.loss]),
-        i2t.dq,
-        t2i.dq,
-        torch.stack([i2t.dtemp, t2i.dtemp]),
+        losses.mean(),
+        losses,
+        i2t.dq * 0.5,
+        t2i.dq * 0.5,
+        grad_temp_dirs.mean(),
+        grad_temp_dirs,
         torch.stack([i2t.sim_batch, t2i.sim_batch]),
         torch.stack([i2t.ce, t2i.ce, i2t.kl, t2i.kl]),
     )
@@ -96,9 +107,11 @@ def _itc_fake(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, tex
     b, d = image_feat.shape
     w = work_dtype(image_feat.dtype)
     return (
+        image_feat.new_empty((), dtype=w),
         image_feat.new_empty(2, dtype=w),
         image_feat.new_empty(b, d),
         text_feat.new_empty(b, d),
+        image_feat.new_empty((), dtype=w),
         image_feat.new_empty(2, dtype=w),
         image_feat.new_empty(2, b, b),
         image_feat.new_empty(4, dtype=w),
@@ -106,15 +119,15 @@ def _itc_fake(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, tex
 
 
 class _EagerITC(torch.autograd.Function):
-    """The op's forward and backward for eager calls (no custom-op dispatch)."""
+    """The op's forward and backward for eager calls (no custom-op dispatch). Old-style
+    forward(ctx, ...): with a separate setup_context, Function.apply binds the 15 arguments
+    through inspect.signature on every call."""
 
     @staticmethod
-    def forward(*inputs):  # with setup_context: no ctx here
-        return _impl(*inputs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def forward(ctx, *inputs):
+        output = _impl(*inputs)
         _setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, *grads):
@@ -132,22 +145,36 @@ def itc_apply(*inputs) -> Outputs:
 def _setup_context(ctx, inputs, output) -> None:
     temp = inputs[6]
     ctx.temp_dtype = None if temp is None else temp.dtype
-    ctx.save_for_backward(output[1], output[2], output[3])
+    ctx.save_for_backward(*output[2:6])  # grad_image, grad_text, grad_temp, grad_temp_dirs
     ctx.set_materialize_grads(False)  # no zero-filled grads for the outputs nothing backpropagates
 
 
-def _backward(ctx, g_losses, *unused):
-    """Scale the saved gradients by grad_output: four small ops (host time counts at B = 64)."""
-    if g_losses is None:  # only sims / terms were used: nothing reaches the inputs
+def _backward(ctx, g_loss, g_losses, *unused):
+    """Scale the saved gradients by grad_output. The usual case (only the mean loss
+    backpropagates) is three multiplications; the saved gradients are those of the mean, so a
+    direction's loss weighs 2x (d loss_i2t / d image_feat = 2 grad_image)."""
+    if g_loss is None and g_losses is None:  # only sims / terms were used: nothing reaches the inputs
         return (None,) * 15
-    grad_image, grad_text, grad_temp = ctx.saved_tensors
-    g_i2t, g_t2i = g_losses.unbind()
+    grad_image, grad_text, grad_temp, grad_temp_dirs = ctx.saved_tensors
+    if g_losses is None:
+        g_image = g_text = g_loss
+    else:
+        g_dirs = g_losses * 2.0 if g_loss is None else g_losses * 2.0 + g_loss
+        g_image, g_text = g_dirs.unbind()
     d_temp = None
     if ctx.temp_dtype is not None:
-        d_temp = torch.dot(grad_temp, g_losses.to(grad_temp.dtype))
+        d_temp = _temp_grad(grad_temp, grad_temp_dirs, g_loss, g_losses)
         d_temp = d_temp if d_temp.dtype == ctx.temp_dtype else d_temp.to(ctx.temp_dtype)
     # a 0-dim factor keeps the gradient's dtype (bf16 stays bf16)
-    return grad_image * g_i2t, grad_text * g_t2i, None, None, None, None, d_temp, *(None,) * 8
+    return grad_image * g_image, grad_text * g_text, None, None, None, None, d_temp, *(None,) * 8
+
+
+def _temp_grad(grad_temp, grad_temp_dirs, g_loss, g_losses):
+    """d / d T of g_loss * loss + g_losses . losses (either may be None: not used)."""
+    if g_losses is None:
+        return grad_temp * g_loss
+    d_temp = torch.dot(grad_temp_dirs, g_losses.to(grad_temp_dirs.dtype))
+    return d_temp if g_loss is None else d_temp + grad_temp * g_loss
 
 
 itc.register_autograd(_backward, setup_context=_setup_context)

@@ -9,9 +9,11 @@ _itc_split_fwd_kernel   grid (row blocks, key splits, 2 directions x D blocks). 
     hard-target sum H = sum [id_j == id_r] k and count for retrieval targets.
 _itc_merge_fwd_kernel   grid (row blocks, D blocks, 2 directions). Combines the splits in a fixed
     order (deterministic: no atomics): G = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H / n,
-    dq = G / (T B), and partial dot products of u = q / T with the key means over its D block.
-_itc_finish_fwd_kernel  grid (2 directions). Sums the partials in order and gives the means of
-    the loss, dT, ce and kl rows (all scalars are dots with u: see albef_fast/streaming.py).
+    dq = G / (2 T B) (of the mean of the two directions' losses), and partial dot products of
+    u = q / T with the key means over its D block.
+_itc_finish_fwd_kernel  grid (1,). Sums the partials in order and gives the means of the loss,
+    dT, ce and kl rows per direction and the mean loss (all scalars are dots with u: see
+    albef_fast/streaming.py).
 
 Queues are read in place through their strides ([D, Q] as ALBEF stores them); in-batch keys
 [B, D] go through the same tile loader with their strides swapped.
@@ -28,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .itc_configs import candidates, launch_config, launch_options
+from .launch import DirectLauncher
 
 __all__ = ["itc_triton"]
 
@@ -357,7 +360,7 @@ def _itc_merge_fwd_kernel(
     """Combine the splits of one (row block, D block, direction), CHUNK splits at a time (a fixed
     order: the same bits every run).
 
-    Writes dq [B, D] (feature dtype, d loss_dir / d q including 1 / B) for its D block, the
+    Writes dq [B, D] (feature dtype, d loss / d q of the mean loss: 1 / (2 B)) for its D block, the
     partial row dots part [2, D blocks, 4, B] = (u . H / n, u . P_m, u_m . P_m, u . G) over its
     D block (P_m = A_m / Z_m), and from D block 0 the log-partition functions lse [2, 2, B].
     """
@@ -404,25 +407,19 @@ def _itc_merge_fwd_kernel(
     if not GRAD:  # no gradient asked for: dq and dT are zeros
         g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     tl.store(part + 3 * B, tl.sum(u * g, 1), mask=row_ok)
-    tl.store(dq_ptr + rows[:, None] * D + d_offs[None, :], (g * (inv_t / B)).to(dq_ptr.dtype.element_ty), mask=mask)
+    # dq of the mean of the two directions' losses: 1 / (2 B)
+    tl.store(dq_ptr + rows[:, None] * D + d_offs[None, :], (g * (inv_t * 0.5 / B)).to(dq_ptr.dtype.element_ty),
+             mask=mask)
     if pid_d == 0:
         tl.store(lse_ptr + direction * 2 * B + rows, (mx_s + tl.log2(z_s)) * 0.6931471805599453, mask=row_ok)
         tl.store(lse_ptr + (direction * 2 + 1) * B + rows, (mx_m + tl.log2(z_m)) * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit
-def _itc_finish_fwd_kernel(
-    # pointers
-    part_ptr, lse_ptr, temp_ptr, losses_ptr, grad_temp_ptr, terms_ptr,
-    # shapes and scalars
-    B, NUM_DBLOCKS, temp_value, alpha,
-    # constexpr flags
-    HAS_TEACHER: tl.constexpr, TEMP_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr,
-):
-    """Row values and their means for one direction (grid (2,)), summing the D-block partials in
-    order: losses[dir], grad_temp[dir] = d loss / d T, terms[dir] = ce, terms[2 + dir] = kl."""
-    direction = tl.program_id(0)
-    temp = _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
+def _finish_direction(part_ptr, lse_ptr, direction, temp, B, NUM_DBLOCKS, alpha, HAS_TEACHER: tl.constexpr,
+                      BLOCK_B: tl.constexpr):
+    """Means over the rows of one direction: (loss, d loss / d T, ce, kl), summing the D-block
+    partials in order."""
     sum_loss = tl.zeros([BLOCK_B], tl.float32)  # per-lane sums, reduced once at the end
     sum_dt = tl.zeros([BLOCK_B], tl.float32)
     sum_ce = tl.zeros([BLOCK_B], tl.float32)
@@ -450,10 +447,35 @@ def _itc_finish_fwd_kernel(
         sum_loss += tl.where(ok, loss, 0.0)
         sum_dt += tl.where(ok, -u_g / temp, 0.0)
         sum_ce += tl.where(ok, lse_s - h_s, 0.0)
-    tl.store(losses_ptr + direction, tl.sum(sum_loss, 0) / B)
-    tl.store(grad_temp_ptr + direction, tl.sum(sum_dt, 0) / B)
-    tl.store(terms_ptr + direction, tl.sum(sum_ce, 0) / B)
-    tl.store(terms_ptr + 2 + direction, tl.sum(sum_kl, 0) / B)
+    return tl.sum(sum_loss, 0) / B, tl.sum(sum_dt, 0) / B, tl.sum(sum_ce, 0) / B, tl.sum(sum_kl, 0) / B
+
+
+@triton.jit
+def _itc_finish_fwd_kernel(
+    # pointers
+    part_ptr, lse_ptr, temp_ptr, loss_ptr, losses_ptr, grad_temp_ptr, grad_temp_dirs_ptr, terms_ptr,
+    # shapes and scalars
+    B, NUM_DBLOCKS, temp_value, alpha,
+    # constexpr flags
+    HAS_TEACHER: tl.constexpr, TEMP_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """The scalars of both directions (grid (1,)): loss (their mean), losses [2],
+    grad_temp = d loss / d T, grad_temp_dirs [2] = d loss_dir / d T, terms [4] = (ce, ce, kl, kl)."""
+    temp = _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
+    loss_0, dt_0, ce_0, kl_0 = _finish_direction(part_ptr, lse_ptr, 0, temp, B, NUM_DBLOCKS, alpha, HAS_TEACHER,
+                                                 BLOCK_B)
+    loss_1, dt_1, ce_1, kl_1 = _finish_direction(part_ptr, lse_ptr, 1, temp, B, NUM_DBLOCKS, alpha, HAS_TEACHER,
+                                                 BLOCK_B)
+    tl.store(loss_ptr, (loss_0 + loss_1) * 0.5)
+    tl.store(grad_temp_ptr, (dt_0 + dt_1) * 0.5)
+    tl.store(losses_ptr, loss_0)
+    tl.store(losses_ptr + 1, loss_1)
+    tl.store(grad_temp_dirs_ptr, dt_0)
+    tl.store(grad_temp_dirs_ptr + 1, dt_1)
+    tl.store(terms_ptr, ce_0)
+    tl.store(terms_ptr + 1, ce_1)
+    tl.store(terms_ptr + 2, kl_0)
+    tl.store(terms_ptr + 3, kl_1)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -534,27 +556,31 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     idx_v = idx.reshape(-1) if retrieval else ws.count
     idq_v = idx_queue.reshape(-1) if retrieval else ws.count
     flags = dict(GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None)
-    kernel, grid, meta = _split_launch(config, b, d, splits, teacher)
-    kernel[grid](
-        *feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims,
-        feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
-        idx_v.stride(0), idq_v.stride(0), b, q, d, splits, temp_v,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision, **flags, **meta,
-    )
+    split_args = (*feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims,
+                  feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
+                  idx_v.stride(0), idq_v.stride(0), b, q, d, splits, temp_v)
+    dot_flags = dict(DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision)
+    if config is None:  # autotune over candidates()
+        _itc_split_fwd_kernel[_split_grid](*split_args, **dot_flags, **flags)
+    else:
+        grid, meta = _split_meta(config, b, d, splits, teacher)
+        _LAUNCH["split"](grid, split_args, dict(meta, **dot_flags, **flags), launch_options(config))
     dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
-    _itc_merge_fwd_kernel[(_cdiv(b, merge_m), merge_d_blocks, 2)](
-        *feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse,
-        feats[0].stride(0), feats[0].stride(1), b, d, splits, temp_v, float(alpha),
-        **flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk, num_warps=4,
+    _LAUNCH["merge"](
+        (_cdiv(b, merge_m), merge_d_blocks, 2),
+        (*feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse,
+         feats[0].stride(0), feats[0].stride(1), b, d, splits, temp_v, float(alpha)),
+        dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk), _FOUR_WARPS,
     )
-    losses, grad_temp, terms = (torch.empty(n, device=dev, dtype=torch.float32) for n in (2, 2, 4))
-    _itc_finish_fwd_kernel[(2,)](
-        ws.part, ws.lse, temp_arg, losses, grad_temp, terms, b, merge_d_blocks, temp_v, float(alpha),
-        HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_t is not None, BLOCK_B=min(1024, _next_pow2(b)),
-        num_warps=4,
+    loss, grad_temp = (torch.empty((), device=dev, dtype=torch.float32) for _ in range(2))
+    losses, grad_temp_dirs, terms = (torch.empty(n, device=dev, dtype=torch.float32) for n in (2, 2, 4))
+    _LAUNCH["finish"](
+        (1,), (ws.part, ws.lse, temp_arg, loss, losses, grad_temp, grad_temp_dirs, terms, b, merge_d_blocks, temp_v,
+               float(alpha)),
+        dict(HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_t is not None, BLOCK_B=min(1024, _next_pow2(b))), _FOUR_WARPS,
     )
-    return losses, dq_img, dq_txt, grad_temp, sims, terms
+    return loss, losses, dq_img, dq_txt, grad_temp, grad_temp_dirs, sims, terms
 
 
 class _Workspace:
@@ -572,16 +598,18 @@ class _Workspace:
         self.max, self.z, self.count, self.acc, self.part, self.lse = flat.split(sizes)
 
 
-def _split_launch(config, b: int, d: int, splits: int, teacher: bool):
-    """(kernel, grid, meta) of the split launch: straight to the JIT function for a fixed config
-    (host time: no autotuner, no heuristics), through the autotuner otherwise."""
-    if config is None:
-        return _itc_split_fwd_kernel, _split_grid, {}
+def _split_meta(config, b: int, d: int, splits: int, teacher: bool):
+    """(grid, constexprs) of the split launch for a fixed config: the autotuner's heuristics
+    applied here, so that the launch goes straight to the JIT function."""
     meta = dict(config.kwargs)
     meta.update(_kind_heuristics(dict(meta, HAS_TEACHER=teacher)), NUM_DK=_cdiv(d, meta["BLOCK_D"]))
-    grid = _split_grid(dict(meta, B=b, D=d, NUM_SPLITS=splits))
-    jit = _itc_split_fwd_kernel.fn.fn  # autotuner -> heuristics -> JITFunction
-    return jit, grid, dict(meta, **launch_options(config))
+    return _split_grid(dict(meta, B=b, D=d, NUM_SPLITS=splits)), meta
+
+
+_FOUR_WARPS = {"num_warps": 4}
+# one launcher per kernel: the split kernel's JIT function sits under autotune -> heuristics
+_LAUNCH = {"split": DirectLauncher(_itc_split_fwd_kernel.fn.fn), "merge": DirectLauncher(_itc_merge_fwd_kernel),
+           "finish": DirectLauncher(_itc_finish_fwd_kernel)}
 
 
 def _common_strides(feats):

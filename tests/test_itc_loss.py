@@ -115,6 +115,46 @@ def test_partial_losses_backpropagate_separately():
     assert b.grad is None or b.grad.abs().max() == 0
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("weights", [(2.5, 0.7, -1.3), (0.0, 0.7, 0.0), (1.5, 0.0, 0.0)])
+def test_weighted_outputs_backpropagate(backend, weights):
+    """Any weighted sum of loss, loss_i2t and loss_t2i gets the reference's gradients, T included
+    (the op saves the mean loss's gradients; a direction's loss weighs twice as much)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and not _interpreting():
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x = make_inputs(5, 12, 8, dtype, device=device)
+    w, w_i2t, w_t2i = weights
+
+    def grads(fn):
+        a, b = x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()
+        t = torch.tensor(0.07, dtype=dtype, device=device, requires_grad=True)
+        loss, loss_i2t, loss_t2i = fn(a, b, t)
+        return torch.autograd.grad(w * loss + w_i2t * loss_i2t + w_t2i * loss_t2i, (a, b, t), allow_unused=True)
+
+    def fast(a, b, t):
+        out = albef_fast.itc_loss(a, b, *_args(x)[2:], t, 0.0, return_details=True, backend=backend,
+                                  precision="highest")
+        return out.loss, out.loss_i2t, out.loss_t2i
+
+    got = grads(fast)
+    want = grads(lambda a, b, t: reference.itc_loss(a, b, *_args(x)[2:], t, 0.0, return_logits=True)[:3])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for g, g_ref in zip(got, want):
+        g = torch.zeros_like(g_ref) if g is None else g
+        g_ref = torch.zeros_like(g) if g_ref is None else g_ref
+        assert max_err(g, g_ref) < tol * max(1.0, g_ref.abs().max().item())
+
+
+def _interpreting():
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def test_bf16_queue_with_fp32_features():
     x = make_inputs(5, 37, 24, torch.float32, queue_dtype=torch.bfloat16)
     got = albef_fast.itc_loss(*_args(x), 0.07, backend="torch")

@@ -147,6 +147,26 @@ def test_cuda_retrieval_odd_dim(precision, dtype, atol, b):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("offset", [0, 1])
+def test_cuda_direct_launch_matches_jit_bitwise(offset, monkeypatch):
+    """The direct launches (kernels/launch.py) give the bits of Triton's own launch path, for
+    aligned and misaligned (offset 1: no 16-byte specialization) features."""
+    from albef_fast.kernels import launch
+
+    if not launch.direct_launch_enabled():
+        pytest.skip(f"direct launches are off for Triton {triton.__version__}")
+    x = make_inputs(64, 4001, 256, torch.bfloat16, "cuda")
+    x.image_feat = torch.cat([x.image_feat.new_zeros(offset), x.image_feat.reshape(-1)])[offset:].view(64, 256)
+    runs = []
+    for direct in (True, True, False):  # the first call compiles, the second launches directly
+        for launcher in itc._LAUNCH.values():
+            monkeypatch.setattr(launcher, "_direct", direct)
+        runs.append(_run(_triton, x, 0.07, 0.4, 1.3))
+    (l1, g1), (l2, g2) = runs[1:]
+    assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_automatic_backend_choice():
     from albef_fast.functional import resolve_backend
 
