@@ -86,11 +86,13 @@ def _temperature(temp_ptr, temp_value, TEMP_FROM_PTR: tl.constexpr):
 
 
 @triton.jit
-def _query_tiles(q_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, TEACHER: tl.constexpr):
-    """(query tile, momentum-query tile) [BLOCK_M, BLOCK_D]; without TEACHER the second is the first."""
-    q = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
+def _query_tiles(q_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, TEACHER: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(query tile, momentum-query tile) [BLOCK_M, BLOCK_D] as product operands (_operand); without
+    TEACHER the second is the first."""
+    q = _operand(_load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D), DOT_DTYPE, INPUT_PRECISION)
     if TEACHER:
-        qm = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
+        qm = _operand(_load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D), DOT_DTYPE, INPUT_PRECISION)
     else:
         qm = q
     return q, qm
@@ -107,25 +109,38 @@ def _round_tf32(x):
 
 
 @triton.jit
-def _dot(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """a @ b with fp32 accumulation, both cast to DOT_DTYPE (fp32 at INPUT_PRECISION, or bf16 / fp16)."""
+def _operand(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """x as a product operand: cast to DOT_DTYPE, and for "tf32rn" rounded to TF32 (_round_tf32).
+    Done once per loaded tile (the query tiles once per program), not once per product: for TF32
+    the rounding costs registers and ALU time in the key loop."""
     if DOT_DTYPE == tl.float32:
-        a, b = a.to(tl.float32), b.to(tl.float32)
-        if INPUT_PRECISION == "tf32rn":  # both operands rounded to TF32
-            out = tl.dot(_round_tf32(a), _round_tf32(b), input_precision="tf32")
+        x = x.to(tl.float32)
+        if INPUT_PRECISION == "tf32rn":
+            x = _round_tf32(x)
+        return x
+    return x.to(DOT_DTYPE)
+
+
+@triton.jit
+def _mma(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation, for operands prepared by _operand (TF32 values: the tensor
+    cores' truncation is then exact)."""
+    if DOT_DTYPE == tl.float32:
+        if INPUT_PRECISION == "tf32rn":
+            out = tl.dot(a, b, input_precision="tf32")
         else:
             out = tl.dot(a, b, input_precision=INPUT_PRECISION)
     else:
-        out = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+        out = tl.dot(a, b)
     return out
 
 
 @triton.jit
 def _logits(q, qm, k, TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Raw dots of one D block: (q . k [BLOCK_M, BLOCK_N], q_m . k if TEACHER else 0)."""
-    s = _dot(q, k, DOT_DTYPE, INPUT_PRECISION)
+    """Raw dots of one D block (prepared operands): (q . k [BLOCK_M, BLOCK_N], q_m . k if TEACHER else 0)."""
+    s = _mma(q, k, DOT_DTYPE, INPUT_PRECISION)
     if TEACHER:
-        m = _dot(qm, k, DOT_DTYPE, INPUT_PRECISION)
+        m = _mma(qm, k, DOT_DTYPE, INPUT_PRECISION)
     else:
         m = tl.zeros_like(s)
     return s, m
@@ -135,14 +150,14 @@ def _logits(q, qm, k, TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PREC
 def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr):
     """One key tile into a running state: max (base 2), Z = sum 2^(l - max) and, if ACC,
-    acc = sum 2^(l - max) k."""
+    acc = sum 2^(l - max) k (k_t: a prepared operand)."""
     l2 = tl.where(valid, logits * scale, float("-inf"))
     new_mx = tl.maximum(mx, tl.max(l2, 1))
     rescale = tl.exp2(mx - new_mx)
     p = tl.exp2(l2 - new_mx[:, None])
     z = z * rescale + tl.sum(p, 1)
     if ACC:
-        acc = acc * rescale[:, None] + _dot(p, k_t, DOT_DTYPE, INPUT_PRECISION)
+        acc = acc * rescale[:, None] + _mma(_operand(p, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE, INPUT_PRECISION)
     return new_mx, z, acc
 
 
@@ -213,7 +228,8 @@ def _itc_split_fwd_kernel(
     acc_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.zeros([BLOCK_M], tl.float32)
 
-    q_one, qm_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D, TEACHER)
+    q_one, qm_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D, TEACHER, DOT_DTYPE,
+                                 INPUT_PRECISION)
 
     batch_tiles = tl.cdiv(B, BLOCK_N)
     tiles = batch_tiles + tl.cdiv(Q, BLOCK_N)
@@ -231,23 +247,25 @@ def _itc_split_fwd_kernel(
         for t in range(lo, hi):
             j = (t - shift) * BLOCK_N + cols
             if NUM_DK == 1:  # the query tiles stay loaded (q_one, qm_one); one key tile serves all
-                k_acc = _load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys)
+                k_acc = _operand(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE, INPUT_PRECISION)
                 s, m = _logits(q_one, qm_one, k_acc, TEACHER, DOT_DTYPE, INPUT_PRECISION)
             else:  # D in NUM_DK blocks for the logits, then this program's D block of the keys again
                 s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 m = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 for dk in range(NUM_DK):
                     d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
-                    k = _load_keys(k_base, s_kd, s_kj, d_offs, j, D, n_keys)
-                    q, qm = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, TEACHER)
+                    k = _operand(_load_keys(k_base, s_kd, s_kj, d_offs, j, D, n_keys), DOT_DTYPE, INPUT_PRECISION)
+                    q, qm = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, TEACHER,
+                                         DOT_DTYPE, INPUT_PRECISION)
                     s_part, m_part = _logits(q, qm, k, TEACHER, DOT_DTYPE, INPUT_PRECISION)
                     s += s_part
                     m += m_part
             if KT_LOAD:  # [BLOCK_N, BLOCK_D] loaded as such: no transpose through registers
-                k_t = _load_keys(k_base, s_kj, s_kd, j, d_acc, n_keys, D)
+                k_t = _operand(_load_keys(k_base, s_kj, s_kd, j, d_acc, n_keys, D), DOT_DTYPE, INPUT_PRECISION)
             else:
                 if NUM_DK > 1:
-                    k_acc = _load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys)
+                    k_acc = _operand(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE,
+                                     INPUT_PRECISION)
                 k_t = tl.trans(k_acc)
             valid = j[None, :] < n_keys
             if phase == 0:
@@ -263,7 +281,7 @@ def _itc_split_fwd_kernel(
                     key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=0)
                     hard = ((row_ids[:, None] == key_ids[None, :]) & valid).to(tl.float32)
                     count += tl.sum(hard, 1)
-                    acc_h += _dot(hard, k_t, DOT_DTYPE, INPUT_PRECISION)
+                    acc_h += _mma(_operand(hard, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE, INPUT_PRECISION)
             if TEACHER:
                 mx_m, z_m, acc_m = _online_softmax(mx_m, z_m, acc_m, m, valid, scale, k_t, True, DOT_DTYPE,
                                                    INPUT_PRECISION)
@@ -556,28 +574,30 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     idx_v = idx.reshape(-1) if retrieval else ws.count
     idq_v = idx_queue.reshape(-1) if retrieval else ws.count
     flags = dict(GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None)
-    split_args = (*feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims,
-                  feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
-                  idx_v.stride(0), idq_v.stride(0), b, q, d, splits, temp_v)
+    # runtime arguments in the kernels' order: tensors, ints, floats (kernels/launch.py)
+    split_tensors = (*feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims)
+    split_ints = (feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
+                  idx_v.stride(0), idq_v.stride(0), b, q, d, splits)
     dot_flags = dict(DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision)
     if config is None:  # autotune over candidates()
-        _itc_split_fwd_kernel[_split_grid](*split_args, **dot_flags, **flags)
+        _itc_split_fwd_kernel[_split_grid](*split_tensors, *split_ints, temp_v, **dot_flags, **flags)
     else:
         grid, meta = _split_meta(config, b, d, splits, teacher)
-        _LAUNCH["split"](grid, split_args, dict(meta, **dot_flags, **flags), launch_options(config))
+        _LAUNCH["split"](grid, split_tensors, split_ints, (temp_v,), dict(meta, **dot_flags, **flags),
+                         launch_options(config))
     dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
     _LAUNCH["merge"](
         (_cdiv(b, merge_m), merge_d_blocks, 2),
-        (*feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse,
-         feats[0].stride(0), feats[0].stride(1), b, d, splits, temp_v, float(alpha)),
+        (*feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse),
+        (feats[0].stride(0), feats[0].stride(1), b, d, splits), (temp_v, float(alpha)),
         dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk), _FOUR_WARPS,
     )
     loss, grad_temp = (torch.empty((), device=dev, dtype=torch.float32) for _ in range(2))
     losses, grad_temp_dirs, terms = (torch.empty(n, device=dev, dtype=torch.float32) for n in (2, 2, 4))
     _LAUNCH["finish"](
-        (1,), (ws.part, ws.lse, temp_arg, loss, losses, grad_temp, grad_temp_dirs, terms, b, merge_d_blocks, temp_v,
-               float(alpha)),
+        (1,), (ws.part, ws.lse, temp_arg, loss, losses, grad_temp, grad_temp_dirs, terms), (b, merge_d_blocks),
+        (temp_v, float(alpha)),
         dict(HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_t is not None, BLOCK_B=min(1024, _next_pow2(b))), _FOUR_WARPS,
     )
     return loss, losses, dq_img, dq_txt, grad_temp, grad_temp_dirs, sims, terms

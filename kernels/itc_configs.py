@@ -21,23 +21,27 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def candidates():
     """The candidate configs (autotune space with ALBEF_FAST_AUTOTUNE=1; the per-config table of
-    benchmarks/triton_configs.py), from the first H200 table: one state per program (KIND_AXIS)
-    with all of D = 256 in one block won for bf16, both states in 32-row programs for TF32; D in
-    64-wide blocks (logits recomputed per block) lost at B = 512. The 128-row tiles (bf16, no
-    spills at sm_90) are FlashAttention-3's head-dim-256 shape. ALBEF_FAST_CONFIGS="spec;spec"
-    (specs as for ALBEF_FAST_CONFIG, read at import) replaces the list."""
+    benchmarks/triton_configs.py). From the H200 tables: one state per program (KIND_AXIS) with
+    all of D = 256 in one block won for bf16, both states in 32-row programs for TF32; D in 64-
+    or 128-wide blocks (logits recomputed per block) lost 2-5x at B = 512 and was dropped but for
+    the B = 64 entry of TUNED (its outer key loop compiles to a synchronous load per tile: AOT,
+    sm_90). ALBEF_FAST_CONFIGS="spec;spec" (specs as for ALBEF_FAST_CONFIG, read at import)
+    replaces the list."""
     if os.environ.get("ALBEF_FAST_CONFIGS"):
         return [parse_config(spec) for spec in os.environ["ALBEF_FAST_CONFIGS"].split(";")]
-    one_state = [make_config(m, n, 256, 1, kt, 8) for m in (64, 128) for n, kt in ((32, 0), (32, 1), (64, 0))]
-    two_states = [make_config(32, n, 256, 0, kt, 8) for n in (32, 64) for kt in (0, 1)]
-    blocked_d = [make_config(64, 64, 64, 1, 1, 8), make_config(64, 64, 64, 1, 0, 4), make_config(64, 32, 128, 1, 0, 8),
-                 make_config(64, 64, 128, 1, 0, 8), make_config(128, 64, 128, 1, 0, 16)]
-    # not yet timed: deeper pipelines, and 128 registers a thread for two 8-warp programs per SM,
-    # which overlaps one program's softmax with the other's products (bf16: 0-40 B of spills)
-    untimed = [make_config(64, 32, 256, 1, 0, 8, 3), make_config(64, 32, 256, 1, 0, 8, 2, 128),
-               make_config(64, 32, 256, 1, 0, 8, 3, 128), make_config(64, 64, 128, 1, 0, 8, 2, 128),
-               make_config(32, 64, 256, 0, 0, 8, 3)]
-    return one_state + two_states + blocked_d + untimed
+    one_state = [make_config(64, 32, 256, 1, 0, 8), make_config(64, 32, 256, 1, 1, 8), make_config(64, 64, 256, 1, 0, 8),
+                 make_config(128, 32, 256, 1, 0, 8), make_config(128, 32, 256, 1, 1, 8)]
+    two_states = [make_config(32, 64, 256, 0, kt, 8) for kt in (0, 1)]
+    blocked_d = [make_config(64, 64, 128, 1, 0, 8)]
+    # not yet timed. Deeper pipelines: with 2 stages a program waits for each key tile it has just
+    # asked for (async_wait num=0 in the TTGIR; 1 program per SM at ~170 registers, so nothing
+    # hides the latency); 3-4 stages keep 1-2 more tiles in flight (num=1, 2). And 128 registers
+    # a thread for two 8-warp programs per SM (bf16: 0-40 B of spills).
+    deeper = [make_config(64, 32, 256, 1, 0, 8, 3), make_config(64, 32, 256, 1, 0, 8, 4),
+              make_config(64, 64, 256, 1, 0, 8, 3), make_config(32, 64, 256, 0, 0, 8, 3),
+              make_config(32, 64, 256, 0, 1, 8, 3), make_config(128, 32, 256, 1, 1, 8, 3)]
+    two_per_sm = [make_config(64, 32, 256, 1, 0, 8, 2, 128), make_config(64, 32, 256, 1, 0, 8, 3, 128)]
+    return one_state + two_states + blocked_d + deeper + two_per_sm
 
 
 # Measured configs: precision -> [(largest B it was tuned for, ALBEF_FAST_CONFIG spec, waves)],
@@ -73,8 +77,9 @@ def launch_config(b: int, dot_dtype, input_precision: str) -> Tuple[Optional[tri
     return parse_config(spec), waves or tuned_waves
 
 
-# the default config: small tiles under the interpreter
-_DEFAULT = "16,16,16,0,0,1" if _INTERPRET else "64,64,64,1,1,8"
+# the default config (no tuned entry, ALBEF_FAST_AUTOTUNE=0): bf16's best at B = 512 on the H200
+# (D = 256 in one block); small tiles under the interpreter
+_DEFAULT = "16,16,16,0,0,1" if _INTERPRET else "64,32,256,1,0,8"
 
 
 def tuned_table() -> Dict[str, List[Tuple[int, str, float]]]:

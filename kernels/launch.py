@@ -6,11 +6,13 @@ builds a string cache key from the options and wraps launch metadata. At B = 64 
 issues three launches and its kernels run for ~0.25 ms, so that Python is a large part of the
 step. `DirectLauncher` keeps the compiled kernel Triton returned and calls its launcher with the
 same arguments Triton's own `JITFunction.run` passes it (every bound argument, constexprs
-included, in parameter order; Triton 3.6-3.8), keyed by what Triton specializes on:
+included, in parameter order; Triton 3.6-3.8). The kernels take their runtime arguments as
+tensors, then ints, then floats, and the cache key covers at least what Triton specializes on:
 
 - tensors: dtype and whether the address is a multiple of 16 bytes;
-- ints: == 1 (becomes a constexpr), a multiple of 16, the i32 / i64 / u64 range;
-- floats and bools: their Python type only (never specialized);
+- ints: their values (Triton: == 1, a multiple of 16, the i32 / i64 range; finer is safe, it
+  only means a JITFunction.run call, no compile, for each new shape);
+- floats: nothing (Python floats are never specialized; alpha changes every step);
 - constexprs and compile options: their values; the current device.
 
 The first call with a new key goes through `JITFunction.run` (compiling if needed) and caches the
@@ -27,11 +29,16 @@ from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import triton
+from triton.runtime import driver
+
+try:
+    from triton import knobs
+except ImportError:  # Triton < 3.4: launches go through JITFunction.run (SUPPORTED)
+    knobs = None
 
 __all__ = ["DirectLauncher", "direct_launch_enabled"]
 
 SUPPORTED = ("3.6", "3.7", "3.8")  # JITFunction.run -> kernel.run(grid, stream, ..., *bound_args) read in these
-_I32 = range(-(2**31), 2**31)
 
 
 def direct_launch_enabled() -> bool:
@@ -43,30 +50,21 @@ def direct_launch_enabled() -> bool:
 
 
 def _hooks_installed() -> bool:
-    from triton import knobs
-
+    if knobs is None:
+        return True
     hook = knobs.runtime.launch_enter_hook
     calls = getattr(hook, "calls", None)  # an empty HookChain (3.6+) calls nothing
     return hook is not None and (calls is None or len(calls) > 0)
 
 
-def _arg_key(arg: Any):
-    """What Triton's binder specializes one runtime argument on (see the module docstring)."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool) or not isinstance(arg, int):
-        return type(arg)
-    return arg == 1, arg % 16 == 0, arg in _I32, arg < 2**63
-
-
 class DirectLauncher:
-    """Launch `fn` (a JITFunction) with runtime `args` (positional, in parameter order) and
-    `constexprs` (by name: every constexpr parameter of fn), compile `options`
-    (num_warps, num_stages, maxnreg)."""
+    """Launch `fn` (a JITFunction whose runtime parameters are tensors, then ints, then floats,
+    then constexprs) with `constexprs` given by name (every constexpr parameter) and compile
+    `options` (num_warps, num_stages, maxnreg)."""
 
     def __init__(self, fn):
         self.fn = fn
-        self._kernels: Dict[Tuple, Any] = {}
+        self._kernels: Dict[Tuple, Tuple] = {}  # key -> (launcher, function handle, packed metadata)
         # the interpreter's functions have no compiled kernels: always fn[grid] there
         self._direct = isinstance(fn, triton.runtime.JITFunction) and direct_launch_enabled()
         if self._direct:
@@ -75,27 +73,27 @@ class DirectLauncher:
             self._n_runtime = len(names) - len(self._constexpr_names)
             assert all(i >= self._n_runtime for i in fn.constexprs), "constexprs must follow the runtime arguments"
 
-    def __call__(self, grid: Sequence[int], args: Sequence[Any], constexprs: Dict[str, Any],
-                 options: Dict[str, int]) -> None:
+    def __call__(self, grid: Sequence[int], tensors: Sequence[torch.Tensor], ints: Tuple[int, ...],
+                 floats: Tuple[float, ...], constexprs: Dict[str, Any], options: Dict[str, int]) -> None:
         if not self._direct or _hooks_installed():
-            self.fn[grid](*args, **constexprs, **options)
+            self.fn[grid](*tensors, *ints, *floats, **constexprs, **options)
             return
-        from triton.runtime import driver
-
         device = driver.active.get_current_device()
-        consts = tuple(constexprs[name] for name in self._constexpr_names)
-        key = (device, consts, tuple(options.items()), tuple(map(_arg_key, args)))
-        kernel = self._kernels.get(key)
-        if kernel is None:
-            self._compile_and_launch(key, grid, args, constexprs, options)
+        consts = tuple(map(constexprs.__getitem__, self._constexpr_names))
+        aligned = tuple([t.data_ptr() % 16 == 0 for t in tensors])
+        dtypes = tuple([t.dtype for t in tensors])
+        key = (device, consts, tuple(options.items()), dtypes, aligned, ints)
+        entry = self._kernels.get(key)
+        if entry is None:
+            self._compile_and_launch(key, grid, (*tensors, *ints, *floats), constexprs, options)
             return
-        grid = tuple(grid) + (1,) * (3 - len(grid))
-        stream = driver.active.get_current_stream(device)
-        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
-                   *args, *consts)
+        run, function, metadata = entry
+        grid = (*grid, 1, 1)
+        run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device), function, metadata, None, None,
+            None, *tensors, *ints, *floats, *consts)
 
     def _compile_and_launch(self, key, grid, args, constexprs, options) -> None:
         assert len(args) == self._n_runtime, f"{self.fn}: expected {self._n_runtime} runtime arguments"
         kernel = self.fn[grid](*args, **constexprs, **options)
         if kernel is not None and not hasattr(kernel, "result"):  # not an async-compile future
-            self._kernels[key] = kernel
+            self._kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata)

@@ -21,11 +21,11 @@ from tests import fake_driver  # noqa: E402
 from tests.fake_driver import CALLS  # noqa: E402
 
 
-def _inputs(b, q, d, dtype, offset):
+def _inputs(b, q, d, dtype, offset, queue_dtype):
     """Features [B, D] (starting `offset` elements into their storage: misaligned if odd) and queues [D, Q]."""
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(b * d + offset, generator=g).to(dtype)[offset:].view(b, d) for _ in range(4)]
-    queues = [torch.randn(d, q, generator=g).to(dtype) for _ in range(2)]
+    queues = [torch.randn(d, q, generator=g).to(queue_dtype or dtype) for _ in range(2)]
     return feats, queues
 
 
@@ -42,10 +42,10 @@ def _issue_both(launcher_cls):
     """Make every DirectLauncher call launch directly, then again through JITFunction.run."""
     call = launcher_cls.__call__
 
-    def both(self, grid, args, constexprs, options):
+    def both(self, *args):
         for direct in (True, False):
             self._direct = direct
-            call(self, grid, args, constexprs, options)
+            call(self, *args)
         self._direct = True
 
     launcher_cls.__call__ = both
@@ -56,16 +56,18 @@ def main():
     from kernels import itc, launch
 
     _issue_both(launch.DirectLauncher)
-    cases = [  # (B, Q, D, dtype, feature offset, retrieval): each differs from the one before in
-        # what Triton specializes on: the features' alignment, B divisible by 16, Q == 1, dtypes
-        (8, 40, 32, torch.bfloat16, 0, False), (8, 40, 32, torch.bfloat16, 1, False),
-        (16, 40, 32, torch.bfloat16, 0, False), (16, 1, 32, torch.bfloat16, 0, False),
-        (16, 1, 32, torch.float32, 0, True), (5, 33, 24, torch.float32, 3, False),
+    bf16, fp32 = torch.bfloat16, torch.float32
+    cases = [  # (B, Q, D, dtype, feature offset, retrieval, queue dtype): each differs from the one
+        # before in what Triton specializes on: the features' alignment, B divisible by 16, Q == 1,
+        # dtypes, the queue's dtype alone
+        (8, 40, 32, bf16, 0, False, None), (8, 40, 32, bf16, 1, False, None), (16, 40, 32, bf16, 0, False, None),
+        (16, 1, 32, bf16, 0, False, None), (16, 1, 32, fp32, 0, True, None), (16, 1, 32, fp32, 0, True, bf16),
+        (5, 33, 24, fp32, 3, False, None),
     ]
     temp = torch.tensor(0.07)
     for case in cases:
-        b, q, d, dtype, offset, retrieval = case
-        feats, queues = _inputs(b, q, d, dtype, offset)
+        b, q, d, dtype, offset, retrieval, queue_dtype = case
+        feats, queues = _inputs(b, q, d, dtype, offset, queue_dtype)
         _forward(itc, feats, queues, temp, retrieval)  # compiles (the direct path falls back to JIT)
         calls = _forward(itc, feats, queues, temp, retrieval)
         assert len(calls) == 6, case
