@@ -136,11 +136,25 @@ def _mma(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _logits(q, qm, k, TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _logits_product(q, k, LOGITS_T: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """q @ k [BLOCK_M, BLOCK_N]; LOGITS_T computes (k^T @ q^T)^T instead: TF32 wgmma reads only
+    K-major operands and the key tile (Q contiguous in ALBEF's [D, Q] queue) is not one as the
+    B operand, so Triton transposes it through registers (660-1020 B of spills at sm_90); as
+    the A operand it comes from registers, no spills (AOT, Triton 3.6). Same values either way."""
+    if LOGITS_T:
+        out = tl.trans(_mma(tl.trans(k), tl.trans(q), DOT_DTYPE, INPUT_PRECISION))
+    else:
+        out = _mma(q, k, DOT_DTYPE, INPUT_PRECISION)
+    return out
+
+
+@triton.jit
+def _logits(q, qm, k, TEACHER: tl.constexpr, LOGITS_T: tl.constexpr, DOT_DTYPE: tl.constexpr,
+            INPUT_PRECISION: tl.constexpr):
     """Raw dots of one D block (prepared operands): (q . k [BLOCK_M, BLOCK_N], q_m . k if TEACHER else 0)."""
-    s = _mma(q, k, DOT_DTYPE, INPUT_PRECISION)
+    s = _logits_product(q, k, LOGITS_T, DOT_DTYPE, INPUT_PRECISION)
     if TEACHER:
-        m = _mma(qm, k, DOT_DTYPE, INPUT_PRECISION)
+        m = _logits_product(qm, k, LOGITS_T, DOT_DTYPE, INPUT_PRECISION)
     else:
         m = tl.zeros_like(s)
     return s, m
@@ -187,7 +201,8 @@ def _itc_split_fwd_kernel(
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KIND_AXIS: tl.constexpr,
-    KT_LOAD: tl.constexpr, NUM_DK: tl.constexpr, GRID_KINDS: tl.constexpr, TEACHER: tl.constexpr,
+    KT_LOAD: tl.constexpr, LOGITS_T: tl.constexpr, NUM_DK: tl.constexpr, GRID_KINDS: tl.constexpr,
+    TEACHER: tl.constexpr,
 ):
     """Per-split online-softmax states of one (kind, row block, key split, direction, D block).
 
@@ -248,7 +263,7 @@ def _itc_split_fwd_kernel(
             j = (t - shift) * BLOCK_N + cols
             if NUM_DK == 1:  # the query tiles stay loaded (q_one, qm_one); one key tile serves all
                 k_acc = _operand(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE, INPUT_PRECISION)
-                s, m = _logits(q_one, qm_one, k_acc, TEACHER, DOT_DTYPE, INPUT_PRECISION)
+                s, m = _logits(q_one, qm_one, k_acc, TEACHER, LOGITS_T, DOT_DTYPE, INPUT_PRECISION)
             else:  # D in NUM_DK blocks for the logits, then this program's D block of the keys again
                 s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 m = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -257,7 +272,7 @@ def _itc_split_fwd_kernel(
                     k = _operand(_load_keys(k_base, s_kd, s_kj, d_offs, j, D, n_keys), DOT_DTYPE, INPUT_PRECISION)
                     q, qm = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, TEACHER,
                                          DOT_DTYPE, INPUT_PRECISION)
-                    s_part, m_part = _logits(q, qm, k, TEACHER, DOT_DTYPE, INPUT_PRECISION)
+                    s_part, m_part = _logits(q, qm, k, TEACHER, LOGITS_T, DOT_DTYPE, INPUT_PRECISION)
                     s += s_part
                     m += m_part
             if KT_LOAD:  # [BLOCK_N, BLOCK_D] loaded as such: no transpose through registers

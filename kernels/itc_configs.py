@@ -2,7 +2,8 @@
 GPU, and the choice for one call (read from the environment at each call, so that a benchmark or
 a test can switch configs in one process).
 
-A config spec is "BLOCK_M,BLOCK_N,BLOCK_D,KIND_AXIS,KT_LOAD,num_warps[,num_stages[,maxnreg]]".
+A config spec is "BLOCK_M,BLOCK_N,BLOCK_D,KIND_AXIS,KT_LOAD,num_warps[,num_stages[,maxnreg[,LOGITS_T]]]"
+(maxnreg 0: no cap; LOGITS_T: the logits computed transposed, kernels/itc.py:_logits_product).
 """
 from __future__ import annotations
 
@@ -41,7 +42,10 @@ def candidates():
               make_config(64, 64, 256, 1, 0, 8, 3), make_config(32, 64, 256, 0, 0, 8, 3),
               make_config(32, 64, 256, 0, 1, 8, 3), make_config(128, 32, 256, 1, 1, 8, 3)]
     two_per_sm = [make_config(64, 32, 256, 1, 0, 8, 2, 128), make_config(64, 32, 256, 1, 0, 8, 3, 128)]
-    return one_state + two_states + blocked_d + deeper + two_per_sm
+    # TF32 with wgmma and no spills (the logits transposed; the only LOGITS_T shape that fits
+    # shared memory without spills at sm_90); bf16 wgmma takes either operand major
+    logits_t = [make_config(64, 32, 256, 1, 1, 8, 2, 0, 1)]
+    return one_state + two_states + blocked_d + deeper + two_per_sm + logits_t
 
 
 # Measured configs: precision -> [(largest B it was tuned for, ALBEF_FAST_CONFIG spec, waves)],
@@ -104,15 +108,21 @@ def config_spec(config) -> str:
     """The ALBEF_FAST_CONFIG string of a config."""
     m = config.kwargs
     fields = [m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_D"], m["KIND_AXIS"], m["KT_LOAD"], config.num_warps,
-              config.num_stages] + ([config.maxnreg] if config.maxnreg else [])
+              config.num_stages]
+    if m["LOGITS_T"]:
+        fields += [config.maxnreg or 0, m["LOGITS_T"]]
+    elif config.maxnreg:
+        fields += [config.maxnreg]
     return ",".join(str(v) for v in fields)
 
 
-def make_config(block_m, block_n, block_d, kind_axis, kt_load, num_warps, num_stages=2, maxnreg=0):
+def make_config(block_m, block_n, block_d, kind_axis, kt_load, num_warps, num_stages=2, maxnreg=0, logits_t=0):
     """KIND_AXIS: student and teacher in separate programs; KT_LOAD: the [BLOCK_N, BLOCK_D] key
     tile of the key-sum product loaded as such instead of transposed from the logits' tile;
-    maxnreg (0: none) caps registers per thread, e.g. 128 for two 8-warp programs per SM."""
-    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "KIND_AXIS": kind_axis, "KT_LOAD": kt_load}
+    maxnreg (0: none) caps registers per thread, e.g. 128 for two 8-warp programs per SM;
+    LOGITS_T: the logits product computed transposed (for TF32 wgmma, see kernels/itc.py)."""
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "KIND_AXIS": kind_axis, "KT_LOAD": kt_load,
+            "LOGITS_T": logits_t}
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg or None)
 
 

@@ -85,6 +85,28 @@ def test_kind_axis_matches_fused(monkeypatch, block_d, alpha, retrieval, grad):
     _check_rule(x, alpha, precision="highest")  # and KIND_AXIS against the fp64 reference
 
 
+@pytest.mark.parametrize("block_d", [16, 32])
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_transposed_logits_match(monkeypatch, block_d, precision):
+    """LOGITS_T (9th config field) computes the logits as (k^T q^T)^T: the same values, summed in
+    another order, so equal to rounding; and within the rule against fp64."""
+    x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=True)
+    kw = dict(idx=x.idx, idx_queue=x.idx_queue, return_details=True, backend="triton", precision=precision)
+    monkeypatch.setenv("ALBEF_FAST_SPLITS", "3")
+    runs = []
+    for logits_t in (0, 1):
+        monkeypatch.setenv("ALBEF_FAST_CONFIG", f"16,16,{block_d},1,1,1,2,0,{logits_t}")
+        a = x.image_feat.clone().requires_grad_(True)
+        out = albef_fast.itc_loss(a, *_args(x)[1:], 0.07, 0.4, **kw)
+        runs.append((out, torch.autograd.grad(out.loss, a)[0]))
+    (plain, g_plain), (transposed, g_transposed) = runs
+    for name, got, expected in zip(plain._fields, transposed, plain):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(g_transposed, g_plain, rtol=1e-5, atol=1e-7)
+    if precision == "highest" or CUDA:  # on the CPU eager "high" is fp32: the TF32 path fails the rule there
+        _check_rule(x, 0.4, precision=precision)
+
+
 @pytest.mark.parametrize("b,q,d", [(1, 10, 4), (6, 0, 8), (2, 1, 5)])
 def test_edge_shapes(b, q, d):
     _check_rule(make_inputs(b, q, d, torch.float32, DEVICE, retrieval=True), 0.4, precision="highest")

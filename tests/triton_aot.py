@@ -62,6 +62,8 @@ FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one pro
     "bf16-kind-axis": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16",
                            KIND_AXIS=1, KT_LOAD=1),
     "tf32-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float32, PREC="tf32rn", TYPE="*fp32"),
+    "tf32-logits-t": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float32, PREC="tf32rn", TYPE="*fp32",
+                          KIND_AXIS=1, KT_LOAD=1, LOGITS_T=1),
     "fp32-nograd": dict(GRAD=False, HAS_TEACHER=False, RETRIEVAL=False, DOT=tl.float32, PREC="ieee", TYPE="*fp32"),
 }
 REPORT = {  # --report: every autotune config of these
@@ -80,7 +82,8 @@ def _split_constexprs(flags, config):
 
 def compile_all(flags):
     common = dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True)
-    config = itc_configs.make_config(64, 64, 64, flags.get("KIND_AXIS", 0), flags.get("KT_LOAD", 0), 8)
+    config = itc_configs.make_config(64, 64, 64, flags.get("KIND_AXIS", 0), flags.get("KT_LOAD", 0), 8,
+                                     logits_t=flags.get("LOGITS_T", 0))
     split = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], num_warps=8)
     merge = _compile(itc._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=64, CHUNK=8), flags["TYPE"], num_warps=4)
     finish = _compile(itc._itc_finish_fwd_kernel, dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=True,
