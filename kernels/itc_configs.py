@@ -39,7 +39,8 @@ def candidates():
     # hides the latency); 3-4 stages keep 1-2 more tiles in flight (num=1, 2). And 128 registers
     # a thread for two 8-warp programs per SM (bf16: 0-40 B of spills).
     deeper = [make_config(64, 32, 256, 1, 0, 8, 3), make_config(64, 32, 256, 1, 0, 8, 4),
-              make_config(64, 64, 256, 1, 0, 8, 3), make_config(32, 64, 256, 0, 0, 8, 3),
+              make_config(64, 64, 256, 1, 0, 8, 3), make_config(64, 64, 256, 1, 0, 8, 4),
+              make_config(32, 64, 256, 0, 0, 8, 3),
               make_config(32, 64, 256, 0, 1, 8, 3), make_config(128, 32, 256, 1, 1, 8, 3)]
     two_per_sm = [make_config(64, 32, 256, 1, 0, 8, 2, 128), make_config(64, 32, 256, 1, 0, 8, 3, 128)]
     # TF32 with wgmma and no spills (the logits transposed; the only LOGITS_T shape that fits
