@@ -40,6 +40,7 @@ def candidates():
     # a thread for two 8-warp programs per SM (bf16: 0-40 B of spills).
     deeper = [make_config(64, 32, 256, 1, 0, 8, 3), make_config(64, 32, 256, 1, 0, 8, 4),
               make_config(64, 64, 256, 1, 0, 8, 3), make_config(64, 64, 256, 1, 0, 8, 4),
+              make_config(128, 32, 256, 1, 0, 8, 4),  # 64 rows per warpgroup: no query re-read
               make_config(32, 64, 256, 0, 0, 8, 3),
               make_config(32, 64, 256, 0, 1, 8, 3), make_config(128, 32, 256, 1, 1, 8, 3)]
     two_per_sm = [make_config(64, 32, 256, 1, 0, 8, 2, 128), make_config(64, 32, 256, 1, 0, 8, 3, 128)]
