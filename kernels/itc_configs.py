@@ -30,20 +30,23 @@ def candidates():
     replaces the list."""
     if os.environ.get("ALBEF_FAST_CONFIGS"):
         return [parse_config(spec) for spec in os.environ["ALBEF_FAST_CONFIGS"].split(";")]
-    one_state = [make_config(64, 32, 256, 1, 0, 8), make_config(64, 32, 256, 1, 1, 8), make_config(64, 64, 256, 1, 0, 8),
-                 make_config(128, 32, 256, 1, 0, 8), make_config(128, 32, 256, 1, 1, 8)]
+    one_state = [make_config(64, 32, 256, 1, 0, 8), make_config(128, 32, 256, 1, 0, 8),
+                 make_config(128, 32, 256, 1, 1, 8)]
     two_states = [make_config(32, 64, 256, 0, kt, 8) for kt in (0, 1)]
     blocked_d = [make_config(64, 64, 128, 1, 0, 8)]
     # not yet timed. Deeper pipelines: with 2 stages a program waits for each key tile it has just
     # asked for (async_wait num=0 in the TTGIR; 1 program per SM at ~170 registers, so nothing
-    # hides the latency); 3-4 stages keep 1-2 more tiles in flight (num=1, 2). And 128 registers
-    # a thread for two 8-warp programs per SM (bf16: 0-40 B of spills).
+    # hides the latency); 3-4 stages keep 1-2 more tiles in flight (num=1, 2).
     deeper = [make_config(64, 32, 256, 1, 0, 8, 3), make_config(64, 32, 256, 1, 0, 8, 4),
               make_config(64, 64, 256, 1, 0, 8, 3), make_config(64, 64, 256, 1, 0, 8, 4),
               make_config(128, 32, 256, 1, 0, 8, 4),  # 64 rows per warpgroup: no query re-read
-              make_config(32, 64, 256, 0, 0, 8, 3),
-              make_config(32, 64, 256, 0, 1, 8, 3), make_config(128, 32, 256, 1, 1, 8, 3)]
-    two_per_sm = [make_config(64, 32, 256, 1, 0, 8, 2, 128), make_config(64, 32, 256, 1, 0, 8, 3, 128)]
+              make_config(32, 64, 256, 0, 0, 8, 3)]
+    # one warpgroup per program (with 8 warps on 64 rows both warpgroups read all of the query
+    # tile from shared memory for each product): 237 registers x 128 threads and 86-102 KB of
+    # shared memory, so two programs per SM; and 128 registers for two 8-warp programs per SM
+    # (bf16: 40 B of spills)
+    two_per_sm = [make_config(64, 32, 256, 1, 0, 4, 3), make_config(64, 32, 256, 1, 0, 4, 4),
+                  make_config(64, 32, 256, 1, 0, 8, 3, 128)]
     # TF32 with wgmma and no spills (the logits transposed; the only LOGITS_T shape that fits
     # shared memory without spills at sm_90); bf16 wgmma takes either operand major
     logits_t = [make_config(64, 32, 256, 1, 1, 8, 2, 0, 1)]
