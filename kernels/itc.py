@@ -547,7 +547,9 @@ def _merge_blocks(b: int, d: int) -> Tuple[int, int, int]:
     if _INTERPRET:
         return 16, 16, 2
     block_d = 64 if b >= 256 else 32 if b >= 128 else 16  # >= 128 programs for D = 256 (H200: 132 SMs)
-    return 16, min(block_d, max(16, _next_pow2(d))), 8
+    # 16 x 16 tiles take 16 splits at once with no spills (233 registers; 8 at 32- and 64-wide:
+    # sm_90 AOT), halving the chain of dependent loads at B = 64, where splits reach 30-100
+    return 16, min(block_d, max(16, _next_pow2(d))), 16 if block_d == 16 else 8
 
 
 def _dot_flags(dtype: torch.dtype, precision: str):
