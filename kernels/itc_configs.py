@@ -47,9 +47,10 @@ def candidates():
     # (bf16: 40 B of spills)
     two_per_sm = [make_config(64, 32, 256, 1, 0, 4, 3), make_config(64, 32, 256, 1, 0, 4, 4),
                   make_config(64, 32, 256, 1, 0, 8, 3, 128)]
-    # TF32 with wgmma and no spills (the logits transposed; the only LOGITS_T shape that fits
-    # shared memory without spills at sm_90); bf16 wgmma takes either operand major
-    logits_t = [make_config(64, 32, 256, 1, 1, 8, 2, 0, 1)]
+    # TF32 with wgmma for the key sums and no spills (the logits transposed), 2 stages of 32 keys
+    # or 4 of 16 (190 registers, 184 KB; the 3-stage 32-key one exceeds shared memory at sm_90);
+    # bf16 wgmma takes either operand major: TF32 only
+    logits_t = [make_config(64, 32, 256, 1, 1, 8, 2, 0, 1), make_config(64, 16, 256, 1, 1, 8, 4, 0, 1)]
     return one_state + two_states + blocked_d + deeper + two_per_sm + logits_t
 
 
