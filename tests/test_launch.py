@@ -17,6 +17,12 @@ CHECK = pathlib.Path(__file__).resolve().parent / "launch_check.py"
 
 
 def test_direct_launch_matches_jit_run():
+    import triton
+
+    from albef_fast.kernels import launch
+
+    if triton.__version__.rsplit(".", 1)[0] not in launch.SUPPORTED:
+        pytest.skip(f"direct launches are off for Triton {triton.__version__}")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ALBEF_FAST_LAUNCH")}
     run = subprocess.run([sys.executable, str(CHECK)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
