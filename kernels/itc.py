@@ -572,52 +572,103 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
                precision: str):
     """The "triton" backend of torch.ops.albef_fast.itc (same outputs as albef_fast.itc_op)."""
     b, d = image_feat.shape
-    q = image_queue.shape[1]
-    dev = image_feat.device
     feats = [f.contiguous() if f.stride(1) != 1 else f for f in (image_feat, text_feat, image_feat_m, text_feat_m)]
     feats = _common_strides(feats)
     image_queue, text_queue = _common_queue_strides(image_queue, text_queue)
-    teacher, retrieval = alpha != 0.0 or details, idx is not None
-    dot_dtype, input_precision = _dot_flags(image_feat.dtype, precision)
-    config, waves = launch_config(b, dot_dtype, input_precision)
-    n_sums = max(1, int(grad) + int(teacher) + int(retrieval))
-    splits = _split_count(b, q, d, teacher, n_sums, dev, config, waves)
-    merge_m, merge_d, chunk = _merge_blocks(b, d)
-    merge_d_blocks = _cdiv(d, merge_d)
-    ws = _Workspace(dev, splits, b, d, n_sums, merge_d_blocks)
+    dev = image_feat.device
+    temp_t = temp if isinstance(temp, torch.Tensor) else None
+    retrieval = idx is not None
+    idx_v = idx.reshape(-1) if retrieval else None
+    idq_v = idx_queue.reshape(-1) if retrieval else None
+    key = (b, image_queue.shape[1], d, image_feat.dtype, image_queue.dtype, feats[0].stride(), image_queue.stride(),
+           dev, alpha != 0.0 or details, grad, precision, None if temp_t is None else temp_t.dtype,
+           (idx_v.dtype, idq_v.dtype, idx_v.stride(0), idq_v.stride(0)) if retrieval else None, _settings())
+    plan = _PLANS.get(key) or _new_plan(key)
+    ws = plan.workspace(dev)
     sims = torch.empty((2, b, b), device=dev, dtype=image_feat.dtype)
-    temp_t = temp if torch.is_tensor(temp) else None
     temp_arg, temp_v = (temp_t, 1.0) if temp_t is not None else (ws.lse, float(temp))  # lse: an unused pointer
-    idx_v = idx.reshape(-1) if retrieval else ws.count
-    idq_v = idx_queue.reshape(-1) if retrieval else ws.count
-    flags = dict(GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_t is not None)
-    # runtime arguments in the kernels' order: tensors, ints, floats (kernels/launch.py)
-    split_tensors = (*feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims)
-    split_ints = (feats[0].stride(0), feats[0].stride(1), image_queue.stride(0), image_queue.stride(1),
-                  idx_v.stride(0), idq_v.stride(0), b, q, d, splits)
-    dot_flags = dict(DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision)
-    if config is None:  # autotune over candidates()
-        _itc_split_fwd_kernel[_split_grid](*split_tensors, *split_ints, temp_v, **dot_flags, **flags)
-    else:
-        grid, meta = _split_meta(config, b, d, splits, teacher)
-        _LAUNCH["split"](grid, split_tensors, split_ints, (temp_v,), dict(meta, **dot_flags, **flags),
-                         launch_options(config))
+    if not retrieval:
+        idx_v = idq_v = ws.count  # unused pointers
+    plan.split((*feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims),
+               (temp_v,))
     dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
-    _LAUNCH["merge"](
-        (_cdiv(b, merge_m), merge_d_blocks, 2),
-        (*feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse),
-        (feats[0].stride(0), feats[0].stride(1), b, d, splits), (temp_v, float(alpha)),
-        dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk), _FOUR_WARPS,
-    )
-    loss, grad_temp = (torch.empty((), device=dev, dtype=torch.float32) for _ in range(2))
-    losses, grad_temp_dirs, terms = (torch.empty(n, device=dev, dtype=torch.float32) for n in (2, 2, 4))
-    _LAUNCH["finish"](
-        (1,), (ws.part, ws.lse, temp_arg, loss, losses, grad_temp, grad_temp_dirs, terms), (b, merge_d_blocks),
-        (temp_v, float(alpha)),
-        dict(HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_t is not None, BLOCK_B=min(1024, _next_pow2(b))), _FOUR_WARPS,
-    )
+    plan.merge((*feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse),
+               (temp_v, float(alpha)))
+    loss, grad_temp = torch.empty((), device=dev), torch.empty((), device=dev)
+    losses, grad_temp_dirs, terms = torch.empty(2, device=dev), torch.empty(2, device=dev), torch.empty(4, device=dev)
+    plan.finish((ws.part, ws.lse, temp_arg, loss, losses, grad_temp, grad_temp_dirs, terms), (temp_v, float(alpha)))
     return loss, losses, dq_img, dq_txt, grad_temp, grad_temp_dirs, sims, terms
+
+
+# what the launches depend on besides the arguments: read at each call (tests and the per-config
+# benchmark change them between calls), part of the plan key
+_SETTINGS = ("ALBEF_FAST_CONFIG", "ALBEF_FAST_WAVES", "ALBEF_FAST_AUTOTUNE", "ALBEF_FAST_TUNED", "ALBEF_FAST_SPLITS",
+             "ALBEF_FAST_TF32", "ALBEF_FAST_FP32_DOT")
+
+
+def _settings():
+    """The raw values of _SETTINGS (None: unset). os.environ.get took 1.5 us a name here (it
+    encodes the name each call); the mapping behind os.environ, with the names encoded once,
+    gives the same values in 0.1 us."""
+    return tuple(map(_ENV_DATA.get, _SETTINGS_KEYS))
+
+
+# os.environ's own storage (CPython keeps os.environ and it in step); os.environ itself where absent
+_ENV_DATA = getattr(os.environ, "_data", os.environ)
+_SETTINGS_KEYS = tuple(map(os.environ.encodekey, _SETTINGS)) if _ENV_DATA is not os.environ else _SETTINGS
+
+
+class _Plan:
+    """Everything about the launches of one call that the key of _PLANS fixes (shapes, strides,
+    dtypes, flags, settings): split count, workspace layout, and each kernel's grid, ints,
+    constexprs and options, prepared once. A call then allocates and launches (host time per
+    call counts at B = 64: the kernels run ~0.25 ms there)."""
+
+    def __init__(self, key):
+        b, q, d, dtype, _, feat_strides, queue_strides, dev, teacher, grad, precision, temp_dtype, ids, _ = key
+        retrieval = ids is not None
+        dot_dtype, input_precision = _dot_flags(dtype, precision)
+        config, waves = launch_config(b, dot_dtype, input_precision)
+        n_sums = max(1, int(grad) + int(teacher) + int(retrieval))
+        splits = _split_count(b, q, d, teacher, n_sums, dev, config, waves)
+        merge_m, merge_d, chunk = _merge_blocks(b, d)
+        merge_d_blocks = _cdiv(d, merge_d)
+        self.ws_shapes = _Workspace.shapes(splits, b, d, n_sums, merge_d_blocks)
+        flags = dict(GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_dtype is not None)
+        id_strides = ids[2:] if retrieval else (1, 1)
+        split_ints = (*feat_strides, *queue_strides, *id_strides, b, q, d, splits)
+        dot_flags = dict(DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision)
+        if config is None:  # autotune over candidates(): through the autotuner at each call
+            self.split = functools.partial(_autotuned_split, split_ints, dict(dot_flags, **flags))
+        else:
+            grid, meta = _split_meta(config, b, d, splits, teacher)
+            self.split = _LAUNCH["split"].prepare(grid, split_ints, dict(meta, **dot_flags, **flags),
+                                                  launch_options(config))
+        self.merge = _LAUNCH["merge"].prepare(
+            (_cdiv(b, merge_m), merge_d_blocks, 2), (*feat_strides, b, d, splits),
+            dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk), _FOUR_WARPS)
+        self.finish = _LAUNCH["finish"].prepare(
+            (1,), (b, merge_d_blocks),
+            dict(HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_dtype is not None, BLOCK_B=min(1024, _next_pow2(b))),
+            _FOUR_WARPS)
+
+    def workspace(self, device) -> "_Workspace":
+        return _Workspace(device, self.ws_shapes)
+
+
+def _autotuned_split(ints, constexprs, tensors, floats) -> None:
+    _itc_split_fwd_kernel[_split_grid](*tensors, *ints, *floats, **constexprs)
+
+
+_PLANS = {}
+
+
+def _new_plan(key) -> _Plan:
+    if len(_PLANS) > 256:  # shapes that keep changing (e.g. a last partial batch per epoch is 1 more)
+        _PLANS.clear()
+    plan = _PLANS[key] = _Plan(key)
+    return plan
 
 
 class _Workspace:
@@ -626,13 +677,19 @@ class _Workspace:
     sums), part [2, D blocks, 4, B] (row partial dots), lse [2, 2, B]. Every element the merge
     reads is written by the split kernel first: no fills."""
 
-    def __init__(self, device, splits: int, b: int, d: int, n_sums: int, merge_d_blocks: int):
-        shapes = [(2, 2, splits, b), (2, 2, splits, b), (2, splits, b), (2, n_sums, splits, b, d),
-                  (2, merge_d_blocks, 4, b), (2, 2, b)]
-        sizes = [math.prod(shape) for shape in shapes]
+    __slots__ = ("max", "z", "count", "acc", "part", "lse")
+
+    def __init__(self, device, sizes: Tuple[int, ...]):
         flat = torch.empty(sum(sizes), device=device, dtype=torch.float32)
         # flat 1-D views (one op): the kernels index them themselves
         self.max, self.z, self.count, self.acc, self.part, self.lse = flat.split(sizes)
+
+    @staticmethod
+    def shapes(splits: int, b: int, d: int, n_sums: int, merge_d_blocks: int) -> Tuple[int, ...]:
+        """The element counts of the views above."""
+        shapes = [(2, 2, splits, b), (2, 2, splits, b), (2, splits, b), (2, n_sums, splits, b, d),
+                  (2, merge_d_blocks, 4, b), (2, 2, b)]
+        return tuple(math.prod(shape) for shape in shapes)
 
 
 def _split_meta(config, b: int, d: int, splits: int, teacher: bool):

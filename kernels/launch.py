@@ -7,13 +7,16 @@ issues three launches and its kernels run for ~0.25 ms, so that Python is a larg
 step. `DirectLauncher` keeps the compiled kernel Triton returned and calls its launcher with the
 same arguments Triton's own `JITFunction.run` passes it (every bound argument, constexprs
 included, in parameter order; Triton 3.6-3.8). The kernels take their runtime arguments as
-tensors, then ints, then floats, and the cache key covers at least what Triton specializes on:
+tensors, then ints, then floats. A launch is prepared once (`DirectLauncher.prepare`: grid, ints,
+constexprs, options fixed) and called with its tensors and floats; the cache key covers at least
+what Triton specializes on:
 
 - tensors: dtype and whether the address is a multiple of 16 bytes;
-- ints: their values (Triton: == 1, a multiple of 16, the i32 / i64 range; finer is safe, it
-  only means a JITFunction.run call, no compile, for each new shape);
+- ints, constexprs and compile options: the prepared launch (its values; for ints Triton only
+  tells == 1, a multiple of 16 and the i32 / i64 range apart: finer is safe, it only means one
+  JITFunction.run call, no compile, per prepared launch);
 - floats: nothing (Python floats are never specialized; alpha changes every step);
-- constexprs and compile options: their values; the current device.
+- the current device.
 
 The first call with a new key goes through `JITFunction.run` (compiling if needed) and caches the
 kernel it returns; later calls launch it directly. tests/test_launch.py checks, with a fake
@@ -36,7 +39,7 @@ try:
 except ImportError:  # Triton < 3.4: launches go through JITFunction.run (SUPPORTED)
     knobs = None
 
-__all__ = ["DirectLauncher", "direct_launch_enabled"]
+__all__ = ["DirectLauncher", "PreparedLaunch", "direct_launch_enabled"]
 
 SUPPORTED = ("3.6", "3.7", "3.8")  # JITFunction.run -> kernel.run(grid, stream, ..., *bound_args) read in these
 
@@ -59,41 +62,68 @@ def _hooks_installed() -> bool:
 
 class DirectLauncher:
     """Launch `fn` (a JITFunction whose runtime parameters are tensors, then ints, then floats,
-    then constexprs) with `constexprs` given by name (every constexpr parameter) and compile
-    `options` (num_warps, num_stages, maxnreg)."""
+    then constexprs). `prepare` fixes a launch's grid, ints, constexprs (every constexpr
+    parameter, by name) and compile options (num_warps, num_stages, maxnreg); the PreparedLaunch
+    it returns takes the tensors and floats of each call."""
 
     def __init__(self, fn):
         self.fn = fn
         self._kernels: Dict[Tuple, Tuple] = {}  # key -> (launcher, function handle, packed metadata)
+        self._prepared = 0  # PreparedLaunch tokens handed out (part of the cache key)
         # the interpreter's functions have no compiled kernels: always fn[grid] there
         self._direct = isinstance(fn, triton.runtime.JITFunction) and direct_launch_enabled()
-        if self._direct:
+        if isinstance(fn, triton.runtime.JITFunction):
             names = fn.arg_names
             self._constexpr_names = tuple(names[i] for i in sorted(fn.constexprs))
             self._n_runtime = len(names) - len(self._constexpr_names)
             assert all(i >= self._n_runtime for i in fn.constexprs), "constexprs must follow the runtime arguments"
 
+    def prepare(self, grid: Sequence[int], ints: Tuple[int, ...], constexprs: Dict[str, Any],
+                options: Dict[str, int]) -> "PreparedLaunch":
+        self._prepared += 1
+        return PreparedLaunch(self, self._prepared, grid, ints, constexprs, options)
+
     def __call__(self, grid: Sequence[int], tensors: Sequence[torch.Tensor], ints: Tuple[int, ...],
                  floats: Tuple[float, ...], constexprs: Dict[str, Any], options: Dict[str, int]) -> None:
-        if not self._direct or _hooks_installed():
-            self.fn[grid](*tensors, *ints, *floats, **constexprs, **options)
+        """One launch, prepared and issued (callers that launch the same thing often keep the
+        PreparedLaunch instead)."""
+        self.prepare(grid, ints, constexprs, options)(tensors, floats)
+
+
+class PreparedLaunch:
+    """A launch of a DirectLauncher's kernel with its grid, ints, constexprs and options fixed.
+    Calling it with the tensors and floats launches: the compiled kernel is looked up by device,
+    the tensors' dtypes and 16-byte alignment (what Triton specializes on besides the fixed
+    values), found through JITFunction.run the first time."""
+
+    __slots__ = ("launcher", "token", "grid", "ints", "constexprs", "options", "_consts", "_grid3")
+
+    def __init__(self, launcher: DirectLauncher, token: int, grid, ints, constexprs, options):
+        self.launcher, self.token = launcher, token
+        self.grid, self.ints, self.constexprs, self.options = tuple(grid), tuple(ints), constexprs, options
+        self._grid3 = (*self.grid, 1, 1)[:3]
+        names = getattr(launcher, "_constexpr_names", ())
+        self._consts = tuple(map(constexprs.__getitem__, names))
+
+    def __call__(self, tensors: Sequence[torch.Tensor], floats: Tuple[float, ...]) -> None:
+        launcher = self.launcher
+        if not launcher._direct or _hooks_installed():
+            launcher.fn[self.grid](*tensors, *self.ints, *floats, **self.constexprs, **self.options)
             return
         device = driver.active.get_current_device()
-        consts = tuple(map(constexprs.__getitem__, self._constexpr_names))
-        aligned = tuple([t.data_ptr() % 16 == 0 for t in tensors])
-        dtypes = tuple([t.dtype for t in tensors])
-        key = (device, consts, tuple(options.items()), dtypes, aligned, ints)
-        entry = self._kernels.get(key)
+        key = (self.token, device, tuple([t.dtype for t in tensors]), tuple([t.data_ptr() % 16 == 0 for t in tensors]))
+        entry = launcher._kernels.get(key)
         if entry is None:
-            self._compile_and_launch(key, grid, (*tensors, *ints, *floats), constexprs, options)
+            self._compile_and_launch(key, (*tensors, *self.ints, *floats))
             return
         run, function, metadata = entry
-        grid = (*grid, 1, 1)
-        run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device), function, metadata, None, None,
-            None, *tensors, *ints, *floats, *consts)
+        gx, gy, gz = self._grid3
+        run(gx, gy, gz, driver.active.get_current_stream(device), function, metadata, None, None, None,
+            *tensors, *self.ints, *floats, *self._consts)
 
-    def _compile_and_launch(self, key, grid, args, constexprs, options) -> None:
-        assert len(args) == self._n_runtime, f"{self.fn}: expected {self._n_runtime} runtime arguments"
-        kernel = self.fn[grid](*args, **constexprs, **options)
+    def _compile_and_launch(self, key, args) -> None:
+        launcher = self.launcher
+        assert len(args) == launcher._n_runtime, f"{launcher.fn}: expected {launcher._n_runtime} runtime arguments"
+        kernel = launcher.fn[self.grid](*args, **self.constexprs, **self.options)
         if kernel is not None and not hasattr(kernel, "result"):  # not an async-compile future
-            self._kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata)
+            launcher._kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata)

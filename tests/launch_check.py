@@ -38,24 +38,24 @@ def _forward(itc, feats, queues, temp, retrieval):
     return list(CALLS)
 
 
-def _issue_both(launcher_cls):
-    """Make every DirectLauncher call launch directly, then again through JITFunction.run."""
-    call = launcher_cls.__call__
+def _issue_both(prepared_cls):
+    """Make every prepared launch go directly, then again through JITFunction.run."""
+    call = prepared_cls.__call__
 
     def both(self, *args):
         for direct in (True, False):
-            self._direct = direct
+            self.launcher._direct = direct
             call(self, *args)
-        self._direct = True
+        self.launcher._direct = True
 
-    launcher_cls.__call__ = both
+    prepared_cls.__call__ = both
 
 
 def main():
     fake_driver.install()
     from kernels import itc, launch
 
-    _issue_both(launch.DirectLauncher)
+    _issue_both(launch.PreparedLaunch)
     bf16, fp32 = torch.bfloat16, torch.float32
     cases = [  # (B, Q, D, dtype, feature offset, retrieval, queue dtype): each differs from the one
         # before in what Triton specializes on: the features' alignment, B divisible by 16, Q == 1,

@@ -232,3 +232,45 @@ def test_round_tf32_is_nearest_ties_away():
     assert torch.equal(got, expected)
     assert ((got - x).abs() <= x.abs() * 2.0 ** -11).all()  # within half a TF32 ulp
     assert got[1000] == 1.0 + 2.0 ** -10 and got[1001] == -(1.0 + 2.0 ** -10)  # ties away from zero
+
+
+def _plan_variants():
+    """Backend calls: a base one, then others that differ from it in one thing the launch
+    plan depends on."""
+    base = dict(b=5, q=37, d=24, dtype=torch.float32, queue_dtype=None, alpha=0.4, details=False, grad=True,
+                precision="high", temp=torch.tensor(0.07), retrieval=False, env={}, layout="plain")
+    changes = [{}, dict(b=8), dict(q=19), dict(d=16), dict(dtype=torch.bfloat16), dict(queue_dtype=torch.float16),
+               dict(alpha=0.0), dict(grad=False), dict(precision="medium"), dict(temp=0.05),
+               dict(temp=torch.tensor(0.07, dtype=torch.float64)), dict(retrieval=True),
+               dict(env={"ALBEF_FAST_SPLITS": "2"}), dict(layout="row-padded"), dict(layout="queue-transposed")]
+    return [dict(base, **change) for change in changes]
+
+
+def _backend_call(v, monkeypatch):
+    x = make_inputs(v["b"], v["q"], v["d"], v["dtype"], DEVICE, queue_dtype=v["queue_dtype"],
+                    retrieval=v["retrieval"])
+    feats, queues = list(_args(x)[:4]), list(_args(x)[4:])
+    if v["layout"] == "row-padded":  # row stride D + 3: the feature strides change, not their values
+        feats = [torch.cat([f, f[:, :3]], 1)[:, : v["d"]] for f in feats]
+    if v["layout"] == "queue-transposed":  # [D, Q] views of [Q, D] storage
+        queues = [q.t().contiguous().t() for q in queues]
+    with monkeypatch.context() as env:
+        for name, value in v["env"].items():
+            env.setenv(name, value)
+        return itc.itc_triton(*feats, *queues, v["temp"], v["alpha"], x.idx, x.idx_queue, v["details"], v["grad"],
+                              v["precision"])
+
+
+def test_cached_plans_match_fresh_ones(monkeypatch):
+    """Launch plans are cached by what they depend on (kernels/itc.py _Plan). Every variant gets
+    a plan of its own, and with all of them cached each call gives the bits it gave when its plan
+    was new (a key missing a field would reuse another variant's plan: wrong shapes or flags)."""
+    itc._PLANS.clear()
+    fresh = []
+    for n, v in enumerate(_plan_variants(), 1):
+        fresh.append(_backend_call(v, monkeypatch))
+        assert len(itc._PLANS) == n, v
+    for v, outputs in zip(_plan_variants(), fresh):
+        cached = _backend_call(v, monkeypatch)
+        assert all(torch.equal(c, f) for c, f in zip(cached, outputs)), v
+    assert len(itc._PLANS) == len(fresh)

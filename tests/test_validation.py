@@ -58,6 +58,17 @@ def test_itc_loss_rejects(name, over, exc):
                             kw.pop("temp"), kw.pop("alpha"), **kw)
 
 
+def test_usual_call_takes_the_combined_check_and_bad_ones_do_not():
+    """itc_inputs tries one combined test first: the usual call passes it, every case above fails
+    it (and then raises from the named checks, test_itc_loss_rejects)."""
+    from albef_fast._validate import _itc_usual_ok
+
+    usual = _kw(x0, temp=torch.tensor(0.07), backend=None, precision=None)
+    assert _itc_usual_ok(*usual.values()) and _itc_usual_ok(*dict(usual, temp=0.07).values())
+    for _, over, _ in CASES:
+        assert not _itc_usual_ok(*dict(usual, **over).values()), over
+
+
 def test_error_message_gives_expected_and_received():
     with pytest.raises(ValueError) as err:
         albef_fast.itc_loss(x0.image_feat, x0.text_feat, torch.randn(4, 24), x0.text_feat_m, x0.image_queue,
