@@ -119,19 +119,25 @@ def _itc_fake(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, tex
 
 
 class _EagerITC(torch.autograd.Function):
-    """The op's forward and backward for eager calls (no custom-op dispatch). Old-style
-    forward(ctx, ...): with a separate setup_context, Function.apply binds the 15 arguments
-    through inspect.signature on every call."""
+    """The op's forward and backward for eager calls (no custom-op dispatch). Only the inputs
+    that get gradients are the Function's own, the rest travel in one tuple (the engine's work
+    per input counts at B = 64); momentum features or queues that require grad (they get none)
+    are passed once more as `tracked`, so that the loss requires grad as it would with them as
+    inputs. Old-style forward(ctx, ...): with a separate setup_context, Function.apply binds its
+    arguments through inspect.signature on every call."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, image_feat, text_feat, temp, rest, *tracked):
+        inputs = (image_feat, text_feat, *rest[:4], temp, *rest[4:])
         output = _impl(*inputs)
         _setup_context(ctx, inputs, output)
+        ctx.n_tracked = len(tracked)
         return output
 
     @staticmethod
     def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+        grad_inputs = _backward(ctx, *grads)
+        return grad_inputs[0], grad_inputs[1], grad_inputs[6], None, *(None,) * ctx.n_tracked
 
 
 def itc_apply(*inputs) -> Outputs:
@@ -139,7 +145,9 @@ def itc_apply(*inputs) -> Outputs:
     computation through _EagerITC. Arguments as for itc."""
     if torch.compiler.is_compiling():
         return itc(*inputs)
-    return _EagerITC.apply(*inputs)
+    constants = inputs[2:6]  # momentum features and queues
+    tracked = [t for t in constants if t.requires_grad] if any([t.requires_grad for t in constants]) else ()
+    return _EagerITC.apply(inputs[0], inputs[1], inputs[6], inputs[2:6] + inputs[7:], *tracked)
 
 
 def _setup_context(ctx, inputs, output) -> None:
