@@ -662,11 +662,14 @@ def _autotuned_split(ints, constexprs, tensors, floats) -> None:
 
 
 _PLANS = {}
+_MAX_PLANS = 256
 
 
 def _new_plan(key) -> _Plan:
-    if len(_PLANS) > 256:  # shapes that keep changing (e.g. a last partial batch per epoch is 1 more)
+    if len(_PLANS) >= _MAX_PLANS:  # shapes that keep changing: start over (the kernels stay in Triton's cache)
         _PLANS.clear()
+        for launcher in _LAUNCH.values():
+            launcher.forget()
     plan = _PLANS[key] = _Plan(key)
     return plan
 

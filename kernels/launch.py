@@ -83,11 +83,9 @@ class DirectLauncher:
         self._prepared += 1
         return PreparedLaunch(self, self._prepared, grid, ints, constexprs, options)
 
-    def __call__(self, grid: Sequence[int], tensors: Sequence[torch.Tensor], ints: Tuple[int, ...],
-                 floats: Tuple[float, ...], constexprs: Dict[str, Any], options: Dict[str, int]) -> None:
-        """One launch, prepared and issued (callers that launch the same thing often keep the
-        PreparedLaunch instead)."""
-        self.prepare(grid, ints, constexprs, options)(tensors, floats)
+    def forget(self) -> None:
+        """Drop the kernels found for the launches prepared so far (Triton keeps its own cache)."""
+        self._kernels.clear()
 
 
 class PreparedLaunch:

@@ -274,3 +274,17 @@ def test_cached_plans_match_fresh_ones(monkeypatch):
         cached = _backend_call(v, monkeypatch)
         assert all(torch.equal(c, f) for c, f in zip(cached, outputs)), v
     assert len(itc._PLANS) == len(fresh)
+
+
+def test_plan_cache_starts_over_when_full(monkeypatch):
+    """Shapes that keep changing do not grow the plan cache (or the launchers' kernel caches)
+    without bound; calls after a reset give the same bits."""
+    monkeypatch.setattr(itc, "_MAX_PLANS", 2)
+    itc._PLANS.clear()
+    variants = _plan_variants()[:3]
+    first = [_backend_call(v, monkeypatch) for v in variants]
+    assert len(itc._PLANS) == 1  # the third plan found the cache full
+    again = [_backend_call(v, monkeypatch) for v in variants]
+    assert len(itc._PLANS) <= 2
+    for a, b in zip(first, again):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
