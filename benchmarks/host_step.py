@@ -33,9 +33,9 @@ from albef_fast import _validate, functional  # noqa: E402
 
 functional._interpreting = lambda: True  # lets CPU tensors take the "triton" backend
 try:
-    import albef_fast.kernels  # noqa: E402,F401  (registers the backend)
+    from albef_fast.kernels import itc_triton  # noqa: E402  (registers the backend)
 except ImportError:  # the package not installed (another Python): the kernels from the source tree
-    import kernels  # noqa: E402,F401
+    from kernels import itc_triton  # noqa: E402
 
 
 def _case(b: int, dtype: torch.dtype, q: int = 65536, d: int = 256):
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     # fp32 (the TF32 path) by default: bf16 arithmetic on the CPU is slow, unlike its CUDA launch
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
-    parser.add_argument("--parts", action="store_true", help="also time validation and the forward alone")
+    parser.add_argument("--parts", action="store_true", help="also time validation, the backend and the forward alone")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # outputs are never written (no kernels run): no denormal slow paths
@@ -89,7 +89,10 @@ def main() -> None:
         a, b = img.detach().requires_grad_(True), txt.detach().requires_grad_(True)
         checks = lambda: _validate.itc_inputs(a, b, img_m, txt_m, img_q, txt_q, temp, 0.4, None, None,  # noqa: E731
                                               "triton", precision)
-        print(f"  validation {_min_us(checks):.1f} us, forward {_min_us(lambda: forward(a, b)):.1f} us")
+        backend = lambda: itc_triton(a, b, img_m, txt_m, img_q, txt_q, temp, 0.4, None, None, False, True,  # noqa: E731
+                                     precision)
+        print(f"  validation {_min_us(checks):.1f} us, backend (allocations and launches) {_min_us(backend):.1f} us, "
+              f"forward {_min_us(lambda: forward(a, b)):.1f} us (the rest of the step: backward)")
 
 
 if __name__ == "__main__":
