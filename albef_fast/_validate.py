@@ -111,7 +111,7 @@ def _itc_usual_ok(image_feat, text_feat, image_feat_m, text_feat_m, image_queue,
     anything else (then the named checks decide)."""
     Tensor = torch.Tensor
     feats = (image_feat, text_feat, image_feat_m, text_feat_m)
-    if not (all([type(t) is Tensor or isinstance(t, Tensor) for t in (*feats, image_queue, text_queue)])
+    if not (all([isinstance(t, Tensor) for t in (*feats, image_queue, text_queue)])
             and idx is None and idx_queue is None and type(alpha) is float and 0.0 <= alpha <= 1.0
             and (backend is None or backend in BACKENDS) and (precision is None or precision in PRECISIONS)):
         return False

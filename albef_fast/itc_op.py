@@ -145,8 +145,7 @@ def itc_apply(*inputs) -> Outputs:
     computation through _EagerITC. Arguments as for itc."""
     if torch.compiler.is_compiling():
         return itc(*inputs)
-    constants = inputs[2:6]  # momentum features and queues
-    tracked = [t for t in constants if t.requires_grad] if any([t.requires_grad for t in constants]) else ()
+    tracked = [t for t in inputs[2:6] if t.requires_grad]  # momentum features and queues
     return _EagerITC.apply(inputs[0], inputs[1], inputs[6], inputs[2:6] + inputs[7:], *tracked)
 
 
