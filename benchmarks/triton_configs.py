@@ -35,6 +35,7 @@ from albef_fast.bench.report import slug
 # few configs only.
 PRECISIONS = {"tf32": ("high", {}), "bf16": ("highest", {}), "fp32": ("highest", {}),
               "tf32t": ("high", {"ALBEF_FAST_TF32": "tf32"}),
+              "f16s": ("high", {"ALBEF_FAST_TF32": "f16s"}),  # TF32-class products through scaled fp16
               "fp32x3": ("highest", {"ALBEF_FAST_FP32_DOT": "tf32x3"})}
 VARIANT_SPECS = ["32,64,256,0,1,8,2", "32,64,256,0,0,8,2", "64,32,256,1,0,8,2", "64,32,256,1,1,8,2,0,1"]
 
@@ -42,7 +43,7 @@ VARIANT_SPECS = ["32,64,256,0,1,8,2", "32,64,256,0,0,8,2", "64,32,256,1,0,8,2", 
 def _specs_for(precision: str, specs: List[str]) -> List[str]:
     """The configs timed for a precision: all for tf32; all but the transposed-logits ones (a
     TF32 layout fix, LOGITS_T = 9th field) for bf16; a few for the variants."""
-    if precision == "tf32":
+    if precision in ("tf32", "f16s"):
         return specs
     if precision == "bf16":
         return [s for s in specs if s.split(",")[8:9] != ["1"]]
@@ -264,10 +265,11 @@ def _write_csv(rows: List[dict], path: pathlib.Path) -> None:
 
 def _tuned(rows) -> Dict[str, list]:
     """precision -> [[B, spec, waves]] of the config with the least device time (graph replay)
-    that passed the error rule (the defaults' precisions only: tf32 with rounded operands, bf16)."""
+    that passed the error rule (the defaults' precisions, tf32 with rounded operands and bf16, and
+    f16s, the fp16-product alternative for TF32)."""
     best: Dict[Tuple[str, int], dict] = {}
     for r in rows:
-        if "," not in r["config"] or r["ok"] is not True or r["precision"] not in ("tf32", "bf16"):
+        if "," not in r["config"] or r["ok"] is not True or r["precision"] not in ("tf32", "bf16", "f16s"):
             continue  # eager / torch-backend rows, failures, and the variants of PRECISIONS
         key = (r["precision"], r["B"])
         if key not in best or r["ms_graph"] < best[key]["ms_graph"]:  # device time decides

@@ -88,14 +88,46 @@ def _temperature(temp_ptr, temp_value, TEMP_FROM_PTR: tl.constexpr):
 @triton.jit
 def _query_tiles(q_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, TEACHER: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """(query tile, momentum-query tile) [BLOCK_M, BLOCK_D] as product operands (_operand); without
-    TEACHER the second is the first."""
-    q = _operand(_load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D), DOT_DTYPE, INPUT_PRECISION)
+    """(query tile, momentum-query tile) [BLOCK_M, BLOCK_D] as product operands (_scaled_rows),
+    and their row scales [BLOCK_M] ("f16s"; else 1); without TEACHER the second is the first."""
+    q, q_up = _scaled_rows(_load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D), DOT_DTYPE, INPUT_PRECISION)
     if TEACHER:
-        qm = _operand(_load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D), DOT_DTYPE, INPUT_PRECISION)
+        qm, qm_up = _scaled_rows(_load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D), DOT_DTYPE,
+                                 INPUT_PRECISION)
     else:
-        qm = q
-    return q, qm
+        qm, qm_up = q, q_up
+    return q, qm, q_up, qm_up
+
+
+@triton.jit
+def _f16_scales(amax):
+    """(down, up), powers of two with amax * down in [2^14, 2^15): fp16's top binade below 2^15,
+    so that a tile scaled by down keeps 11 significant bits down to 2^-14 of its largest element
+    (subnormals below) and cannot overflow. The exponent is clamped to [-40, 40] before the shift,
+    so that the product of two ups stays a normal fp32 number; inf stays inf."""
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.minimum(tl.maximum(e, -40), 40) - 14
+    return ((127 - e) << 23).to(tl.float32, bitcast=True), ((127 + e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scaled_rows(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(operand, up [BLOCK_M]) of a row tile: for "f16s" each row scaled by its own power of two
+    (_f16_scales), so that x = operand * up[:, None] up to fp16 rounding; else (_operand(x), 1)."""
+    if INPUT_PRECISION == "f16s":
+        down, up = _f16_scales(tl.max(tl.abs(x), 1))
+        return _operand(x * down[:, None], DOT_DTYPE, INPUT_PRECISION), up
+    return _operand(x, DOT_DTYPE, INPUT_PRECISION), tl.full([x.shape[0]], 1.0, tl.float32)
+
+
+@triton.jit
+def _scaled_keys(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(operand, up) of a key tile: for "f16s" the whole tile scaled by one power of two (the key
+    sums accumulate tiles of different scales: _online_softmax's ratio); else (_operand(x), 1)."""
+    if INPUT_PRECISION == "f16s":
+        down, up = _f16_scales(tl.max(tl.abs(x)))
+        return _operand(x * down, DOT_DTYPE, INPUT_PRECISION), up
+    return _operand(x, DOT_DTYPE, INPUT_PRECISION), 1.0
 
 
 @triton.jit
@@ -113,6 +145,8 @@ def _operand(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """x as a product operand: cast to DOT_DTYPE, and for "tf32rn" rounded to TF32 (_round_tf32).
     Done once per loaded tile (the query tiles once per program), not once per product: for TF32
     the rounding costs registers and ALU time in the key loop."""
+    if INPUT_PRECISION == "f16s":  # fp16 values (the interpreter: kept in fp32 tiles, exact products)
+        return x.to(tl.float16).to(DOT_DTYPE)
     if DOT_DTYPE == tl.float32:
         x = x.to(tl.float32)
         if INPUT_PRECISION == "tf32rn":
@@ -128,6 +162,8 @@ def _mma(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     if DOT_DTYPE == tl.float32:
         if INPUT_PRECISION == "tf32rn":
             out = tl.dot(a, b, input_precision="tf32")
+        elif INPUT_PRECISION == "f16s":  # fp16 values in fp32 tiles (interpreter): exact products
+            out = tl.dot(a, b, input_precision="ieee")
         else:
             out = tl.dot(a, b, input_precision=INPUT_PRECISION)
     else:
@@ -149,27 +185,41 @@ def _logits_product(q, k, LOGITS_T: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT
 
 
 @triton.jit
-def _logits(q, qm, k, TEACHER: tl.constexpr, LOGITS_T: tl.constexpr, DOT_DTYPE: tl.constexpr,
+def _logits(q, qm, k, q_up, qm_up, k_up, TEACHER: tl.constexpr, LOGITS_T: tl.constexpr, DOT_DTYPE: tl.constexpr,
             INPUT_PRECISION: tl.constexpr):
-    """Raw dots of one D block (prepared operands): (q . k [BLOCK_M, BLOCK_N], q_m . k if TEACHER else 0)."""
+    """Raw dots of one D block (prepared operands and their scales, _query_tiles / _scaled_keys):
+    (q . k [BLOCK_M, BLOCK_N], q_m . k if TEACHER else 0)."""
     s = _logits_product(q, k, LOGITS_T, DOT_DTYPE, INPUT_PRECISION)
+    if INPUT_PRECISION == "f16s":
+        s = s * (q_up * k_up)[:, None]
     if TEACHER:
         m = _logits_product(qm, k, LOGITS_T, DOT_DTYPE, INPUT_PRECISION)
+        if INPUT_PRECISION == "f16s":
+            m = m * (qm_up * k_up)[:, None]
     else:
         m = tl.zeros_like(s)
     return s, m
 
 
 @triton.jit
-def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ratio, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr):
     """One key tile into a running state: max (base 2), Z = sum 2^(l - max) and, if ACC,
-    acc = sum 2^(l - max) k (k_t: a prepared operand)."""
+    acc = sum 2^(l - max) k (k_t: a prepared operand).
+
+    "f16s": the weights enter the product as 2^14 2^(l - max) (exact, <= 2^14: 11 significant
+    bits down to 2^-14 of the largest), and acc is kept in units of 2^14 / (k_t's scale), the
+    scale of the latest tile: ratio = previous scale / this one rescales it (powers of two)."""
     l2 = tl.where(valid, logits * scale, float("-inf"))
     new_mx = tl.maximum(mx, tl.max(l2, 1))
     rescale = tl.exp2(mx - new_mx)
-    p = tl.exp2(l2 - new_mx[:, None])
-    z = z * rescale + tl.sum(p, 1)
+    if INPUT_PRECISION == "f16s":
+        p = tl.exp2(l2 - (new_mx[:, None] - 14.0))
+        z = z * rescale + tl.sum(p, 1) * (1.0 / 16384.0)
+        rescale = rescale * ratio
+    else:
+        p = tl.exp2(l2 - new_mx[:, None])
+        z = z * rescale + tl.sum(p, 1)
     if ACC:
         acc = acc * rescale[:, None] + _mma(_operand(p, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE, INPUT_PRECISION)
     return new_mx, z, acc
@@ -243,8 +293,9 @@ def _itc_split_fwd_kernel(
     acc_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.zeros([BLOCK_M], tl.float32)
 
-    q_one, qm_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D, TEACHER, DOT_DTYPE,
-                                 INPUT_PRECISION)
+    q_one, qm_one, q_up_one, qm_up_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D,
+                                                      TEACHER, DOT_DTYPE, INPUT_PRECISION)
+    up_run = tl.full([], 1.0, tl.float32)  # "f16s": the scale of the latest key-sum operand (_online_softmax)
 
     batch_tiles = tl.cdiv(B, BLOCK_N)
     tiles = batch_tiles + tl.cdiv(Q, BLOCK_N)
@@ -262,26 +313,36 @@ def _itc_split_fwd_kernel(
         for t in range(lo, hi):
             j = (t - shift) * BLOCK_N + cols
             if NUM_DK == 1:  # the query tiles stay loaded (q_one, qm_one); one key tile serves all
-                k_acc = _operand(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE, INPUT_PRECISION)
-                s, m = _logits(q_one, qm_one, k_acc, TEACHER, LOGITS_T, DOT_DTYPE, INPUT_PRECISION)
+                k_acc, k_up = _scaled_keys(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE,
+                                           INPUT_PRECISION)
+                s, m = _logits(q_one, qm_one, k_acc, q_up_one, qm_up_one, k_up, TEACHER, LOGITS_T, DOT_DTYPE,
+                               INPUT_PRECISION)
             else:  # D in NUM_DK blocks for the logits, then this program's D block of the keys again
                 s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 m = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 for dk in range(NUM_DK):
                     d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
-                    k = _operand(_load_keys(k_base, s_kd, s_kj, d_offs, j, D, n_keys), DOT_DTYPE, INPUT_PRECISION)
-                    q, qm = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, TEACHER,
-                                         DOT_DTYPE, INPUT_PRECISION)
-                    s_part, m_part = _logits(q, qm, k, TEACHER, LOGITS_T, DOT_DTYPE, INPUT_PRECISION)
+                    k, k_up = _scaled_keys(_load_keys(k_base, s_kd, s_kj, d_offs, j, D, n_keys), DOT_DTYPE,
+                                           INPUT_PRECISION)
+                    q, qm, q_up, qm_up = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D,
+                                                      TEACHER, DOT_DTYPE, INPUT_PRECISION)
+                    s_part, m_part = _logits(q, qm, k, q_up, qm_up, k_up, TEACHER, LOGITS_T, DOT_DTYPE,
+                                             INPUT_PRECISION)
                     s += s_part
                     m += m_part
             if KT_LOAD:  # [BLOCK_N, BLOCK_D] loaded as such: no transpose through registers
-                k_t = _operand(_load_keys(k_base, s_kj, s_kd, j, d_acc, n_keys, D), DOT_DTYPE, INPUT_PRECISION)
+                k_t, t_up = _scaled_keys(_load_keys(k_base, s_kj, s_kd, j, d_acc, n_keys, D), DOT_DTYPE,
+                                         INPUT_PRECISION)
             else:
                 if NUM_DK > 1:
-                    k_acc = _operand(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE,
-                                     INPUT_PRECISION)
-                k_t = tl.trans(k_acc)
+                    k_acc, k_up = _scaled_keys(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE,
+                                               INPUT_PRECISION)
+                k_t, t_up = tl.trans(k_acc), k_up
+            if INPUT_PRECISION == "f16s":  # key sums: from units of the previous tile's scale to this one's
+                ratio = up_run / t_up
+                up_run = t_up
+            else:
+                ratio = 1.0
             valid = j[None, :] < n_keys
             if phase == 0:
                 if (pid_d == 0) & is_student:
@@ -289,17 +350,24 @@ def _itc_split_fwd_kernel(
                     sim_offs = direction * B * B + rows[:, None] * B + j[None, :]
                     tl.store(sim_ptr + sim_offs, (s / temp).to(sim_ptr.dtype.element_ty), mask=sim_mask)
             # the main state needs its key sum unless it is a student's with no gradient asked for
-            mx_s, z_s, acc_s = _online_softmax(mx_s, z_s, acc_s, s, valid, scale, k_t, GRAD + GRID_KINDS - 1,
+            mx_s, z_s, acc_s = _online_softmax(mx_s, z_s, acc_s, s, valid, scale, k_t, ratio, GRAD + GRID_KINDS - 1,
                                                DOT_DTYPE, INPUT_PRECISION)
             if RETRIEVAL:
                 if is_student:
                     key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=0)
                     hard = ((row_ids[:, None] == key_ids[None, :]) & valid).to(tl.float32)
                     count += tl.sum(hard, 1)
-                    acc_h += _mma(_operand(hard, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE, INPUT_PRECISION)
+                    if INPUT_PRECISION == "f16s":  # in the units of the key sums (_online_softmax)
+                        acc_h = acc_h * ratio + _mma(_operand(hard * 16384.0, DOT_DTYPE, INPUT_PRECISION), k_t,
+                                                     DOT_DTYPE, INPUT_PRECISION)
+                    else:
+                        acc_h += _mma(_operand(hard, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE, INPUT_PRECISION)
             if TEACHER:
-                mx_m, z_m, acc_m = _online_softmax(mx_m, z_m, acc_m, m, valid, scale, k_t, True, DOT_DTYPE,
+                mx_m, z_m, acc_m = _online_softmax(mx_m, z_m, acc_m, m, valid, scale, k_t, ratio, True, DOT_DTYPE,
                                                    INPUT_PRECISION)
+    if INPUT_PRECISION == "f16s":  # the key sums back from units of 2^14 / up_run
+        unit = up_run * (1.0 / 16384.0)
+        acc_s, acc_m, acc_h = acc_s * unit, acc_m * unit, acc_h * unit
     _store_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count,
                   kind, direction, pid_s, pid_d, rows, d_acc, B, D, NUM_SPLITS, GRAD, HAS_TEACHER, RETRIEVAL, TEACHER)
 
@@ -560,8 +628,10 @@ def _dot_flags(dtype: torch.dtype, precision: str):
         if precision == "highest":  # ALBEF_FAST_FP32_DOT=tf32x3: 3 TF32 products per dot, ~fp32 error
             return tl.float32, os.environ.get("ALBEF_FAST_FP32_DOT", "ieee")
         # TF32 operands rounded to nearest ("tf32rn", the default) or truncated by the tensor cores
-        # ("tf32": fails the error rule, kept to reproduce that); see _round_tf32
-        return tl.float32, os.environ.get("ALBEF_FAST_TF32", "tf32rn")
+        # ("tf32": fails the error rule, kept to reproduce that), see _round_tf32; or "f16s": fp16
+        # operands (TF32's 11 significant bits) scaled by powers of two, see _f16_scales
+        mode = os.environ.get("ALBEF_FAST_TF32", "tf32rn")
+        return (tl.float32 if _INTERPRET else tl.float16) if mode == "f16s" else tl.float32, mode
     if _INTERPRET:  # the interpreter's bf16 / fp16 dot is wrong: fp32 tiles there
         return tl.float32, "ieee"
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"

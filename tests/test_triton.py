@@ -107,6 +107,41 @@ def test_transposed_logits_match(monkeypatch, block_d, precision):
         _check_rule(x, 0.4, precision=precision)
 
 
+@pytest.mark.parametrize("config", ["16,16,16,0,0,1", "16,16,32,1,1,1", "16,16,32,0,0,1,2,0,1"])
+@pytest.mark.parametrize("feature_scale", [1.0, 2.0**-30])
+def test_f16_products_give_the_tf32_rounded_values(monkeypatch, config, feature_scale):
+    """ALBEF_FAST_TF32=f16s: fp32 operands scaled by powers of two (per query row, per key tile)
+    into fp16 keep TF32's 11 significant bits, so they give the TF32-rounded path's values but for
+    rounding ties and elements 2^-28 below their tile's largest; also for features x 2^-30 and
+    queues x 2^30, which fp16 itself cannot hold (the scales' bookkeeping in the key sums). For
+    D blocks (16 of 24) and all of D in one, KIND_AXIS and KT_LOAD, transposed logits, retrieval."""
+    x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=True)
+    feats = [t * feature_scale for t in _args(x)[:4]]
+    queues = [t / feature_scale for t in _args(x)[4:]]
+    monkeypatch.setenv("ALBEF_FAST_SPLITS", "3")
+    monkeypatch.setenv("ALBEF_FAST_CONFIG", config)
+    runs = []
+    for mode in ("tf32rn", "f16s"):
+        monkeypatch.setenv("ALBEF_FAST_TF32", mode)
+        a = feats[0].clone().requires_grad_(True)
+        out = albef_fast.itc_loss(a, *feats[1:], *queues, 0.07, 0.4, idx=x.idx, idx_queue=x.idx_queue,
+                                  return_details=True, backend="triton", precision="high")
+        runs.append((out, torch.autograd.grad(out.loss * 1.3, a)[0]))
+    (tf32, g_tf32), (f16, g_f16) = runs
+    assert torch.isfinite(g_f16).all() and g_f16.abs().max() > 0
+    for name, got, expected in list(zip(f16._fields, f16, tf32)) + [("grad", g_f16, g_tf32)]:
+        assert max_err(got, expected) <= 2e-6 * expected.abs().max().item(), name
+
+
+def test_f16_products_are_chosen_by_the_setting(monkeypatch):
+    """TF32-class products: rounded TF32 by default, fp16 products with ALBEF_FAST_TF32=f16s (fp32
+    tiles holding fp16 values under the interpreter, whose fp16 dot is not exact)."""
+    assert itc._dot_flags(torch.float32, "high") == (tl.float32, "tf32rn")
+    monkeypatch.setenv("ALBEF_FAST_TF32", "f16s")
+    assert itc._dot_flags(torch.float32, "high") == (tl.float32 if itc._INTERPRET else tl.float16, "f16s")
+    assert itc._dot_flags(torch.float32, "highest") == (tl.float32, "ieee")
+
+
 @pytest.mark.parametrize("b,q,d", [(1, 10, 4), (6, 0, 8), (2, 1, 5)])
 def test_edge_shapes(b, q, d):
     _check_rule(make_inputs(b, q, d, torch.float32, DEVICE, retrieval=True), 0.4, precision="highest")
@@ -166,6 +201,20 @@ def test_cuda_albef_shape(precision, dtype, atol, b):
 def test_cuda_retrieval_odd_dim(precision, dtype, atol, b):
     """Masked D (200: no power of two), a queue length no multiple of any tile, retrieval targets."""
     _check_rule(make_inputs(b, 4001, 200, dtype, "cuda", retrieval=True), 0.4, atol=atol, precision=precision)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("b,q,d,retrieval", [(64, 65536, 256, False), (512, 65536, 256, False), (64, 4001, 200, True)])
+def test_cuda_f16_products(monkeypatch, b, q, d, retrieval):
+    """ALBEF_FAST_TF32=f16s at ALBEF's shapes and a masked odd one: within the rule against eager
+    TF32, and not the TF32 path's bits (fp16 tensor-core products)."""
+    x = make_inputs(b, q, d, torch.float32, "cuda", retrieval=retrieval)
+    monkeypatch.setenv("ALBEF_FAST_TF32", "f16s")
+    _check_rule(x, 0.4, atol=2e-3, precision="high")
+    f16 = _run(lambda *a: _triton(*a, precision="high"), x, 0.07, 0.4, 1.0)
+    monkeypatch.setenv("ALBEF_FAST_TF32", "tf32rn")
+    tf32 = _run(lambda *a: _triton(*a, precision="high"), x, 0.07, 0.4, 1.0)
+    assert not torch.equal(f16[1][0], tf32[1][0])
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -65,10 +65,15 @@ FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one pro
     "tf32-logits-t": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float32, PREC="tf32rn", TYPE="*fp32",
                           KIND_AXIS=1, KT_LOAD=1, LOGITS_T=1),
     "fp32-nograd": dict(GRAD=False, HAS_TEACHER=False, RETRIEVAL=False, DOT=tl.float32, PREC="ieee", TYPE="*fp32"),
+    # fp32 features and queues, fp16 products (ALBEF_FAST_TF32=f16s)
+    "f16s-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16s", TYPE="*fp32"),
+    "f16s-kind-axis": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
+                           KIND_AXIS=1),
 }
 REPORT = {  # --report: every autotune config of these
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
     "tf32": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float32, PREC="tf32rn", TYPE="*fp32"),
+    "f16s": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32"),
 }
 
 
@@ -107,9 +112,9 @@ def _ptxas_report(kernel):
     return regs, int(spills.group(1)), int(spills.group(2))
 
 
-def report():
+def report(names=()):
     """Registers and spills of the split kernel for every autotune config (sm_90a)."""
-    for name, flags in REPORT.items():
+    for name, flags in ((n, REPORT[n]) for n in (names or REPORT)):
         for config in itc_configs.candidates():
             k = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], config.num_warps,
                          config.num_stages, config.maxnreg)
@@ -123,8 +128,8 @@ def report():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--report"]:
-        report()
+    if sys.argv[1:2] == ["--report"]:  # [--report [flags ...]]
+        report(sys.argv[2:])
         sys.exit()
     names = sys.argv[1:] or list(FLAGS)
     for name in names:

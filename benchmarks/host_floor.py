@@ -1,0 +1,110 @@
+"""What a training step issued from Python costs on this machine's host, before any kernel work.
+
+    python benchmarks/host_floor.py [--batch 64] [--precision bf16]
+
+At ALBEF's per-GPU batch the fused step is host-bound (benchmarks/NOTES.md). This prints, for
+ALBEF's inputs on CUDA, the launched step time (do_bench median, as the benchmark tables) and
+the host time to issue one step (no synchronization, mean over 200) of:
+  eager          ALBEF's ITC (albef_fast.reference)
+  albef_fast     the fused step
+  function-floor a Python autograd.Function with albef_fast's inputs and outputs and no kernels
+                 (its forward allocates the 0-d loss, its backward returns the 3 gradients)
+  aten-floor     (a.sum() + b.sum()) * temp: 3 leaves, 4 aten ops forward, their backward
+  engine-floor   a.sum(): one op forward and backward (the autograd engine's own cost)
+The floors bound what any step issued from Python can reach here.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import albef_fast
+from albef_fast import reference
+from albef_fast.bench.cases import PRECISIONS, ITCCase
+from albef_fast.bench.measure import matmul_precision, time_ms
+
+
+class _NoWork(torch.autograd.Function):
+    """albef_fast's autograd shape with no kernels: 3 inputs that get gradients, a 0-d loss."""
+
+    @staticmethod
+    def forward(ctx, a, b, temp, rest):
+        ctx.save_for_backward(a, b)
+        return a.new_empty(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return torch.empty_like(a), torch.empty_like(b), grad.new_empty(()), None
+
+
+def _steps(case: ITCCase):
+    rest = (case.image_feat_m, case.text_feat_m, case.image_queue, case.text_queue)
+
+    def leaves():
+        return case.image_feat.detach().requires_grad_(True), case.text_feat.detach().requires_grad_(True)
+
+    def eager():
+        a, b = leaves()
+        reference.itc_loss(a, b, *rest, case.temp, 0.4).backward()
+
+    def fused():
+        a, b = leaves()
+        albef_fast.itc_loss(a, b, *rest, case.temp, 0.4).backward()
+
+    def function_floor():
+        a, b = leaves()
+        _NoWork.apply(a, b, case.temp, rest).backward()
+
+    def aten_floor():
+        a, b = leaves()
+        ((a.sum() + b.sum()) * case.temp).backward()
+
+    def engine_floor():
+        a, _ = leaves()
+        a.sum().backward()
+
+    return {"eager": eager, "albef_fast": fused, "function-floor": function_floor, "aten-floor": aten_floor,
+            "engine-floor": engine_floor}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _host_us(step, device: torch.device, n: int = 200) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    host = (time.perf_counter() - start) / n * 1e6
+    _sync(device)
+    return host
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", default="64")
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--queue", type=int, default=65536)
+    p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    for precision in args.precision.split(","):
+        for b in (int(v) for v in args.batch.split(",")):
+            case = ITCCase(b, args.queue, 256, precision, device)
+            card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            print(f"{precision} B={b} Q={args.queue}, {card}: launched step (do_bench median) | host issue")
+            with matmul_precision(PRECISIONS[precision][1]):
+                for name, step in _steps(case).items():
+                    for _ in range(5):
+                        step()
+                    ms = time_ms(step, case.device)[0]
+                    print(f"  {name:<15} {ms * 1e3:8.1f} us | {_host_us(step, device):8.1f} us", flush=True)
+
+
+if __name__ == "__main__":
+    main()
