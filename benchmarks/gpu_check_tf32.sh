@@ -42,7 +42,7 @@ if ! ALBEF_FAST_NO_EXTENSION=1 stage 60 $PY -m pip install --no-deps --no-build-
 fi
 
 stamp "per-config table: f16s (fp16 products) and tf32 (rounded TF32), vs eager TF32 and fp64"
-stage 170 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --precision f16s,tf32 --waves 4 --tuned "$TUNED" \
+stage 160 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --precision f16s,tf32 --waves 4 --tuned "$TUNED" \
   2>&1 | tee "$OUT/bench.txt"
 if [ -s "$TUNED" ]; then  # the measured tf32 / f16s entries over the package's TUNED
   $PY -c "import json, sys; from albef_fast.kernels import itc_configs as c; t = dict(c.TUNED); t.update(json.load(open(sys.argv[1]))); json.dump(t, open(sys.argv[1], 'w'))" "$TUNED"
@@ -50,14 +50,14 @@ if [ -s "$TUNED" ]; then  # the measured tf32 / f16s entries over the package's 
 fi
 
 stamp "tests: the Triton path on CUDA (f16s at ALBEF's shapes, retrieval at an odd D, launches)"
-stage 110 "${PYTEST[@]}" "${TESTS[@]}" > "$OUT/tests.log" 2>&1; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -20
+stage 100 "${PYTEST[@]}" "${TESTS[@]}" > "$OUT/tests.log" 2>&1; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -20
 
 stamp "host floor: what a step issued from Python costs here"
-stage 40 $PY benchmarks/host_floor.py "${FLOOR[@]}" 2>&1 | tee -a "$OUT/bench.txt"
+stage 30 $PY benchmarks/host_floor.py "${FLOOR[@]}" 2>&1 | tee -a "$OUT/bench.txt"
 
 stamp "benchmark: tf32 with TF32 products, then with fp16 products (ALBEF_FAST_TF32=f16s)"
-stage 40 $PY -m albef_fast.bench "${BENCH[@]}" --precision tf32 --mode fwd+bwd --providers eager,albef_fast \
+stage 35 $PY -m albef_fast.bench "${BENCH[@]}" --precision tf32 --mode fwd+bwd --providers eager,albef_fast \
   --out "$OUT" --no-plot 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
-ALBEF_FAST_TF32=f16s stage 40 $PY -m albef_fast.bench "${BENCH[@]}" --precision tf32 --mode fwd+bwd \
+ALBEF_FAST_TF32=f16s stage 35 $PY -m albef_fast.bench "${BENCH[@]}" --precision tf32 --mode fwd+bwd \
   --providers eager,albef_fast --out "$OUT" --no-plot --tag f16s 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 stamp "done"
