@@ -134,11 +134,12 @@ def test_f16_products_give_the_tf32_rounded_values(monkeypatch, config, feature_
 
 
 def test_f16_products_are_chosen_by_the_setting(monkeypatch):
-    """TF32-class products: rounded TF32 by default, fp16 products with ALBEF_FAST_TF32=f16s (fp32
-    tiles holding fp16 values under the interpreter, whose fp16 dot is not exact)."""
-    assert itc._dot_flags(torch.float32, "high") == (tl.float32, "tf32rn")
-    monkeypatch.setenv("ALBEF_FAST_TF32", "f16s")
+    """TF32-class products: fp16 products by default (fp32 tiles holding fp16 values under the
+    interpreter, whose fp16 dot is not exact), rounded TF32 with ALBEF_FAST_TF32=tf32rn."""
+    monkeypatch.delenv("ALBEF_FAST_TF32", raising=False)
     assert itc._dot_flags(torch.float32, "high") == (tl.float32 if itc._INTERPRET else tl.float16, "f16s")
+    monkeypatch.setenv("ALBEF_FAST_TF32", "tf32rn")
+    assert itc._dot_flags(torch.float32, "high") == (tl.float32, "tf32rn")
     assert itc._dot_flags(torch.float32, "highest") == (tl.float32, "ieee")
 
 
