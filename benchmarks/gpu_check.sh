@@ -29,7 +29,7 @@ if [ "$SMOKE" = 1 ]; then
   QUICK=(tests/test_triton.py -k "fp32 and 5-37-24"); REST=(tests/test_triton.py -k "details")
 else
   DEV=(--device cuda)
-  TABLE=(--batch 64,512 --precision bf16,tf32,fp32 --jobs 16)  # saved after each block: bf16 first
+  TABLE=(--batch 64,512 --precision bf16,f16s,tf32,fp32 --jobs 16)  # saved after each block: bf16 first
   SWEEP=(--sweep); PREC=fp32,tf32,bf16
   QUICK=(tests/test_triton.py -k "cuda_albef_shape or cuda_retrieval or cuda_automatic or bitwise or details or round")
   # the CUDA state ops first (their only GPU check), then the rest

@@ -29,11 +29,12 @@ from albef_fast.bench.cases import ITCCase, graphed
 from albef_fast.bench.measure import device_name, matmul_precision, time_ms
 from albef_fast.bench.report import slug
 
-# name -> (torch float32 matmul precision, environment). tf32 rounds the TF32 operands (the
-# default), tf32t does not (hardware truncation; fails the error rule); fp32: "highest" on the
-# Triton path (fp32 FMA dots), fp32x3: with 3 TF32 products per dot. The variants are timed for a
-# few configs only.
-PRECISIONS = {"tf32": ("high", {}), "bf16": ("highest", {}), "fp32": ("highest", {}),
+# name -> (torch float32 matmul precision, environment). f16s: "high" with fp16 products of
+# scaled operands (the default for "high"); tf32: TF32 products, operands rounded to nearest;
+# tf32t: truncated by the hardware (fails the error rule); fp32: "highest" on the Triton path
+# (fp32 FMA dots), fp32x3: with 3 TF32 products per dot. tf32t and fp32x3 are timed for a few
+# configs only.
+PRECISIONS = {"tf32": ("high", {"ALBEF_FAST_TF32": "tf32rn"}), "bf16": ("highest", {}), "fp32": ("highest", {}),
               "tf32t": ("high", {"ALBEF_FAST_TF32": "tf32"}),
               "f16s": ("high", {"ALBEF_FAST_TF32": "f16s"}),  # TF32-class products through scaled fp16
               "fp32x3": ("highest", {"ALBEF_FAST_FP32_DOT": "tf32x3"})}
