@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# TF32-class products on a GPU: fp16 products of power-of-two-scaled operands (ALBEF_FAST_TF32=f16s)
-# against the TF32 path, their GPU tests, and the host's floor for a step issued from Python.
-#   bash benchmarks/gpu_check_tf32.sh OUTDIR          (run with timeout_s >= 420)
+# fp16 products of power-of-two-scaled operands on a GPU: TF32-class (ALBEF_FAST_TF32=f16s, the
+# default for "high") against the TF32 path, fp32-class (ALBEF_FAST_FP32_DOT=f16x3: 3 products of
+# (hi, lo) pairs; "highest" on the Triton path, untimed before), their GPU tests, and the host's
+# floor for a step issued from Python.
+#   bash benchmarks/gpu_check_tf32.sh OUTDIR          (run with timeout_s >= 480)
 # Stages (each with its own limit): install (Python part only: the C++ extension is not needed),
-# per-config table for f16s and tf32 at B = 64, 512 (writes the fastest correct configs as JSON,
+# per-config table for f16s, f16x3 and tf32 at B = 64, 512 (writes the fastest correct configs as JSON,
 # merged into TUNED for the stages after it), CUDA tests of the Triton path, benchmarks/host_floor.py,
 # the ITC benchmark for tf32 with and without f16s. GPU_CHECK_SMOKE=1: the same steps on the CPU.
 set -uo pipefail
@@ -17,8 +19,8 @@ t0=$(date +%s)
 stamp() { echo "[gpu_check_tf32 +$(( $(date +%s) - t0 ))s] $*"; }
 stage() { local limit=$1; shift; timeout "$limit" "$@"; local rc=$?; [ $rc = 124 ] && stamp "TIMED OUT after ${limit}s"; return $rc; }
 
-CONFIGS="128,32,256,1,0,8,4;128,32,256,1,0,8,2;128,16,256,1,0,8,4;64,32,256,1,0,8,3;64,32,256,1,0,8,2"
-CONFIGS+=";64,32,256,1,0,4,4;64,32,256,1,0,4,3;32,64,256,0,1,8,2"
+CONFIGS="128,32,256,1,0,8,5,0,1;128,32,256,1,0,8,4,0,1;64,32,256,1,0,4,3;64,32,256,1,0,8,3,0,1"
+CONFIGS+=";64,16,256,1,0,8,4,0,1;32,64,256,0,1,8,2"
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   export TRITON_INTERPRET=1
   TABLE=(--device cpu --queue 256 --dim 32 --batch 8 --jobs 0 --configs "16,16,16,0,0,1;16,16,32,1,1,1")
@@ -26,7 +28,8 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   BENCH=(--device cpu --queue 256 --dim 32 --batch 8 --reps 2)
 else
   TABLE=(--batch 64,512 --jobs 16 --configs "$CONFIGS")
-  TESTS=(tests/test_triton.py::test_cuda_f16_products tests/test_triton.py::test_cuda_retrieval_odd_dim
+  TESTS=(tests/test_triton.py::test_cuda_f16_products tests/test_triton.py::test_cuda_f16x3_products
+         tests/test_triton.py::test_cuda_retrieval_odd_dim
          tests/test_triton.py::test_cuda_direct_launch_matches_jit_bitwise tests/test_triton.py::test_cuda_automatic_backend_choice)
   FLOOR=(--batch 64 --precision bf16,tf32); BENCH=(--device cuda --batch 64,512)
 fi
@@ -41,8 +44,8 @@ if ! ALBEF_FAST_NO_EXTENSION=1 stage 60 $PY -m pip install --no-deps --no-build-
   stamp "install FAILED"; tail -30 "$OUT/install.log"; exit 1
 fi
 
-stamp "per-config table: f16s (fp16 products) and tf32 (rounded TF32), vs eager TF32 and fp64"
-stage 160 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --precision f16s,tf32 --waves 4 --tuned "$TUNED" \
+stamp "per-config table: f16s (fp16 products), f16x3 (3 fp16 products), tf32 (rounded TF32), vs eager and fp64"
+stage 220 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --precision f16s,f16x3,tf32 --waves 4 --tuned "$TUNED" \
   2>&1 | tee "$OUT/bench.txt"
 if [ -s "$TUNED" ]; then  # the measured tf32 / f16s entries over the package's TUNED
   $PY -c "import json, sys; from albef_fast.kernels import itc_configs as c; t = dict(c.TUNED); t.update(json.load(open(sys.argv[1]))); json.dump(t, open(sys.argv[1], 'w'))" "$TUNED"
@@ -55,9 +58,11 @@ stage 100 "${PYTEST[@]}" "${TESTS[@]}" > "$OUT/tests.log" 2>&1; grep -E "PASSED|
 stamp "host floor: what a step issued from Python costs here"
 stage 30 $PY benchmarks/host_floor.py "${FLOOR[@]}" 2>&1 | tee -a "$OUT/bench.txt"
 
-stamp "benchmark: tf32 with TF32 products, then with fp16 products (ALBEF_FAST_TF32=f16s)"
-stage 35 $PY -m albef_fast.bench "${BENCH[@]}" --precision tf32 --mode fwd+bwd --providers eager,albef_fast \
-  --out "$OUT" --no-plot 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
-ALBEF_FAST_TF32=f16s stage 35 $PY -m albef_fast.bench "${BENCH[@]}" --precision tf32 --mode fwd+bwd \
+stamp "benchmark: tf32 with TF32 products, then with fp16 products (the default); fp32 with 3 fp16 products"
+ALBEF_FAST_TF32=tf32rn stage 35 $PY -m albef_fast.bench "${BENCH[@]}" --precision tf32 --mode fwd+bwd \
+  --providers eager,albef_fast --out "$OUT" --no-plot 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
+stage 35 $PY -m albef_fast.bench "${BENCH[@]}" --precision tf32 --mode fwd+bwd \
   --providers eager,albef_fast --out "$OUT" --no-plot --tag f16s 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
+ALBEF_FAST_BACKEND=triton ALBEF_FAST_FP32_DOT=f16x3 stage 45 $PY -m albef_fast.bench "${BENCH[@]}" --precision fp32 \
+  --mode fwd+bwd --providers eager,albef_fast --out "$OUT" --no-plot --tag f16x3 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 stamp "done"

@@ -32,11 +32,12 @@ from albef_fast.bench.report import slug
 # name -> (torch float32 matmul precision, environment). f16s: "high" with fp16 products of
 # scaled operands (the default for "high"); tf32: TF32 products, operands rounded to nearest;
 # tf32t: truncated by the hardware (fails the error rule); fp32: "highest" on the Triton path
-# (fp32 FMA dots), fp32x3: with 3 TF32 products per dot. tf32t and fp32x3 are timed for a few
-# configs only.
+# (fp32 FMA dots), fp32x3: with 3 TF32 products per dot, f16x3: with 3 fp16 products of scaled
+# (hi, lo) pairs. tf32t and fp32x3 are timed for a few configs only.
 PRECISIONS = {"tf32": ("high", {"ALBEF_FAST_TF32": "tf32rn"}), "bf16": ("highest", {}), "fp32": ("highest", {}),
               "tf32t": ("high", {"ALBEF_FAST_TF32": "tf32"}),
               "f16s": ("high", {"ALBEF_FAST_TF32": "f16s"}),  # TF32-class products through scaled fp16
+              "f16x3": ("highest", {"ALBEF_FAST_FP32_DOT": "f16x3"}),  # fp32-class: 3 fp16 products
               "fp32x3": ("highest", {"ALBEF_FAST_FP32_DOT": "tf32x3"})}
 VARIANT_SPECS = ["32,64,256,0,1,8,2", "32,64,256,0,0,8,2", "64,32,256,1,0,8,2", "64,32,256,1,1,8,2,0,1"]
 
@@ -44,7 +45,7 @@ VARIANT_SPECS = ["32,64,256,0,1,8,2", "32,64,256,0,0,8,2", "64,32,256,1,0,8,2", 
 def _specs_for(precision: str, specs: List[str]) -> List[str]:
     """The configs timed for a precision: all for tf32; all but the transposed-logits ones (a
     TF32 layout fix, LOGITS_T = 9th field) for bf16; a few for the variants."""
-    if precision in ("tf32", "f16s"):
+    if precision in ("tf32", "f16s", "f16x3"):
         return specs
     if precision == "bf16":
         return [s for s in specs if s.split(",")[8:9] != ["1"]]
@@ -266,11 +267,11 @@ def _write_csv(rows: List[dict], path: pathlib.Path) -> None:
 
 def _tuned(rows) -> Dict[str, list]:
     """precision -> [[B, spec, waves]] of the config with the least device time (graph replay)
-    that passed the error rule (the defaults' precisions, tf32 with rounded operands and bf16, and
-    f16s, the fp16-product alternative for TF32)."""
+    that passed the error rule (bf16, f16s (the default for "high"), tf32 with rounded operands,
+    and f16x3 (fp32-class fp16 products); not the variants tf32t / fp32 / fp32x3)."""
     best: Dict[Tuple[str, int], dict] = {}
     for r in rows:
-        if "," not in r["config"] or r["ok"] is not True or r["precision"] not in ("tf32", "bf16", "f16s"):
+        if "," not in r["config"] or r["ok"] is not True or r["precision"] not in ("tf32", "bf16", "f16s", "f16x3"):
             continue  # eager / torch-backend rows, failures, and the variants of PRECISIONS
         key = (r["precision"], r["B"])
         if key not in best or r["ms_graph"] < best[key]["ms_graph"]:  # device time decides

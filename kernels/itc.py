@@ -114,20 +114,24 @@ def _f16_scales(amax):
 def _scaled_rows(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """(operand, up [BLOCK_M]) of a row tile: for "f16s" each row scaled by its own power of two
     (_f16_scales), so that x = operand * up[:, None] up to fp16 rounding; else (_operand(x), 1)."""
-    if INPUT_PRECISION == "f16s":
+    if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
         down, up = _f16_scales(tl.max(tl.abs(x), 1))
-        return _operand(x * down[:, None], DOT_DTYPE, INPUT_PRECISION), up
-    return _operand(x, DOT_DTYPE, INPUT_PRECISION), tl.full([x.shape[0]], 1.0, tl.float32)
+        out = _operand(x * down[:, None], DOT_DTYPE, INPUT_PRECISION)
+    else:
+        out, up = _operand(x, DOT_DTYPE, INPUT_PRECISION), tl.full([x.shape[0]], 1.0, tl.float32)
+    return out, up
 
 
 @triton.jit
 def _scaled_keys(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """(operand, up) of a key tile: for "f16s" the whole tile scaled by one power of two (the key
     sums accumulate tiles of different scales: _online_softmax's ratio); else (_operand(x), 1)."""
-    if INPUT_PRECISION == "f16s":
+    if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
         down, up = _f16_scales(tl.max(tl.abs(x)))
-        return _operand(x * down, DOT_DTYPE, INPUT_PRECISION), up
-    return _operand(x, DOT_DTYPE, INPUT_PRECISION), 1.0
+        out = _operand(x * down, DOT_DTYPE, INPUT_PRECISION)
+    else:
+        out, up = _operand(x, DOT_DTYPE, INPUT_PRECISION), 1.0
+    return out, up
 
 
 @triton.jit
@@ -145,21 +149,29 @@ def _operand(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """x as a product operand: cast to DOT_DTYPE, and for "tf32rn" rounded to TF32 (_round_tf32).
     Done once per loaded tile (the query tiles once per program), not once per product: for TF32
     the rounding costs registers and ALU time in the key loop."""
-    if INPUT_PRECISION == "f16s":  # fp16 values (the interpreter: kept in fp32 tiles, exact products)
-        return x.to(tl.float16).to(DOT_DTYPE)
-    if DOT_DTYPE == tl.float32:
-        x = x.to(tl.float32)
+    # one return: Triton type-checks every return of a function, constexpr branches or not
+    if INPUT_PRECISION == "f16x3":  # (hi, lo) fp16 values, x = hi + lo to 22 significant bits
+        hi = x.to(tl.float16)
+        out = hi.to(DOT_DTYPE), (x - hi.to(tl.float32)).to(tl.float16).to(DOT_DTYPE)
+    elif INPUT_PRECISION == "f16s":  # fp16 values (the interpreter: kept in fp32 tiles, exact products)
+        out = x.to(tl.float16).to(DOT_DTYPE)
+    elif DOT_DTYPE == tl.float32:
+        out = x.to(tl.float32)
         if INPUT_PRECISION == "tf32rn":
-            x = _round_tf32(x)
-        return x
-    return x.to(DOT_DTYPE)
+            out = _round_tf32(out)
+    else:
+        out = x.to(DOT_DTYPE)
+    return out
 
 
 @triton.jit
 def _mma(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation, for operands prepared by _operand (TF32 values: the tensor
-    cores' truncation is then exact)."""
-    if DOT_DTYPE == tl.float32:
+    cores' truncation is then exact; "f16x3": hi hi + hi lo + lo hi of (hi, lo) pairs, small
+    terms first, lo lo (2^-22 relative) dropped)."""
+    if INPUT_PRECISION == "f16x3":
+        out = _f16_dot(a[0], b[0], _f16_dot(a[0], b[1], _f16_dot(a[1], b[0], None, DOT_DTYPE), DOT_DTYPE), DOT_DTYPE)
+    elif DOT_DTYPE == tl.float32:
         if INPUT_PRECISION == "tf32rn":
             out = tl.dot(a, b, input_precision="tf32")
         elif INPUT_PRECISION == "f16s":  # fp16 values in fp32 tiles (interpreter): exact products
@@ -172,13 +184,34 @@ def _mma(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _f16_dot(a, b, acc, DOT_DTYPE: tl.constexpr):
+    """acc + a @ b of fp16 values: fp16 tiles, or fp32 tiles holding them under the interpreter
+    (its fp16 dot is not exact; fp32 "ieee" products of fp16 values are)."""
+    if DOT_DTYPE == tl.float32:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _trans(x, INPUT_PRECISION: tl.constexpr):
+    """tl.trans of an operand (of both halves of an "f16x3" pair)."""
+    if INPUT_PRECISION == "f16x3":
+        out = tl.trans(x[0]), tl.trans(x[1])
+    else:
+        out = tl.trans(x)
+    return out
+
+
+@triton.jit
 def _logits_product(q, k, LOGITS_T: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """q @ k [BLOCK_M, BLOCK_N]; LOGITS_T computes (k^T @ q^T)^T instead: TF32 wgmma reads only
     K-major operands and the key tile (Q contiguous in ALBEF's [D, Q] queue) is not one as the
     B operand, so Triton transposes it through registers (660-1020 B of spills at sm_90); as
     the A operand it comes from registers, no spills (AOT, Triton 3.6). Same values either way."""
     if LOGITS_T:
-        out = tl.trans(_mma(tl.trans(k), tl.trans(q), DOT_DTYPE, INPUT_PRECISION))
+        out = tl.trans(_mma(_trans(k, INPUT_PRECISION), _trans(q, INPUT_PRECISION), DOT_DTYPE, INPUT_PRECISION))
     else:
         out = _mma(q, k, DOT_DTYPE, INPUT_PRECISION)
     return out
@@ -190,11 +223,11 @@ def _logits(q, qm, k, q_up, qm_up, k_up, TEACHER: tl.constexpr, LOGITS_T: tl.con
     """Raw dots of one D block (prepared operands and their scales, _query_tiles / _scaled_keys):
     (q . k [BLOCK_M, BLOCK_N], q_m . k if TEACHER else 0)."""
     s = _logits_product(q, k, LOGITS_T, DOT_DTYPE, INPUT_PRECISION)
-    if INPUT_PRECISION == "f16s":
+    if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
         s = s * (q_up * k_up)[:, None]
     if TEACHER:
         m = _logits_product(qm, k, LOGITS_T, DOT_DTYPE, INPUT_PRECISION)
-        if INPUT_PRECISION == "f16s":
+        if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
             m = m * (qm_up * k_up)[:, None]
     else:
         m = tl.zeros_like(s)
@@ -213,7 +246,7 @@ def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ratio, ACC: tl.conste
     l2 = tl.where(valid, logits * scale, float("-inf"))
     new_mx = tl.maximum(mx, tl.max(l2, 1))
     rescale = tl.exp2(mx - new_mx)
-    if INPUT_PRECISION == "f16s":
+    if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
         p = tl.exp2(l2 - (new_mx[:, None] - 14.0))
         z = z * rescale + tl.sum(p, 1) * (1.0 / 16384.0)
         rescale = rescale * ratio
@@ -337,8 +370,9 @@ def _itc_split_fwd_kernel(
                 if NUM_DK > 1:
                     k_acc, k_up = _scaled_keys(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE,
                                                INPUT_PRECISION)
-                k_t, t_up = tl.trans(k_acc), k_up
-            if INPUT_PRECISION == "f16s":  # key sums: from units of the previous tile's scale to this one's
+                k_t, t_up = _trans(k_acc, INPUT_PRECISION), k_up
+            # scaled fp16 products: the key sums from the previous tile's unit to this one's
+            if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
                 ratio = up_run / t_up
                 up_run = t_up
             else:
@@ -357,7 +391,8 @@ def _itc_split_fwd_kernel(
                     key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=0)
                     hard = ((row_ids[:, None] == key_ids[None, :]) & valid).to(tl.float32)
                     count += tl.sum(hard, 1)
-                    if INPUT_PRECISION == "f16s":  # in the units of the key sums (_online_softmax)
+                    # scaled fp16 products: in the unit of the key sums (_online_softmax)
+                    if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
                         acc_h = acc_h * ratio + _mma(_operand(hard * 16384.0, DOT_DTYPE, INPUT_PRECISION), k_t,
                                                      DOT_DTYPE, INPUT_PRECISION)
                     else:
@@ -365,7 +400,8 @@ def _itc_split_fwd_kernel(
             if TEACHER:
                 mx_m, z_m, acc_m = _online_softmax(mx_m, z_m, acc_m, m, valid, scale, k_t, ratio, True, DOT_DTYPE,
                                                    INPUT_PRECISION)
-    if INPUT_PRECISION == "f16s":  # the key sums back from units of 2^14 / up_run
+    # scaled fp16 products: the key sums back from units of 2^14 / up_run
+    if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
         unit = up_run * (1.0 / 16384.0)
         acc_s, acc_m, acc_h = acc_s * unit, acc_m * unit, acc_h * unit
     _store_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count,
@@ -625,8 +661,10 @@ def _dot_flags(dtype: torch.dtype, precision: str):
     if dtype == torch.float32:
         if precision == "medium":
             return tl.bfloat16, "ieee"
-        if precision == "highest":  # ALBEF_FAST_FP32_DOT=tf32x3: 3 TF32 products per dot, ~fp32 error
-            return tl.float32, os.environ.get("ALBEF_FAST_FP32_DOT", "ieee")
+        if precision == "highest":  # ALBEF_FAST_FP32_DOT=tf32x3: 3 TF32 products per dot, ~fp32 error;
+            # f16x3: 3 fp16 products of (hi, lo) pairs of scaled operands, 22 significant bits
+            mode = os.environ.get("ALBEF_FAST_FP32_DOT", "ieee")
+            return (tl.float32 if _INTERPRET else tl.float16) if mode == "f16x3" else tl.float32, mode
         # "f16s" (the default): fp16 operands scaled by powers of two, TF32's 11 significant bits
         # (_f16_scales) at fp16's product rate, 1.6x faster than TF32 at B = 512 on the H200 with
         # the same error; TF32 operands rounded to nearest ("tf32rn", _round_tf32) or truncated by

@@ -86,7 +86,7 @@ def launch_config(b: int, dot_dtype, input_precision: str) -> Tuple[Optional[tri
     autotune = os.environ.get("ALBEF_FAST_AUTOTUNE", "")
     if autotune == "1" and not _INTERPRET:
         return None, waves or 2.0
-    key = ("f16s" if input_precision == "f16s" else "bf16" if dot_dtype != tl.float32 else
+    key = (input_precision if input_precision in ("f16s", "f16x3") else "bf16" if dot_dtype != tl.float32 else
            "tf32" if input_precision.startswith("tf32rn") else input_precision)
     entries = sorted(tuned_table().get(key, []))
     if _INTERPRET or autotune == "0" or not entries:

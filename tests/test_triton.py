@@ -133,14 +133,35 @@ def test_f16_products_give_the_tf32_rounded_values(monkeypatch, config, feature_
         assert max_err(got, expected) <= 2e-6 * expected.abs().max().item(), name
 
 
+@pytest.mark.parametrize("config", ["16,16,16,0,0,1", "16,16,32,1,1,1", "16,16,32,0,0,1,2,0,1"])
+@pytest.mark.parametrize("alpha,retrieval", [(0.0, False), (0.4, True)])
+@pytest.mark.parametrize("feature_scale", [1.0, 2.0**-30])
+def test_f16x3_products_keep_fp32_error(monkeypatch, config, alpha, retrieval, feature_scale):
+    """ALBEF_FAST_FP32_DOT=f16x3 ("highest" on the Triton path): three fp16 products of (hi, lo)
+    pairs of the scaled operands, 22 significant bits, pass the fp32 rule (2x eager fp32's error
+    against fp64 + 1e-5), which 11-bit products fail (1e-4 on the loss here); also with features
+    x 2^-30 and queues x 2^30, which fp16 itself cannot hold."""
+    x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=retrieval)
+    for name in ("image_feat", "text_feat", "image_feat_m", "text_feat_m"):
+        setattr(x, name, getattr(x, name) * feature_scale)
+    for name in ("image_queue", "text_queue"):
+        setattr(x, name, getattr(x, name) / feature_scale)
+    monkeypatch.setenv("ALBEF_FAST_CONFIG", config)
+    monkeypatch.setenv("ALBEF_FAST_FP32_DOT", "f16x3")
+    _check_rule(x, alpha, precision="highest")
+
+
 def test_f16_products_are_chosen_by_the_setting(monkeypatch):
     """TF32-class products: fp16 products by default (fp32 tiles holding fp16 values under the
-    interpreter, whose fp16 dot is not exact), rounded TF32 with ALBEF_FAST_TF32=tf32rn."""
+    interpreter, whose fp16 dot is not exact), rounded TF32 with ALBEF_FAST_TF32=tf32rn; fp32
+    ("highest") products: fp32 FMA by default on the Triton path, 3 fp16 products with f16x3."""
     monkeypatch.delenv("ALBEF_FAST_TF32", raising=False)
     assert itc._dot_flags(torch.float32, "high") == (tl.float32 if itc._INTERPRET else tl.float16, "f16s")
     monkeypatch.setenv("ALBEF_FAST_TF32", "tf32rn")
     assert itc._dot_flags(torch.float32, "high") == (tl.float32, "tf32rn")
     assert itc._dot_flags(torch.float32, "highest") == (tl.float32, "ieee")
+    monkeypatch.setenv("ALBEF_FAST_FP32_DOT", "f16x3")
+    assert itc._dot_flags(torch.float32, "highest") == (tl.float32 if itc._INTERPRET else tl.float16, "f16x3")
 
 
 @pytest.mark.parametrize("b,q,d", [(1, 10, 4), (6, 0, 8), (2, 1, 5)])
@@ -216,6 +237,14 @@ def test_cuda_f16_products(monkeypatch, b, q, d, retrieval):
     monkeypatch.setenv("ALBEF_FAST_TF32", "tf32rn")
     tf32 = _run(lambda *a: _triton(*a, precision="high"), x, 0.07, 0.4, 1.0)
     assert not torch.equal(f16[1][0], tf32[1][0])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("b,q,d,retrieval", [(64, 65536, 256, False), (64, 4001, 200, True)])
+def test_cuda_f16x3_products(monkeypatch, b, q, d, retrieval):
+    """ALBEF_FAST_FP32_DOT=f16x3 on the Triton path: within the fp32 rule against eager fp32."""
+    monkeypatch.setenv("ALBEF_FAST_FP32_DOT", "f16x3")
+    _check_rule(make_inputs(b, q, d, torch.float32, "cuda", retrieval=retrieval), 0.4, precision="highest")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

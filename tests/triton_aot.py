@@ -69,11 +69,15 @@ FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one pro
     "f16s-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16s", TYPE="*fp32"),
     "f16s-kind-axis": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
                            KIND_AXIS=1),
+    # fp32 "highest" through 3 fp16 products (ALBEF_FAST_FP32_DOT=f16x3)
+    "f16x3-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16x3", TYPE="*fp32",
+                            KIND_AXIS=1, LOGITS_T=1),
 }
 REPORT = {  # --report: every autotune config of these
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
     "tf32": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float32, PREC="tf32rn", TYPE="*fp32"),
     "f16s": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32"),
+    "f16x3": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32"),
 }
 
 
