@@ -3,11 +3,12 @@
 # default for "high") against the TF32 path, fp32-class (ALBEF_FAST_FP32_DOT=f16x3: 3 products of
 # (hi, lo) pairs; "highest" on the Triton path, untimed before), their GPU tests, and the host's
 # floor for a step issued from Python.
-#   bash benchmarks/gpu_check_tf32.sh OUTDIR          (run with timeout_s >= 480)
+#   bash benchmarks/gpu_check_tf32.sh OUTDIR          (run with timeout_s >= 540)
 # Stages (each with its own limit): install (Python part only: the C++ extension is not needed),
 # per-config table for f16s, f16x3 and tf32 at B = 64, 512 (writes the fastest correct configs as JSON,
 # merged into TUNED for the stages after it), CUDA tests of the Triton path, benchmarks/host_floor.py,
-# the ITC benchmark for tf32 with and without f16s. GPU_CHECK_SMOKE=1: the same steps on the CPU.
+# the ITC benchmark (tf32 with TF32 and with fp16 products, fp32 with f16x3 on the Triton path).
+# GPU_CHECK_SMOKE=1: the same steps on the CPU.
 set -uo pipefail
 OUT=${1:?usage: gpu_check_tf32.sh OUTDIR}
 mkdir -p "$OUT"
