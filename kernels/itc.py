@@ -184,6 +184,18 @@ def _mma(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _mma_into(acc, a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b. "f16x3": its three products accumulate into acc itself (no [M, N] temporary:
+    the (hi, lo) pairs already double the operands' registers); otherwise as written, which
+    Triton folds into the product's accumulator."""
+    if INPUT_PRECISION == "f16x3":
+        out = _f16_dot(a[0], b[0], _f16_dot(a[0], b[1], _f16_dot(a[1], b[0], acc, DOT_DTYPE), DOT_DTYPE), DOT_DTYPE)
+    else:
+        out = acc + _mma(a, b, DOT_DTYPE, INPUT_PRECISION)
+    return out
+
+
+@triton.jit
 def _f16_dot(a, b, acc, DOT_DTYPE: tl.constexpr):
     """acc + a @ b of fp16 values: fp16 tiles, or fp32 tiles holding them under the interpreter
     (its fp16 dot is not exact; fp32 "ieee" products of fp16 values are)."""
@@ -254,7 +266,8 @@ def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ratio, ACC: tl.conste
         p = tl.exp2(l2 - new_mx[:, None])
         z = z * rescale + tl.sum(p, 1)
     if ACC:
-        acc = acc * rescale[:, None] + _mma(_operand(p, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE, INPUT_PRECISION)
+        acc = _mma_into(acc * rescale[:, None], _operand(p, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE,
+                        INPUT_PRECISION)
     return new_mx, z, acc
 
 
@@ -393,7 +406,7 @@ def _itc_split_fwd_kernel(
                     count += tl.sum(hard, 1)
                     # scaled fp16 products: in the unit of the key sums (_online_softmax)
                     if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
-                        acc_h = acc_h * ratio + _mma(_operand(hard * 16384.0, DOT_DTYPE, INPUT_PRECISION), k_t,
+                        acc_h = _mma_into(acc_h * ratio, _operand(hard * 16384.0, DOT_DTYPE, INPUT_PRECISION), k_t,
                                                      DOT_DTYPE, INPUT_PRECISION)
                     else:
                         acc_h += _mma(_operand(hard, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE, INPUT_PRECISION)

@@ -55,6 +55,9 @@ def candidates():
     # programs to 96 B (388 B without), 3-5 stages of 32 keys (164-229 KB): H200 run 6 (the
     # 5-stage one needs more shared memory than TF32 has: f16s only in practice)
     f16s = [make_config(128, 32, 256, 1, 0, 8, 5, 0, 1), make_config(128, 32, 256, 1, 0, 8, 3, 0, 1)]
+    # and for their three-product form (f16x3, untimed): 64 rows, transposed logits: 96-192 B of
+    # spills (sm_90a AOT; 870-2400 B for the others)
+    f16s += [make_config(64, 32, 256, 1, 0, 8, 3, 0, 1), make_config(64, 16, 256, 1, 0, 8, 4, 0, 1)]
     return one_state + two_states + blocked_d + deeper + two_per_sm + logits_t + f16s
 
 
