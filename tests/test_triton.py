@@ -164,6 +164,19 @@ def test_f16_products_are_chosen_by_the_setting(monkeypatch):
     assert itc._dot_flags(torch.float32, "highest") == (tl.float32 if itc._INTERPRET else tl.float16, "f16x3")
 
 
+def test_untuned_f16x3_takes_its_own_default(monkeypatch):
+    """f16x3 has no measured TUNED entry: it gets the config with the fewest spills in the sm_90a
+    report, not the general default (1408 B of spills there); tuned precisions keep their table."""
+    from albef_fast.kernels import itc_configs
+    monkeypatch.setattr(itc_configs, "_INTERPRET", False)
+    for name in ("ALBEF_FAST_CONFIG", "ALBEF_FAST_AUTOTUNE", "ALBEF_FAST_TUNED", "ALBEF_FAST_WAVES"):
+        monkeypatch.delenv(name, raising=False)
+    config, _ = itc_configs.launch_config(512, tl.float16, "f16x3")
+    assert itc_configs.config_spec(config) == itc_configs._UNTUNED["f16x3"]
+    config, waves = itc_configs.launch_config(512, tl.float16, "f16s")
+    assert (itc_configs.config_spec(config), waves) == itc_configs.TUNED["f16s"][1][1:]
+
+
 @pytest.mark.parametrize("b,q,d", [(1, 10, 4), (6, 0, 8), (2, 1, 5)])
 def test_edge_shapes(b, q, d):
     _check_rule(make_inputs(b, q, d, torch.float32, DEVICE, retrieval=True), 0.4, precision="highest")
