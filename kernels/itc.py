@@ -17,6 +17,11 @@ _itc_finish_fwd_kernel  grid (1,). Sums the partials in order and gives the mean
 
 Queues are read in place through their strides ([D, Q] as ALBEF stores them); in-batch keys
 [B, D] go through the same tile loader with their strides swapped.
+
+Products (_dot_flags): bf16 / fp16 features as they are; fp32 features by precision: "high"
+fp16 products of operands scaled by powers of two ("f16s", TF32's 11 significant bits; see
+_f16_scales; ALBEF_FAST_TF32=tf32rn: TF32 products), "highest" fp32 FMA products (or "f16x3",
+ALBEF_FAST_FP32_DOT: three fp16 products of (hi, lo) pairs, 22 bits), "medium" bf16.
 """
 from __future__ import annotations
 
@@ -89,7 +94,7 @@ def _temperature(temp_ptr, temp_value, TEMP_FROM_PTR: tl.constexpr):
 def _query_tiles(q_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, TEACHER: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """(query tile, momentum-query tile) [BLOCK_M, BLOCK_D] as product operands (_scaled_rows),
-    and their row scales [BLOCK_M] ("f16s"; else 1); without TEACHER the second is the first."""
+    and their row scales [BLOCK_M] (scaled fp16 modes; else 1); without TEACHER the second is the first."""
     q, q_up = _scaled_rows(_load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D), DOT_DTYPE, INPUT_PRECISION)
     if TEACHER:
         qm, qm_up = _scaled_rows(_load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D), DOT_DTYPE,
@@ -112,8 +117,9 @@ def _f16_scales(amax):
 
 @triton.jit
 def _scaled_rows(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """(operand, up [BLOCK_M]) of a row tile: for "f16s" each row scaled by its own power of two
-    (_f16_scales), so that x = operand * up[:, None] up to fp16 rounding; else (_operand(x), 1)."""
+    """(operand, up [BLOCK_M]) of a row tile: in the scaled fp16 modes ("f16s", "f16x3") each row
+    scaled by its own power of two (_f16_scales), so that x = operand * up[:, None] up to fp16
+    rounding; else (_operand(x), 1)."""
     if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
         down, up = _f16_scales(tl.max(tl.abs(x), 1))
         out = _operand(x * down[:, None], DOT_DTYPE, INPUT_PRECISION)
@@ -124,8 +130,9 @@ def _scaled_rows(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _scaled_keys(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """(operand, up) of a key tile: for "f16s" the whole tile scaled by one power of two (the key
-    sums accumulate tiles of different scales: _online_softmax's ratio); else (_operand(x), 1)."""
+    """(operand, up) of a key tile: in the scaled fp16 modes the whole tile scaled by one power of
+    two (the key sums accumulate tiles of different scales: _online_softmax's ratio); else
+    (_operand(x), 1)."""
     if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
         down, up = _f16_scales(tl.max(tl.abs(x)))
         out = _operand(x * down, DOT_DTYPE, INPUT_PRECISION)
@@ -252,9 +259,10 @@ def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ratio, ACC: tl.conste
     """One key tile into a running state: max (base 2), Z = sum 2^(l - max) and, if ACC,
     acc = sum 2^(l - max) k (k_t: a prepared operand).
 
-    "f16s": the weights enter the product as 2^14 2^(l - max) (exact, <= 2^14: 11 significant
-    bits down to 2^-14 of the largest), and acc is kept in units of 2^14 / (k_t's scale), the
-    scale of the latest tile: ratio = previous scale / this one rescales it (powers of two)."""
+    Scaled fp16 modes ("f16s", "f16x3"): the weights enter the product as 2^14 2^(l - max)
+    (exact, <= 2^14: 11 significant bits down to 2^-14 of the largest), and acc is kept in units
+    of 2^14 / (k_t's scale), the scale of the latest tile: ratio = previous scale / this one
+    rescales it (powers of two)."""
     l2 = tl.where(valid, logits * scale, float("-inf"))
     new_mx = tl.maximum(mx, tl.max(l2, 1))
     rescale = tl.exp2(mx - new_mx)
@@ -341,7 +349,7 @@ def _itc_split_fwd_kernel(
 
     q_one, qm_one, q_up_one, qm_up_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D,
                                                       TEACHER, DOT_DTYPE, INPUT_PRECISION)
-    up_run = tl.full([], 1.0, tl.float32)  # "f16s": the scale of the latest key-sum operand (_online_softmax)
+    up_run = tl.full([], 1.0, tl.float32)  # scaled fp16 modes: the latest key-sum operand's scale
 
     batch_tiles = tl.cdiv(B, BLOCK_N)
     tiles = batch_tiles + tl.cdiv(Q, BLOCK_N)
