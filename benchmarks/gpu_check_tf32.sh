@@ -21,7 +21,7 @@ stamp() { echo "[gpu_check_tf32 +$(( $(date +%s) - t0 ))s] $*"; }
 stage() { local limit=$1; shift; timeout "$limit" "$@"; local rc=$?; [ $rc = 124 ] && stamp "TIMED OUT after ${limit}s"; return $rc; }
 
 CONFIGS="128,32,256,1,0,8,5,0,1;128,32,256,1,0,8,4,0,1;64,32,256,1,0,4,3;64,32,256,1,0,8,3,0,1"
-CONFIGS+=";64,16,256,1,0,8,4,0,1;32,64,256,0,1,8,2"
+CONFIGS+=";64,32,256,1,0,8,4,0,1;64,16,256,1,0,8,4,0,1;32,64,256,0,1,8,2"
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   export TRITON_INTERPRET=1
   TABLE=(--device cpu --queue 256 --dim 32 --batch 8 --jobs 0 --configs "16,16,16,0,0,1;16,16,32,1,1,1")
