@@ -40,11 +40,13 @@ PRECISIONS = {"tf32": ("high", {"ALBEF_FAST_TF32": "tf32rn"}), "bf16": ("highest
               "f16x3": ("highest", {"ALBEF_FAST_FP32_DOT": "f16x3"}),  # fp32-class: 3 fp16 products
               "fp32x3": ("highest", {"ALBEF_FAST_FP32_DOT": "tf32x3"})}
 VARIANT_SPECS = ["32,64,256,0,1,8,2", "32,64,256,0,0,8,2", "64,32,256,1,0,8,2", "64,32,256,1,1,8,2,0,1"]
+TUNED_PRECISIONS = ("bf16", "f16s", "tf32", "f16x3")  # the table's keys (kernels/itc_configs.py:TUNED)
 
 
 def _specs_for(precision: str, specs: List[str]) -> List[str]:
-    """The configs timed for a precision: all for tf32; all but the transposed-logits ones (a
-    TF32 layout fix, LOGITS_T = 9th field) for bf16; a few for the variants."""
+    """The configs timed for a precision: all for fp32 tiles with tensor-core products (tf32,
+    f16s, f16x3); all but the transposed-logits ones (a fix for fp32 tiles, LOGITS_T = 9th field)
+    for bf16; a few for the variants."""
     if precision in ("tf32", "f16s", "f16x3"):
         return specs
     if precision == "bf16":
@@ -271,7 +273,7 @@ def _tuned(rows) -> Dict[str, list]:
     and f16x3 (fp32-class fp16 products); not the variants tf32t / fp32 / fp32x3)."""
     best: Dict[Tuple[str, int], dict] = {}
     for r in rows:
-        if "," not in r["config"] or r["ok"] is not True or r["precision"] not in ("tf32", "bf16", "f16s", "f16x3"):
+        if "," not in r["config"] or r["ok"] is not True or r["precision"] not in TUNED_PRECISIONS:
             continue  # eager / torch-backend rows, failures, and the variants of PRECISIONS
         key = (r["precision"], r["B"])
         if key not in best or r["ms_graph"] < best[key]["ms_graph"]:  # device time decides

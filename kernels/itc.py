@@ -120,6 +120,8 @@ def _scaled_rows(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """(operand, up [BLOCK_M]) of a row tile: in the scaled fp16 modes ("f16s", "f16x3") each row
     scaled by its own power of two (_f16_scales), so that x = operand * up[:, None] up to fp16
     rounding; else (_operand(x), 1)."""
+    # (the mode test is written out at each use: Triton 3.6 takes a jit helper's result for a
+    # run-time condition, not a static one)
     if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
         down, up = _f16_scales(tl.max(tl.abs(x), 1))
         out = _operand(x * down[:, None], DOT_DTYPE, INPUT_PRECISION)

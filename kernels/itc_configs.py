@@ -89,13 +89,22 @@ def launch_config(b: int, dot_dtype, input_precision: str) -> Tuple[Optional[tri
     autotune = os.environ.get("ALBEF_FAST_AUTOTUNE", "")
     if autotune == "1" and not _INTERPRET:
         return None, waves or 2.0
-    key = (input_precision if input_precision in ("f16s", "f16x3") else "bf16" if dot_dtype != tl.float32 else
-           "tf32" if input_precision.startswith("tf32rn") else input_precision)
+    key = _table_key(dot_dtype, input_precision)
     entries = sorted(tuned_table().get(key, []))
     if _INTERPRET or autotune == "0" or not entries:
         return parse_config(_DEFAULT if _INTERPRET else _UNTUNED.get(key, _DEFAULT)), waves or 2.0
     _, spec, tuned_waves = next((e for e in entries if b <= e[0]), entries[-1])
     return parse_config(spec), waves or tuned_waves
+
+
+def _table_key(dot_dtype, input_precision: str) -> str:
+    """The TUNED entry of a launch: the scaled fp16 modes by name (their products are fp16, their
+    tiles fp32), other half-precision products "bf16", rounded TF32 "tf32", else the precision."""
+    if input_precision in ("f16s", "f16x3"):
+        return input_precision
+    if dot_dtype != tl.float32:
+        return "bf16"
+    return "tf32" if input_precision.startswith("tf32rn") else input_precision
 
 
 # the default config (no tuned entry, ALBEF_FAST_AUTOTUNE=0): bf16's best at B = 512 on the H200
