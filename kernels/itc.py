@@ -176,10 +176,9 @@ def _operand(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 @triton.jit
 def _mma(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation, for operands prepared by _operand (TF32 values: the tensor
-    cores' truncation is then exact; "f16x3": hi hi + hi lo + lo hi of (hi, lo) pairs, small
-    terms first, lo lo (2^-22 relative) dropped)."""
+    cores' truncation is then exact; "f16x3": _f16x3_dot of (hi, lo) pairs)."""
     if INPUT_PRECISION == "f16x3":
-        out = _f16_dot(a[0], b[0], _f16_dot(a[0], b[1], _f16_dot(a[1], b[0], None, DOT_DTYPE), DOT_DTYPE), DOT_DTYPE)
+        out = _f16x3_dot(a, b, None, DOT_DTYPE)
     elif DOT_DTYPE == tl.float32:
         if INPUT_PRECISION == "tf32rn":
             out = tl.dot(a, b, input_precision="tf32")
@@ -198,10 +197,17 @@ def _mma_into(acc, a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr)
     the (hi, lo) pairs already double the operands' registers); otherwise as written, which
     Triton folds into the product's accumulator."""
     if INPUT_PRECISION == "f16x3":
-        out = _f16_dot(a[0], b[0], _f16_dot(a[0], b[1], _f16_dot(a[1], b[0], acc, DOT_DTYPE), DOT_DTYPE), DOT_DTYPE)
+        out = _f16x3_dot(a, b, acc, DOT_DTYPE)
     else:
         out = acc + _mma(a, b, DOT_DTYPE, INPUT_PRECISION)
     return out
+
+
+@triton.jit
+def _f16x3_dot(a, b, acc, DOT_DTYPE: tl.constexpr):
+    """acc + a @ b of (hi, lo) pairs: hi lo + lo hi first (the small terms), then hi hi; lo lo
+    (2^-22 relative) dropped. acc None: a new tile."""
+    return _f16_dot(a[0], b[0], _f16_dot(a[0], b[1], _f16_dot(a[1], b[0], acc, DOT_DTYPE), DOT_DTYPE), DOT_DTYPE)
 
 
 @triton.jit

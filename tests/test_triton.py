@@ -107,6 +107,15 @@ def test_transposed_logits_match(monkeypatch, block_d, precision):
         _check_rule(x, 0.4, precision=precision)
 
 
+def _rescaled(x, feature_scale: float):
+    """x with the features times feature_scale and the queues divided by it (queue logits as before)."""
+    for name in ("image_feat", "text_feat", "image_feat_m", "text_feat_m"):
+        setattr(x, name, getattr(x, name) * feature_scale)
+    for name in ("image_queue", "text_queue"):
+        setattr(x, name, getattr(x, name) / feature_scale)
+    return x
+
+
 @pytest.mark.parametrize("config", ["16,16,16,0,0,1", "16,16,32,1,1,1", "16,16,32,0,0,1,2,0,1"])
 @pytest.mark.parametrize("feature_scale", [1.0, 2.0**-30])
 def test_f16_products_give_the_tf32_rounded_values(monkeypatch, config, feature_scale):
@@ -115,9 +124,8 @@ def test_f16_products_give_the_tf32_rounded_values(monkeypatch, config, feature_
     rounding ties and elements 2^-28 below their tile's largest; also for features x 2^-30 and
     queues x 2^30, which fp16 itself cannot hold (the scales' bookkeeping in the key sums). For
     D blocks (16 of 24) and all of D in one, KIND_AXIS and KT_LOAD, transposed logits, retrieval."""
-    x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=True)
-    feats = [t * feature_scale for t in _args(x)[:4]]
-    queues = [t / feature_scale for t in _args(x)[4:]]
+    x = _rescaled(make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=True), feature_scale)
+    feats, queues = _args(x)[:4], _args(x)[4:]
     monkeypatch.setenv("ALBEF_FAST_SPLITS", "3")
     monkeypatch.setenv("ALBEF_FAST_CONFIG", config)
     runs = []
@@ -141,11 +149,7 @@ def test_f16x3_products_keep_fp32_error(monkeypatch, config, alpha, retrieval, f
     pairs of the scaled operands, 22 significant bits, pass the fp32 rule (2x eager fp32's error
     against fp64 + 1e-5), which 11-bit products fail (1e-4 on the loss here); also with features
     x 2^-30 and queues x 2^30, which fp16 itself cannot hold."""
-    x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=retrieval)
-    for name in ("image_feat", "text_feat", "image_feat_m", "text_feat_m"):
-        setattr(x, name, getattr(x, name) * feature_scale)
-    for name in ("image_queue", "text_queue"):
-        setattr(x, name, getattr(x, name) / feature_scale)
+    x = _rescaled(make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=retrieval), feature_scale)
     monkeypatch.setenv("ALBEF_FAST_CONFIG", config)
     monkeypatch.setenv("ALBEF_FAST_FP32_DOT", "f16x3")
     _check_rule(x, alpha, precision="highest")
