@@ -44,26 +44,8 @@ def _torch_backend(image_feat, text_feat, image_feat_m, text_feat_m, image_queue
                    alpha, idx, idx_queue, details, grad, precision) -> Outputs:
     ids_b = None if idx is None else idx.reshape(-1)
     ids_q = None if idx_queue is None else idx_queue.reshape(-1)
-    run = lambda q, q_m, k, queue: streaming.stream_direction(  # noqa: E731
-        q, q_m, k, queue, temp, alpha, ids_b, ids_q, details=details, grad=grad
-    )
-    i2t = run(image_feat, image_feat_m, text_feat_m, text_queue)
-    t2i = run(text_feat, text_feat_m, image_feat_m, image_queue)
-    return _pack(i2t, t2i)
-
-
-def _pack(i2t: streaming.DirectionResult, t2i: streaming.DirectionResult) -> Outputs:
-    losses, grad_temp_dirs = torch.stack([i2t.loss, t2i.loss]), torch.stack([i2t.dtemp, t2i.dtemp])
-    return (
-        losses.mean(),
-        losses,
-        i2t.dq * 0.5,
-        t2i.dq * 0.5,
-        grad_temp_dirs.mean(),
-        grad_temp_dirs,
-        torch.stack([i2t.sim_batch, t2i.sim_batch]),
-        torch.stack([i2t.ce, t2i.ce, i2t.kl, t2i.kl]),
-    )
+    return streaming.stream_itc(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
+                                alpha, ids_b, ids_q, details=details, grad=grad)
 
 
 # name -> implementation; kernels register "triton" on import (albef_fast.kernels).

@@ -1,170 +1,271 @@
 """The one-pass ITC algorithm (SPEC section 3) in plain PyTorch, chunked over the keys.
 
-This is the CPU path and the fp32 "highest" path on CUDA (cuBLAS fp32 products). Memory is
-bounded by one [3B, chunk] block; the B x (B+Q) logits never exist.
+This is the CPU path and the fp32 "highest" path on CUDA (cuBLAS fp32 products). One call does
+both directions (i2t: image queries against text keys; t2i the other way). Scratch is one
+[rows, chunk] block of logits plus per-chunk partial states; the B x (B+Q) logits never exist.
 
-Per row r of one direction, with u = q / T (student) and u_m = q_m / T (teacher), keys k_j,
-the stream keeps, with online-softmax rescaling by the running maxima:
+A direction's rows are [student u = q / T | teacher u_m = q_m / T (when alpha != 0 or details) |
+hard targets (retrieval)], B each. Its keys come in chunks: the in-batch momentum keys, then
+slices of the queue. Each chunk c gives, per soft row, with s_j = u . k_j:
 
-    Z_s = sum e^{u.k_j},  A_s = sum e^{u.k_j} k_j,  Z_m, A_m likewise with u_m,
-    H_k = sum h_j k_j,    n = sum [id_j == id_r]  (retrieval; pretraining: H_k = k_r, n = 1)
+    m_c = max_j s_j,   z_c = sum_j e^{s_j - m_c},   a_c = sum_j e^{s_j - m_c} k_j   [D]
 
-Every scalar of SPEC section 3 is a dot of u or u_m with these, because s_j = u . k_j:
+and per hard row n_c = sum_j h_j and a_c = sum_j h_j k_j (h_j = 1 where the ids match). The chunks
+merge at the end, as the Triton path's key splits do: M = max_c m_c, Z = sum_c z_c e^{m_c - M},
+A = sum_c a_c e^{m_c - M}. A chunk is six ops (two GEMMs, max, subtract, exp, sum) and rescales
+no running state: half the ops of an online-softmax update (on a GPU this path's time is mostly
+the host issuing ops). Every scalar of SPEC section 3 is then a dot with a mean key E = A / Z:
 
-    C_s = u . A_s,  C_m = u . A_m,  H_s = u . H_k / n,  sum e^{m_j} m_j = u_m . A_m
+    lse_s = M_s + log Z_s,   E_s = A_s / Z_s,   E_t = A_m / Z_m,   h_k = H / n (retrieval) or k_r
+    G = E_s - alpha E_t - (1 - alpha) h_k,   dq_r = G / T,   dT_r = -(u . G) / T
+    loss_r = lse_s - alpha u.E_t - (1 - alpha) u.h_k,   ce_r = lse_s - u.h_k
+    kl_r = u_m.E_t - lse_m - u.E_t + lse_s
 
-so each chunk costs two GEMMs (logits, then weights @ keys) plus exp / max / sum, and
-
-    dq_r = G_r / T with G_r = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H_k / n
-    dT_r = -(u . G_r) / T        (the loss depends on q and T only through u = q / T)
+The row means of those dots, times a small coefficient matrix, give every output scalar.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import functools
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["DirectionResult", "stream_direction", "DEFAULT_CHUNK"]
+__all__ = ["stream_itc", "DEFAULT_CHUNK"]
 
-# Keys per block. CPU: small blocks stay in cache. Elsewhere (CUDA): as many keys as fit a 16 MiB
-# block of logits, so that B = 64 streams Q = 65536 in two blocks (few launches) and B = 512
-# stays far inside the memory budget (SPEC: 32 MiB at B = 64, 64 MiB at B = 512).
+# Keys per queue chunk on the CPU: small blocks stay in cache. Elsewhere (CUDA) see _chunk_for.
 DEFAULT_CHUNK = {"cpu": 2048}
-_BLOCK_BYTES = 16 << 20
+# Scratch (logits block + partials) off the CPU: 20 MiB, or 96 KiB a batch row from B = 214 on
+# (48 MiB at B = 512). That leaves >= 12 MiB of SPEC's extra-memory budget (32 MiB at B = 64,
+# 64 MiB at B = 512) to the queries, the merged states and the outputs.
+_MIN_SCRATCH = 20 << 20
+_SCRATCH_PER_ROW = 96 << 10
 
 
-def _chunk_for(device: torch.device, key_bytes: int) -> int:
-    """key_bytes: the scratch one key costs (its logits, its converted copy, its mask column)."""
+class _Rows(NamedTuple):
+    """A direction's row layout: B rows per kind; soft = student (+ teacher); hard = retrieval;
+    the key sums A are kept for rows [first, soft + hard) (no student sums without gradients)."""
+
+    b: int
+    soft: int
+    hard: int
+    first: int
+
+    @property
+    def total(self) -> int:
+        return self.soft + self.hard
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _chunk_for(device: torch.device, q: int, rows: _Rows, key_bytes: int, part_bytes: int) -> int:
+    """Keys per queue chunk. key_bytes: the block scratch of one key (its logits, its hard-target
+    mask, its converted copy); part_bytes: the partial states of one chunk."""
     if device.type in DEFAULT_CHUNK:
         return DEFAULT_CHUNK[device.type]
-    return max(1024, min(65536, (_BLOCK_BYTES // key_bytes) // 256 * 256))
+    return _fewest_chunks(q, max(_MIN_SCRATCH, rows.b * _SCRATCH_PER_ROW), key_bytes, part_bytes)
 
 
-class DirectionResult(NamedTuple):
-    """Results of one direction (i2t or t2i); all means over the B rows, detached."""
+@functools.lru_cache(maxsize=256)
+def _fewest_chunks(q: int, budget: int, key_bytes: int, part_bytes: int) -> int:
+    """The chunk width (a multiple of 256) of the fewest equal chunks whose block and partials
+    (one per queue chunk and one for the in-batch keys) fit `budget` bytes; fewest ops per step.
+    If none fits, the width with the least scratch."""
+    least = None
+    for n in range(1, _cdiv(max(q, 1), 256) + 1):
+        width = _cdiv(_cdiv(max(q, 1), n), 256) * 256
+        scratch = width * key_bytes + (n + 1) * part_bytes
+        if scratch <= budget:
+            return width
+        least = min(least or (scratch, width), (scratch, width))
+    return least[1]
 
-    loss: torch.Tensor  # 0-dim, in the work dtype (fp32, or fp64 for fp64 inputs)
-    dq: torch.Tensor  # [B, D], d loss / d q (includes the 1 / B of the mean)
-    dtemp: torch.Tensor  # 0-dim, d loss / d T
-    sim_batch: torch.Tensor  # [B, B], student logits against the in-batch keys
-    ce: torch.Tensor  # 0-dim, -sum h log p_s
-    kl: torch.Tensor  # 0-dim, KL(p_m || p_s)
 
+def stream_itc(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha: float,
+               idx: Optional[torch.Tensor] = None, idx_queue: Optional[torch.Tensor] = None, details: bool = False,
+               grad: bool = True, chunk: Optional[int] = None):
+    """Both directions of the ITC loss with their gradients; the outputs of albef_fast.itc_op.
 
-class _Stream:
-    """Running online-softmax state over rows [student B | teacher B (opt.) | hard B (opt.)].
-
-    The key sums A are kept for the rows from `first` on: without gradients the student's A_s
-    is not needed (the loss uses only Z_s and the teacher / hard-target means), so first = B.
+    Features: [B, D]; queues: [D, Q] (read through their strides, sliced, never copied whole);
+    temp: float or 0-dim tensor; idx: [B] and idx_queue: [Q] ids select retrieval targets.
+    Products and states in fp32 (fp64 for fp64 features). Called under no autograd recording
+    (the op's forward). grad=False skips the student's key sums: the gradients are zeros.
     """
-
-    def __init__(self, u: torch.Tensor, n_soft: int, n_hard: int, dim: int, first: int):
-        self.u = u  # [n_soft, D] scaled queries, in the work dtype
-        self.n_soft = n_soft
-        self.first = first
-        rows = n_soft + n_hard
-        self.mx = u.new_full((n_soft,), float("-inf"))
-        self.z = u.new_zeros(n_soft)
-        self.acc = u.new_zeros(rows - first, dim)  # [A_s; A_m; H_k][first:]
-        self.scale = u.new_ones(rows)
-        self.count = u.new_zeros(n_hard)  # number of positives (retrieval)
-
-    def acc_rows(self, start: int, end: int) -> torch.Tensor:
-        return self.acc[start - self.first : end - self.first]
-
-    def step(self, keys_t: torch.Tensor, buf: torch.Tensor, hard: Optional[torch.Tensor],
-             keep_rows: int = 0) -> Optional[torch.Tensor]:
-        """Consume one block of keys. keys_t: [D, c] (a view, any strides); buf: flat scratch.
-        keep_rows > 0 returns a copy of the first keep_rows rows of its logits (the sim block)."""
-        keys_t = keys_t.to(self.u.dtype)  # no copy unless the queue has another dtype
-        c = keys_t.shape[1]
-        block = buf[: self.scale.shape[0] * c].view(-1, c)  # contiguous [rows, c]
-        logits = block[: self.n_soft]
-        torch.matmul(self.u, keys_t, out=logits)
-        kept = logits[:keep_rows].clone() if keep_rows else None  # before exp_ overwrites them
-        new_mx = torch.maximum(self.mx, logits.amax(dim=1))
-        torch.exp(self.mx - new_mx, out=self.scale[: self.n_soft])
-        logits.sub_(new_mx[:, None]).exp_()
-        self.z.mul_(self.scale[: self.n_soft]).add_(logits.sum(dim=1))
-        self.mx = new_mx
-        if hard is not None:
-            block[self.n_soft :].copy_(hard)
-            self.count.add_(hard.sum(dim=1))
-        if self.acc.shape[0]:
-            self.acc.mul_(self.scale[self.first :, None]).addmm_(block[self.first :], keys_t.T)
-        return kept
-
-
-def _hard_mask(idx: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (idx[:, None] == ids[None, :]).to(dtype)
-
-
-def stream_direction(
-    q: torch.Tensor,
-    q_m: torch.Tensor,
-    keys_batch: torch.Tensor,
-    queue: torch.Tensor,
-    temp,
-    alpha: float,
-    idx: Optional[torch.Tensor] = None,
-    idx_queue: Optional[torch.Tensor] = None,
-    details: bool = False,
-    chunk: Optional[int] = None,
-    grad: bool = True,
-) -> DirectionResult:
-    """One direction of the ITC loss, its gradient to q and to T, streamed over the keys.
-
-    q, q_m: [B, D] queries and momentum queries; keys_batch: [B, D] in-batch momentum keys;
-    queue: [D, Q] (read through its strides, never copied whole); temp: float or 0-dim tensor;
-    idx: [B] and idx_queue: [Q] select retrieval targets. Products run in fp32 (fp64 for fp64).
-    grad=False skips the student's key sums (dq and dtemp come back as zeros).
-    """
-    work = torch.promote_types(q.dtype, torch.float32)
-    b, d = q.shape
-    inv_t = 1.0 / (temp.detach().to(work) if torch.is_tensor(temp) else temp)
+    work = torch.promote_types(image_feat.dtype, torch.float32)
+    b, d = image_feat.shape
     teacher = alpha != 0.0 or details
-    u = q.detach().to(work) * inv_t
-    rows_u = torch.cat([u, q_m.detach().to(work) * inv_t]) if teacher else u
-    n_soft, n_hard = rows_u.shape[0], (b if idx is not None else 0)
-    state = _Stream(rows_u, n_soft, n_hard, d, first=0 if grad else b)
-    if chunk is None:
-        converted = d if queue.dtype != work else 0  # keys_t.to(work) copies the block
-        chunk = _chunk_for(q.device, (n_soft + 2 * n_hard + converted) * u.element_size())
-    buf = u.new_empty((n_soft + n_hard) * max(b, min(chunk, queue.shape[1])))
-
-    kb_t = keys_batch.detach().T
-    retrieval = idx is not None
-    sim_batch = state.step(kb_t, buf, _hard_mask(idx, idx, work) if retrieval else None, keep_rows=b).to(q.dtype)
-    for start in range(0, queue.shape[1], chunk):
-        keys_t = queue[:, start : start + chunk]
-        hard = _hard_mask(idx, idx_queue[start : start + chunk], work) if retrieval else None
-        state.step(keys_t, buf, hard)
-    return _finish(state, u, b, alpha, keys_batch, inv_t, q.dtype, sim_batch, teacher, grad)
+    inv_t = temp.to(work).reciprocal() if torch.is_tensor(temp) else 1.0 / temp
+    queries = [image_feat, image_feat_m, text_feat, text_feat_m] if teacher else [image_feat, text_feat]
+    u_all = torch.stack(queries).to(work).mul_(inv_t).view(2, -1, d)  # [direction, soft rows, D]
+    keys_batch = torch.stack([text_feat_m, image_feat_m]).to(work)  # in-batch keys of i2t, t2i
+    rows = _Rows(b, u_all.shape[1], b if idx is not None else 0, 0 if grad else b)
+    states = _States(u_all, rows)
+    sims = torch.empty((2, b, b), device=image_feat.device, dtype=image_feat.dtype)
+    scan = _Scan(u_all, image_queue, rows, idx, chunk)
+    for direction, queue in enumerate((text_queue, image_queue)):
+        hard_sums = states.sums[direction, rows.soft - rows.first :]
+        scan.direction(u_all[direction], keys_batch[direction], queue, idx_queue, sims[direction], hard_sums)
+        scan.merge_into(states, direction)
+    return _finish(states, u_all, keys_batch, alpha, inv_t, teacher, grad, image_feat.dtype, text_feat.dtype, sims)
 
 
-def _finish(state, u, b, alpha, keys_batch, inv_t, out_dtype, sim_batch, teacher, grad) -> DirectionResult:
-    z, n_soft = state.z, state.n_soft
-    if state.scale.shape[0] > n_soft:  # retrieval: mean of the matching keys
-        h_k = state.acc_rows(n_soft, n_soft + b) / state.count[:, None]
-    else:
-        h_k = keys_batch.detach().to(u.dtype)
-    lse_s = state.mx[:b] + z[:b].log()
-    g = -(1.0 - alpha) * h_k  # G = E_{p_s}[k] - alpha E_{p_m}[k] - (1 - alpha) H_k / n
-    h_s = (u * h_k).sum(1)
-    loss_rows = lse_s - (1.0 - alpha) * h_s
-    ce_rows = lse_s - h_s
-    kl_rows = torch.zeros_like(lse_s)
+class _States:
+    """The merged states of both directions, one allocation: max [2, soft, 1] (row maxima),
+    norm [2, soft + hard, 1] (Z of the soft rows, then the hard rows' positive counts),
+    sums [2, total - first, D] (A)."""
+
+    __slots__ = ("max", "norm", "sums", "rows")
+
+    def __init__(self, u_all, rows: _Rows):
+        d = u_all.shape[2]
+        sizes = (2 * rows.soft, 2 * rows.total, 2 * (rows.total - rows.first) * d)
+        mx, norm, sums = u_all.new_empty(sum(sizes)).split(sizes)
+        self.max, self.norm = mx.view(2, rows.soft, 1), norm.view(2, rows.total, 1)
+        self.sums, self.rows = sums.view(2, rows.total - rows.first, d), rows
+
+
+class _Scan:
+    """Streams a direction's key chunks into per-chunk partials (one allocation, reused by both
+    directions) and merges them into _States. The hard rows' key sums (retrieval) need no
+    per-chunk weights: they accumulate in the states directly."""
+
+    def __init__(self, u_all, queue, rows: _Rows, idx, chunk: Optional[int]):
+        work, d, q = u_all.dtype, u_all.shape[2], queue.shape[1]
+        self.rows, self.idx = rows, idx
+        weighted = rows.soft - rows.first  # soft rows with key sums
+        if chunk is None:
+            converted = d if queue.dtype != work else 0  # keys_t.to(work) copies the chunk
+            key_bytes = (rows.total + converted) * u_all.element_size() + rows.hard  # + the bool mask
+            part_bytes = (2 * rows.soft + rows.hard + weighted * d) * u_all.element_size()
+            chunk = _chunk_for(u_all.device, q, rows, key_bytes, part_bytes)
+        self.chunk = chunk
+        n = 1 + _cdiv(q, chunk)
+        sizes = (n * rows.soft, n * rows.soft, n * rows.hard, n * weighted * d)
+        m, z, count, sums = u_all.new_empty(sum(sizes)).split(sizes)
+        self.m, self.z = m.view(n, rows.soft, 1), z.view(n, rows.soft, 1)
+        self.count, self.sums = count.view(n, rows.hard, 1), sums.view(n, weighted, d)
+        self.slots = list(zip(*(t.unbind() for t in (self.m, self.z, self.count, self.sums))))  # chunk -> views
+        self.buf = u_all.new_empty(rows.total * max(rows.b, min(chunk, q)))
+        self._blocks: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def block(self, width: int):
+        """(soft logits, hard mask, soft rows with key sums): views of one [total, width] block."""
+        views = self._blocks.get(width)
+        if views is None:
+            rows = self.rows
+            block = self.buf[: rows.total * width].view(rows.total, width)
+            views = self._blocks[width] = (block[: rows.soft], block[rows.soft :], block[rows.first : rows.soft])
+        return views
+
+    def direction(self, u, keys_batch, queue, idx_queue, sims, hard_sums) -> None:
+        """u: [soft, D] scaled queries; keys_batch: [B, D]; queue: [D, Q]; sims: [B, B] output;
+        hard_sums: [hard, D] output (retrieval: the sums of the matching keys)."""
+        self.step(u, keys_batch.T, self.idx, *self.slots[0], hard_sums, sims)
+        for i, start in enumerate(range(0, queue.shape[1], self.chunk), 1):
+            ids = None if idx_queue is None else idx_queue[start : start + self.chunk]
+            self.step(u, queue[:, start : start + self.chunk], ids, *self.slots[i], hard_sums)
+
+    def step(self, u, keys_t, ids, m, z, count, sums, hard_sums, sims=None) -> None:
+        """One chunk of keys: keys_t [D, c] (a view, any strides) -> the chunk's partials."""
+        in_batch = sims is not None  # the first chunk: it gives the sim block and starts hard_sums
+        keys_t = keys_t.to(u.dtype)  # no copy unless the queue has another dtype
+        logits, hard, weighted = self.block(keys_t.shape[1])
+        torch.mm(u, keys_t, out=logits)
+        if in_batch:
+            sims.copy_(logits[: self.rows.b])  # before exp_ overwrites them
+        torch.amax(logits, 1, keepdim=True, out=m)
+        logits.sub_(m).exp_()
+        torch.sum(logits, 1, keepdim=True, out=z)
+        if sums.shape[0]:
+            torch.mm(weighted, keys_t.T, out=sums)
+        if ids is not None:
+            hard.copy_(self.idx[:, None] == ids)
+            torch.sum(hard, 1, keepdim=True, out=count)
+            if in_batch:
+                torch.mm(hard, keys_t.T, out=hard_sums)
+            else:
+                hard_sums.addmm_(hard, keys_t.T)
+
+    def merge_into(self, states: _States, direction: int) -> None:
+        """The chunks' partials -> states[direction] (weights e^{m_c - M})."""
+        rows = self.rows
+        mx, norm, sums = states.max[direction], states.norm[direction], states.sums[direction]
+        torch.amax(self.m, 0, out=mx)
+        w = self.m.sub(mx).exp_()  # [chunks, soft, 1]
+        torch.sum(self.z.mul_(w), 0, out=norm[: rows.soft])
+        if rows.hard:
+            torch.sum(self.count, 0, out=norm[rows.soft :])
+        if rows.soft > rows.first:
+            torch.sum(self.sums.mul_(w[:, rows.first :]), 0, out=sums[: rows.soft - rows.first])
+
+
+def _finish(states: _States, u_all, keys_batch, alpha: float, inv_t, teacher: bool, grad: bool, image_dtype,
+            text_dtype, sims):
+    """(loss, losses, grad_image, grad_text, grad_temp, grad_temp_dirs, sims, terms) from the
+    merged states of both directions."""
+    rows = states.rows
+    b, d, n_soft, kinds = rows.b, u_all.shape[2], rows.soft // rows.b, (rows.total - rows.first) // rows.b
+    mean_keys = (states.sums / states.norm[:, rows.first :]).view(2, kinds, b, d)  # E by kind: [s] [t] [h]
+    names = ["lse_s", "lse_m"][:n_soft] + (["g"] if grad else []) + (["t"] if teacher else [])
+    names += ["h"] if rows.hard else []
+    h_k = mean_keys[:, -1] if rows.hard else keys_batch
+    if grad:  # E_s -> G in place, so that u . G is one dot (no cancellation of two large ones)
+        g = mean_keys[:, 0]
+        if teacher:
+            g.sub_(mean_keys[:, 1], alpha=alpha)
+        g.sub_(h_k, alpha=1.0 - alpha)
+    dots = u_all.new_empty(2, len(names) + int(not rows.hard) + int(teacher), b)  # the row values
+    lse = states.norm[:, : rows.soft].log().view(2, n_soft, b)
+    torch.add(states.max.view(2, n_soft, b), lse, out=dots[:, :n_soft])
+    u = u_all[:, :b]
+    torch.sum(u[:, None] * mean_keys, -1, out=dots[:, n_soft : n_soft + kinds])
+    if not rows.hard:
+        names.append("h")
+        torch.sum(u * keys_batch, -1, out=dots[:, len(names) - 1])
     if teacher:
-        p_m = state.acc_rows(b, 2 * b) / z[b:, None]
-        c_m = (u * p_m).sum(1)
-        g = g - alpha * p_m
-        loss_rows = loss_rows - alpha * c_m
-        lse_m = state.mx[b:] + z[b:].log()
-        kl_rows = (state.u[b:] * p_m).sum(1) - lse_m - c_m + lse_s
+        names.append("x")
+        torch.sum(u_all[:, b:] * mean_keys[:, int(grad)], -1, out=dots[:, len(names) - 1])
+    # [loss, ce, kl, -u.G] x directions: one product of the row means with the coefficients
+    table = torch.mm(_coefficients(tuple(names), teacher, alpha, dots), dots.mean(-1).T)
+    losses, terms = table[0], table[1:3].flatten().clone()  # (ce_i2t, ce_t2i, kl_i2t, kl_t2i)
+    grad_temp_dirs = table[3] * inv_t
     if grad:
-        dq_rows = (g + state.acc_rows(0, b) / z[:b, None]) * inv_t
-        dq, dtemp = (dq_rows / b).to(out_dtype), -(u * dq_rows).sum(1).mean()
+        scale = inv_t * (0.5 / b)  # the 1 / B of the mean over rows, the 1 / 2 of the mean of directions
+        grad_image, grad_text = (g[0] * scale).to(image_dtype), (g[1] * scale).to(text_dtype)
     else:
-        dq, dtemp = u.new_zeros(u.shape, dtype=out_dtype), u.new_zeros(())
-    return DirectionResult(loss=loss_rows.mean(), dq=dq, dtemp=dtemp, sim_batch=sim_batch, ce=ce_rows.mean(),
-                           kl=kl_rows.mean())
+        grad_image = u_all.new_zeros((b, d), dtype=image_dtype)
+        grad_text = u_all.new_zeros((b, d), dtype=text_dtype)
+    return losses.mean(), losses, grad_image, grad_text, grad_temp_dirs.mean(), grad_temp_dirs, sims, terms
+
+
+# Coefficients of each row value in (loss, ce, kl, -u.G): (constant part, part times alpha).
+# lse_s, lse_m: the soft rows' log-sum-exp; g = u.G; t = u.E_t; h = u.h_k; x = u_m.E_t.
+_ROW_COEFFICIENTS = {
+    "lse_s": ((1, 1, 1, 0), (0, 0, 0, 0)),
+    "lse_m": ((0, 0, -1, 0), (0, 0, 0, 0)),
+    "g": ((0, 0, 0, -1), (0, 0, 0, 0)),
+    "t": ((0, 0, -1, 0), (-1, 0, 0, 0)),
+    "h": ((-1, -1, 0, 0), (1, 0, 0, 0)),
+    "x": ((0, 0, 1, 0), (0, 0, 0, 0)),
+}
+_COEFFICIENTS: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _coefficients(names: Tuple[str, ...], teacher: bool, alpha: float, like: torch.Tensor) -> torch.Tensor:
+    """[4, rows] coefficients for these row values (kl is 0 without the teacher). Kept on the
+    device per layout: one op a call, no host-to-device copy after the first."""
+    key = (names, teacher, like.device, like.dtype)
+    pair = _COEFFICIENTS.get(key)
+    if pair is None:
+        keep_kl = (1, 1, int(teacher), 1)
+        parts = [[[c * k for c, k in zip(_ROW_COEFFICIENTS[name][i], keep_kl)] for name in names] for i in (0, 1)]
+        pair = _COEFFICIENTS[key] = tuple(_to_device(torch.tensor(p, dtype=like.dtype).T, like.device) for p in parts)
+    return torch.add(pair[0], pair[1], alpha=alpha)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Without a host sync (pinned memory, asynchronous copy) on CUDA."""
+    if device.type == "cuda":
+        return t.contiguous().pin_memory().to(device, non_blocking=True)
+    return t.contiguous().to(device)

@@ -209,17 +209,6 @@ def test_forward_without_gradients_gives_the_same_values(alpha, retrieval, detai
         assert max_err(got, expected) < 1e-12
 
 
-def test_cuda_block_size_follows_the_memory_budget():
-    """Off the CPU a key block holds 16 MiB of scratch: B=64 streams Q=65536 in 2 blocks."""
-    cuda = torch.device("cuda")
-    assert streaming._chunk_for(cuda, 128 * 4) == 32768  # B=64: student + teacher rows, fp32
-    assert streaming._chunk_for(cuda, 1024 * 4) == 4096  # B=512
-    assert streaming._chunk_for(cuda, 10**6) == 1024  # never below 1024 keys
-    for key_bytes in (128 * 4, 192 * 4, 1024 * 4, (128 + 256) * 4):
-        assert streaming._chunk_for(cuda, key_bytes) * key_bytes <= 16 << 20
-    assert streaming._chunk_for(torch.device("cpu"), 128 * 4) == streaming.DEFAULT_CHUNK["cpu"]
-
-
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     x = make_inputs(4, 9, 8, torch.float32)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
