@@ -227,7 +227,8 @@ def _finish(states: _States, u_all, keys_batch, alpha: float, inv_t, teacher: bo
         names.append("x")
         torch.sum(u_all[:, b:] * mean_keys[:, int(grad)], -1, out=dots[:, len(names) - 1])
     # [loss, ce, kl, -u.G] x directions: one product of the row means with the coefficients
-    table = torch.mm(_coefficients(tuple(names), teacher, alpha, dots), dots.mean(-1).T)
+    # (out=: autocast, which would run a functional mm in bf16 / fp16, leaves out= ops alone)
+    table = torch.mm(_coefficients(tuple(names), teacher, alpha, dots), dots.mean(-1).T, out=dots.new_empty(4, 2))
     losses, terms = table[0], table[1:3].flatten().clone()  # (ce_i2t, ce_t2i, kl_i2t, kl_t2i)
     grad_temp_dirs = table[3] * inv_t
     if grad:

@@ -149,6 +149,32 @@ def test_weighted_outputs_backpropagate(backend, weights):
         assert max_err(g, g_ref) < tol * max(1.0, g_ref.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("retrieval", [False, True])
+def test_autocast_changes_nothing(backend, retrieval):
+    """Under autocast (mixed-precision training, as LAVIS runs BLIP) the loss keeps its fp32
+    products and outputs: the op's own matmuls are out= forms, which autocast leaves alone."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and not _interpreting():
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x = make_inputs(5, 37, 24, torch.float32, device=device, retrieval=retrieval)
+
+    def run():
+        a, b = x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()
+        t = torch.tensor(0.07, device=device, requires_grad=True)
+        out = albef_fast.itc_loss(a, b, *_args(x)[2:], t, 0.4, idx=x.idx, idx_queue=x.idx_queue,
+                                  return_details=True, backend=backend, precision="highest")
+        return (*out, *torch.autograd.grad(out.loss, (a, b, t)))
+
+    want = run()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = run()
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+
 def _interpreting():
     import os
 
