@@ -204,31 +204,18 @@ def _finish(states: _States, u_all, keys_batch, alpha: float, inv_t, teacher: bo
             text_dtype, sims):
     """(loss, losses, grad_image, grad_text, grad_temp, grad_temp_dirs, sims, terms) from the
     merged states of both directions."""
-    rows = states.rows
-    b, d, n_soft, kinds = rows.b, u_all.shape[2], rows.soft // rows.b, (rows.total - rows.first) // rows.b
+    rows, (b, d) = states.rows, keys_batch.shape[1:]
+    kinds = (rows.total - rows.first) // b
     mean_keys = (states.sums / states.norm[:, rows.first :]).view(2, kinds, b, d)  # E by kind: [s] [t] [h]
-    names = ["lse_s", "lse_m"][:n_soft] + (["g"] if grad else []) + (["t"] if teacher else [])
-    names += ["h"] if rows.hard else []
-    h_k = mean_keys[:, -1] if rows.hard else keys_batch
     if grad:  # E_s -> G in place, so that u . G is one dot (no cancellation of two large ones)
         g = mean_keys[:, 0]
         if teacher:
             g.sub_(mean_keys[:, 1], alpha=alpha)
-        g.sub_(h_k, alpha=1.0 - alpha)
-    dots = u_all.new_empty(2, len(names) + int(not rows.hard) + int(teacher), b)  # the row values
-    lse = states.norm[:, : rows.soft].log().view(2, n_soft, b)
-    torch.add(states.max.view(2, n_soft, b), lse, out=dots[:, :n_soft])
-    u = u_all[:, :b]
-    torch.sum(u[:, None] * mean_keys, -1, out=dots[:, n_soft : n_soft + kinds])
-    if not rows.hard:
-        names.append("h")
-        torch.sum(u * keys_batch, -1, out=dots[:, len(names) - 1])
-    if teacher:
-        names.append("x")
-        torch.sum(u_all[:, b:] * mean_keys[:, int(grad)], -1, out=dots[:, len(names) - 1])
+        g.sub_(mean_keys[:, -1] if rows.hard else keys_batch, alpha=1.0 - alpha)
+    dots, names = _row_values(states, u_all, keys_batch, mean_keys, teacher, grad)
     # [loss, ce, kl, -u.G] x directions: one product of the row means with the coefficients
     # (out=: autocast, which would run a functional mm in bf16 / fp16, leaves out= ops alone)
-    table = torch.mm(_coefficients(tuple(names), teacher, alpha, dots), dots.mean(-1).T, out=dots.new_empty(4, 2))
+    table = torch.mm(_coefficients(names, teacher, alpha, dots), dots.mean(-1).T, out=dots.new_empty(4, 2))
     losses, terms = table[0], table[1:3].flatten().clone()  # (ce_i2t, ce_t2i, kl_i2t, kl_t2i)
     grad_temp_dirs = table[3] * inv_t
     if grad:
@@ -238,6 +225,28 @@ def _finish(states: _States, u_all, keys_batch, alpha: float, inv_t, teacher: bo
         grad_image = u_all.new_zeros((b, d), dtype=image_dtype)
         grad_text = u_all.new_zeros((b, d), dtype=text_dtype)
     return losses.mean(), losses, grad_image, grad_text, grad_temp_dirs.mean(), grad_temp_dirs, sims, terms
+
+
+def _row_values(states: _States, u_all, keys_batch, mean_keys, teacher: bool, grad: bool):
+    """([2, values, B] per row, their names in _ROW_COEFFICIENTS), in this order: lse_s, lse_m
+    (teacher); u . E of each kind kept (g = u . G, t, h with retrieval); h = u . k_r (pretraining);
+    x = u_m . E_t (teacher)."""
+    rows, b = states.rows, keys_batch.shape[1]
+    n_soft, kinds = rows.soft // b, mean_keys.shape[1]
+    kind_names = ["g"] * grad + ["t"] * teacher + ["h"] * bool(rows.hard)
+    names = ["lse_s", "lse_m"][:n_soft] + kind_names + ["h"] * (not rows.hard) + ["x"] * teacher
+    dots = u_all.new_empty(2, len(names), b)
+    lse = states.norm[:, : rows.soft].log().view(2, n_soft, b)
+    torch.add(states.max.view(2, n_soft, b), lse, out=dots[:, :n_soft])
+    u = u_all[:, :b]
+    torch.sum(u[:, None] * mean_keys, -1, out=dots[:, n_soft : n_soft + kinds])
+    row = n_soft + kinds
+    if not rows.hard:
+        torch.sum(u * keys_batch, -1, out=dots[:, row])
+        row += 1
+    if teacher:
+        torch.sum(u_all[:, b:] * mean_keys[:, int(grad)], -1, out=dots[:, row])
+    return dots, tuple(names)
 
 
 # Coefficients of each row value in (loss, ce, kl, -u.G): (constant part, part times alpha).
