@@ -1,6 +1,6 @@
 """Fused ITC kernels: one pass over [in-batch keys ; queue] gives the loss, dq and dT.
 
-Three launches per call, both directions in each (SPEC section 3):
+Three launches per call (four with f16p, below), both directions in each (SPEC section 3):
 
 _itc_split_fwd_kernel   grid (row blocks, key splits, 2 directions x D blocks). Each program
     streams its share of the keys once, computing student logits u . k (and teacher logits
@@ -14,13 +14,16 @@ _itc_merge_fwd_kernel   grid (row blocks, D blocks, 2 directions). Combines the 
 _itc_finish_fwd_kernel  grid (1,). Sums the partials in order and gives the means of the loss,
     dT, ce and kl rows per direction and the mean loss (all scalars are dots with u: see
     albef_fast/streaming.py).
+_itc_keys_fwd_kernel    (ALBEF_FAST_TF32=f16p only, experimental: _prescaled) before the split:
+    the key tiles and query rows in their scaled fp16 form, once per call.
 
 Queues are read in place through their strides ([D, Q] as ALBEF stores them); in-batch keys
 [B, D] go through the same tile loader with their strides swapped.
 
 Products (_dot_flags): bf16 / fp16 features as they are; fp32 features by precision: "high"
 fp16 products of operands scaled by powers of two ("f16s", TF32's 11 significant bits; see
-_f16_scales; ALBEF_FAST_TF32=tf32rn: TF32 products), "highest" fp32 FMA products (or "f16x3",
+_f16_scales; ALBEF_FAST_TF32=tf32rn: TF32 products; f16p: the same values, the operands
+converted before the split kernel), "highest" fp32 FMA products (or "f16x3",
 ALBEF_FAST_FP32_DOT: three fp16 products of (hi, lo) pairs, 22 bits), "medium" bf16.
 """
 from __future__ import annotations
@@ -141,6 +144,28 @@ def _scaled_keys(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     else:
         out, up = _operand(x, DOT_DTYPE, INPUT_PRECISION), 1.0
     return out, up
+
+
+@triton.jit
+def _prescaled_keys(kc_ptr, ks_ptr, direction, t, d_offs, cols, D, KC_STRIDE, TRANSPOSED: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(operand, up) of key tile t as _scaled_keys gives it in "f16s" mode, read from
+    _itc_keys_fwd_kernel's output: [BLOCK_D, BLOCK_N] (TRANSPOSED: [BLOCK_N, BLOCK_D])."""
+    base = kc_ptr + direction * D * KC_STRIDE
+    jj = t * BLOCK_N + cols  # columns of the converted tile space (padding holds zeros)
+    if TRANSPOSED:
+        x = _load_keys(base, 1, KC_STRIDE, jj, d_offs, KC_STRIDE, D)
+    else:
+        x = _load_keys(base, KC_STRIDE, 1, d_offs, jj, D, KC_STRIDE)
+    return x.to(DOT_DTYPE), tl.load(ks_ptr + direction * (KC_STRIDE // BLOCK_N) + t)
+
+
+@triton.jit
+def _prescaled_rows(qc_ptr, qs_ptr, slot, rows, d_offs, B, D, DOT_DTYPE: tl.constexpr):
+    """(operand, up [BLOCK_M]) of a query row tile as _scaled_rows gives it in "f16s" mode, read
+    from _itc_keys_fwd_kernel's qc [4, B, D] / qs [4, B] at slot (direction * 2 + kind)."""
+    x = _load_rows(qc_ptr + slot * B * D, D, 1, rows, d_offs, B, D)
+    return x.to(DOT_DTYPE), tl.load(qs_ptr + slot * B + rows, mask=rows < B, other=1.0)
 
 
 @triton.jit
@@ -304,14 +329,14 @@ def _kind_heuristics(args):
 def _itc_split_fwd_kernel(
     # pointers: per direction (image = i2t queries, text = t2i queries)
     img_ptr, txt_ptr, img_m_ptr, txt_m_ptr, img_queue_ptr, txt_queue_ptr, idx_ptr, idx_queue_ptr, temp_ptr,
-    ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, sim_ptr,
+    ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, sim_ptr, kc_ptr, ks_ptr, qc_ptr, qs_ptr,
     # strides
     stride_fb, stride_fd, stride_qd, stride_qj, stride_idx, stride_idq,
     # shapes
-    B, Q, D, NUM_SPLITS, temp_value,
+    B, Q, D, NUM_SPLITS, KC_STRIDE, temp_value,
     # constexpr flags
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KIND_AXIS: tl.constexpr,
     KT_LOAD: tl.constexpr, LOGITS_T: tl.constexpr, NUM_DK: tl.constexpr, GRID_KINDS: tl.constexpr,
     TEACHER: tl.constexpr,
@@ -325,11 +350,15 @@ def _itc_split_fwd_kernel(
     and writes the sim blocks.
 
     Features [B, D] (all four share strides stride_fb, stride_fd), queues [D, Q] (strides
-    stride_qd, stride_qj), idx [B], idx_queue [Q]; temp 0-dim (or temp_value).
+    stride_qd, stride_qj), idx [B], idx_queue [Q]; temp 0-dim (or temp_value). PRESCALED ("f16s"
+    with one D block): the key tiles and query rows come from _itc_keys_fwd_kernel (kc, ks, qc,
+    qs) instead of the features and queues, the same values with no scaling in the kernel; else
+    kc, ks, qc, qs and KC_STRIDE are unused.
     Writes, with R = number of key sums kept (student if GRAD, teacher, hard) and S = NUM_SPLITS:
     ws_max, ws_z [2, 2, S, B] (student / teacher), ws_acc [2, R, S, B, D], ws_count [2, S, B],
     sim [2, B, B] (student logits against the in-batch keys; split 0, D block 0 only).
     """
+    tl.static_assert(not PRESCALED or NUM_DK == 1, "prescaled key tiles need D in one block")
     pid_mk, pid_s, pid_dd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kind, pid_m = pid_mk % GRID_KINDS, pid_mk // GRID_KINDS
     direction, pid_d = pid_dd % 2, pid_dd // 2
@@ -355,8 +384,15 @@ def _itc_split_fwd_kernel(
     acc_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.zeros([BLOCK_M], tl.float32)
 
-    q_one, qm_one, q_up_one, qm_up_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D,
-                                                      TEACHER, DOT_DTYPE, INPUT_PRECISION)
+    if PRESCALED:  # converted rows: [direction, kind (student, teacher)] of qc
+        q_one, q_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + kind, rows, d_acc, B, D, DOT_DTYPE)
+        if TEACHER:
+            qm_one, qm_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + 1, rows, d_acc, B, D, DOT_DTYPE)
+        else:
+            qm_one, qm_up_one = q_one, q_up_one
+    else:
+        q_one, qm_one, q_up_one, qm_up_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D,
+                                                          TEACHER, DOT_DTYPE, INPUT_PRECISION)
     up_run = tl.full([], 1.0, tl.float32)  # scaled fp16 modes: the latest key-sum operand's scale
 
     batch_tiles = tl.cdiv(B, BLOCK_N)
@@ -375,8 +411,12 @@ def _itc_split_fwd_kernel(
         for t in range(lo, hi):
             j = (t - shift) * BLOCK_N + cols
             if NUM_DK == 1:  # the query tiles stay loaded (q_one, qm_one); one key tile serves all
-                k_acc, k_up = _scaled_keys(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE,
-                                           INPUT_PRECISION)
+                if PRESCALED:
+                    k_acc, k_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t, d_acc, cols, D, KC_STRIDE, False,
+                                                  DOT_DTYPE, BLOCK_N)
+                else:
+                    k_acc, k_up = _scaled_keys(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE,
+                                               INPUT_PRECISION)
                 s, m = _logits(q_one, qm_one, k_acc, q_up_one, qm_up_one, k_up, TEACHER, LOGITS_T, DOT_DTYPE,
                                INPUT_PRECISION)
             else:  # D in NUM_DK blocks for the logits, then this program's D block of the keys again
@@ -393,8 +433,12 @@ def _itc_split_fwd_kernel(
                     s += s_part
                     m += m_part
             if KT_LOAD:  # [BLOCK_N, BLOCK_D] loaded as such: no transpose through registers
-                k_t, t_up = _scaled_keys(_load_keys(k_base, s_kj, s_kd, j, d_acc, n_keys, D), DOT_DTYPE,
-                                         INPUT_PRECISION)
+                if PRESCALED:
+                    k_t, t_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t, d_acc, cols, D, KC_STRIDE, True,
+                                                DOT_DTYPE, BLOCK_N)
+                else:
+                    k_t, t_up = _scaled_keys(_load_keys(k_base, s_kj, s_kd, j, d_acc, n_keys, D), DOT_DTYPE,
+                                             INPUT_PRECISION)
             else:
                 if NUM_DK > 1:
                     k_acc, k_up = _scaled_keys(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE,
@@ -644,6 +688,85 @@ def _itc_finish_fwd_kernel(
     tl.store(terms_ptr + 3, kl_1)
 
 
+@triton.jit
+def _convert_key_tile(base, s_kd, s_kj, j, n_keys, out_base, D, KC_STRIDE, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr):
+    """Key tile [D, BLOCK_N] (element (d, j) at base + d s_kd + j s_kj) -> its "f16s" form at
+    out_base (row stride KC_STRIDE): scaled by _f16_scales of its largest |element|, as
+    _scaled_keys does in the loop; returns the scale's inverse (up)."""
+    amax = tl.zeros([], tl.float32)
+    for dk in range(NUM_DK):
+        d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
+        amax = tl.maximum(amax, tl.max(tl.abs(_load_keys(base, s_kd, s_kj, d_offs, j, D, n_keys).to(tl.float32))))
+    down, up = _f16_scales(amax)
+    cols = tl.arange(0, BLOCK_N)
+    for dk in range(NUM_DK):
+        d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
+        x = _load_keys(base, s_kd, s_kj, d_offs, j, D, n_keys)
+        tl.store(out_base + d_offs[:, None] * KC_STRIDE + cols[None, :], (x * down).to(tl.float16),
+                 mask=d_offs[:, None] < D)
+    return up
+
+
+@triton.jit
+def _convert_rows(x_ptr, stride_fb, stride_fd, rows, out_base, up_base, B, D, BLOCK_D: tl.constexpr,
+                  NUM_DK: tl.constexpr):
+    """Rows [ROWS, D] of a feature tensor -> their "f16s" form at out_base ([B, D] contiguous),
+    each row scaled by _f16_scales of its largest |element| as _scaled_rows does; ups at up_base."""
+    amax = tl.zeros([rows.shape[0]], tl.float32)
+    for dk in range(NUM_DK):
+        d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
+        x = _load_rows(x_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
+    down, up = _f16_scales(amax)
+    for dk in range(NUM_DK):
+        d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
+        x = _load_rows(x_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
+        tl.store(out_base + rows[:, None] * D + d_offs[None, :], (x * down[:, None]).to(tl.float16),
+                 mask=(rows[:, None] < B) & (d_offs[None, :] < D))
+    tl.store(up_base + rows, up, mask=rows < B)
+
+
+@triton.jit
+def _itc_keys_fwd_kernel(
+    # pointers
+    img_ptr, txt_ptr, img_m_ptr, txt_m_ptr, img_queue_ptr, txt_queue_ptr, kc_ptr, ks_ptr, qc_ptr, qs_ptr,
+    # strides
+    stride_fb, stride_fd, stride_qd, stride_qj,
+    # shapes
+    B, Q, D, KC_STRIDE,
+    # constexpr flags
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr, ROWS: tl.constexpr,
+):
+    """The operands of both directions in "f16s" form, once per call, for the split kernel's
+    PRESCALED mode; grid (key tiles + 2 x row blocks of ROWS, 2 directions):
+    kc [2, D, KC_STRIDE] fp16, key tile t in columns [t BLOCK_N, (t + 1) BLOCK_N) (the in-batch
+    keys' tiles, then the queue's, zero-padded), ks [2, KC_STRIDE / BLOCK_N] fp32 each tile's up;
+    qc [2, 2, B, D] fp16 the query rows [direction, student / teacher], qs [2, 2, B] their ups.
+    Features [B, D] (strides stride_fb, stride_fd), queues [D, Q] (stride_qd, stride_qj)."""
+    t, direction = tl.program_id(0), tl.program_id(1)
+    tiles = KC_STRIDE // BLOCK_N
+    if t >= tiles:  # query rows: program tiles + 2 r + kind converts row block r of that kind
+        kind, rows = (t - tiles) % 2, ((t - tiles) // 2) * ROWS + tl.arange(0, ROWS)
+        q_ptr, qm_ptr, _ = _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr)
+        slot = direction * 2 + kind
+        _convert_rows(tl.where(kind == 0, q_ptr, qm_ptr), stride_fb, stride_fd, rows, qc_ptr + slot * B * D,
+                      qs_ptr + slot * B, B, D, BLOCK_D, NUM_DK)
+        return
+    out_base = kc_ptr + direction * D * KC_STRIDE + t * BLOCK_N
+    cols = tl.arange(0, BLOCK_N)
+    batch_tiles = tl.cdiv(B, BLOCK_N)
+    if t < batch_tiles:  # the in-batch keys of i2t are the text momentum features, of t2i the image ones
+        kb_ptr = tl.where(direction == 0, txt_m_ptr, img_m_ptr)
+        up = _convert_key_tile(kb_ptr, stride_fd, stride_fb, t * BLOCK_N + cols, B, out_base, D, KC_STRIDE,
+                               BLOCK_N, BLOCK_D, NUM_DK)
+    else:
+        queue_ptr = tl.where(direction == 0, txt_queue_ptr, img_queue_ptr)
+        up = _convert_key_tile(queue_ptr, stride_qd, stride_qj, (t - batch_tiles) * BLOCK_N + cols, Q, out_base, D,
+                               KC_STRIDE, BLOCK_N, BLOCK_D, NUM_DK)
+    tl.store(ks_ptr + direction * tiles + t, up)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter: enough splits to exercise the merge
@@ -698,11 +821,23 @@ def _dot_flags(dtype: torch.dtype, precision: str):
         # (_f16_scales) at fp16's product rate, 1.6x faster than TF32 at B = 512 on the H200 with
         # the same error; TF32 operands rounded to nearest ("tf32rn", _round_tf32) or truncated by
         # the tensor cores ("tf32": fails the error rule, kept to reproduce that)
+        # ("f16p": the same products, the key tiles converted by _itc_keys_fwd_kernel: _prescaled)
         mode = os.environ.get("ALBEF_FAST_TF32", "f16s")
-        return (tl.float32 if _INTERPRET else tl.float16) if mode == "f16s" else tl.float32, mode
+        if mode in ("f16s", "f16p"):
+            return (tl.float32 if _INTERPRET else tl.float16), "f16s"
+        return tl.float32, mode
     if _INTERPRET:  # the interpreter's bf16 / fp16 dot is wrong: fp32 tiles there
         return tl.float32, "ieee"
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"
+
+
+def _prescaled(dtype: torch.dtype, precision: str) -> bool:
+    """ALBEF_FAST_TF32=f16p (experimental, untimed): "high" with fp32 features converts the key
+    tiles to their scaled fp16 form once per call (_itc_keys_fwd_kernel), so that the split loop
+    reads fp16 tiles as the bf16 path does, with no per-tile reduction; the same values as "f16s".
+    Its scratch holds every key tile: 2 x (B + Q) x D fp16, 64 MiB at ALBEF's Q and D, beyond
+    SPEC's budget (a measurement first: benchmarks/NOTES.md)."""
+    return dtype == torch.float32 and precision == "high" and os.environ.get("ALBEF_FAST_TF32") == "f16p"
 
 
 def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha: float,
@@ -727,8 +862,9 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     temp_arg, temp_v = (temp_t, 1.0) if temp_t is not None else (ws.lse, float(temp))  # lse: an unused pointer
     if not retrieval:
         idx_v = idq_v = ws.count  # unused pointers
-    plan.split((*feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims),
-               (temp_v,))
+    converted = plan.convert(feats, image_queue, text_queue, ws)  # kc, ks, qc, qs
+    plan.split((*feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims,
+                *converted), (temp_v,))
     dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
     plan.merge((*feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse),
@@ -767,7 +903,8 @@ class _Plan:
         b, q, d, dtype, _, feat_strides, queue_strides, dev, teacher, grad, precision, temp_dtype, ids, _ = key
         retrieval = ids is not None
         dot_dtype, input_precision = _dot_flags(dtype, precision)
-        config, waves = launch_config(b, dot_dtype, input_precision)
+        prescaled = _prescaled(dtype, precision)
+        config, waves = launch_config(b, dot_dtype, "f16p" if prescaled else input_precision)
         n_sums = max(1, int(grad) + int(teacher) + int(retrieval))
         splits = _split_count(b, q, d, teacher, n_sums, dev, config, waves)
         merge_m, merge_d, chunk = _merge_blocks(b, d)
@@ -775,8 +912,12 @@ class _Plan:
         self.ws_shapes = _Workspace.shapes(splits, b, d, n_sums, merge_d_blocks)
         flags = dict(GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_dtype is not None)
         id_strides = ids[2:] if retrieval else (1, 1)
-        split_ints = (*feat_strides, *queue_strides, *id_strides, b, q, d, splits)
-        dot_flags = dict(DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision)
+        self.keys = self.kc_shape = None
+        if prescaled and config is not None and config.kwargs["BLOCK_D"] >= d:
+            self._prepare_key_tiles(config, b, q, d, feat_strides, queue_strides)
+        kc_stride = self.kc_shape[2] if self.keys else 1
+        split_ints = (*feat_strides, *queue_strides, *id_strides, b, q, d, splits, kc_stride)
+        dot_flags = dict(DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision, PRESCALED=self.keys is not None)
         if config is None:  # autotune over candidates(): through the autotuner at each call
             self.split = functools.partial(_autotuned_split, split_ints, dict(dot_flags, **flags))
         else:
@@ -793,6 +934,30 @@ class _Plan:
 
     def workspace(self, device) -> "_Workspace":
         return _Workspace(device, self.ws_shapes)
+
+    def _prepare_key_tiles(self, config, b: int, q: int, d: int, feat_strides, queue_strides) -> None:
+        """The launch of _itc_keys_fwd_kernel (_prescaled) for the split's BLOCK_N tiles, and the
+        sizes of its outputs: fp16 kc [2, D, tiles x BLOCK_N] + qc [2, 2, B, D], fp32 ks [2, tiles]
+        + qs [2, 2, B]."""
+        block_n, rows = config.kwargs["BLOCK_N"], 16
+        tiles = _cdiv(b, block_n) + _cdiv(q, block_n)
+        self.kc_shape = (2, d, tiles * block_n)
+        self.converted_sizes = ((2 * d * tiles * block_n, 4 * b * d), (2 * tiles, 4 * b))
+        block_d = min(256, _next_pow2(d))
+        self.keys = _LAUNCH["keys"].prepare(
+            (tiles + 2 * _cdiv(b, rows), 2), (*feat_strides, *queue_strides, b, q, d, tiles * block_n),
+            dict(BLOCK_N=block_n, BLOCK_D=block_d, NUM_DK=_cdiv(d, block_d), ROWS=rows), _FOUR_WARPS)
+
+    def convert(self, feats, image_queue, text_queue, ws: "_Workspace"):
+        """(kc, ks, qc, qs) for the split launch: the converted operands (_prescaled; flat views,
+        the kernels index them), else four unused pointers."""
+        if self.keys is None:
+            return (ws.count,) * 4
+        halves, singles = self.converted_sizes
+        kc, qc = torch.empty(sum(halves), device=ws.count.device, dtype=torch.float16).split(halves)
+        ks, qs = torch.empty(sum(singles), device=ws.count.device).split(singles)
+        self.keys((*feats, image_queue, text_queue, kc, ks, qc, qs), ())
+        return kc, ks, qc, qs
 
 
 def _autotuned_split(ints, constexprs, tensors, floats) -> None:
@@ -844,7 +1009,7 @@ def _split_meta(config, b: int, d: int, splits: int, teacher: bool):
 _FOUR_WARPS = {"num_warps": 4}
 # one launcher per kernel: the split kernel's JIT function sits under autotune -> heuristics
 _LAUNCH = {"split": DirectLauncher(_itc_split_fwd_kernel.fn.fn), "merge": DirectLauncher(_itc_merge_fwd_kernel),
-           "finish": DirectLauncher(_itc_finish_fwd_kernel)}
+           "finish": DirectLauncher(_itc_finish_fwd_kernel), "keys": DirectLauncher(_itc_keys_fwd_kernel)}
 
 
 def _common_strides(feats):

@@ -27,7 +27,7 @@ def test_direct_launch_matches_jit_run():
     run = subprocess.run([sys.executable, str(CHECK)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["cases"] == 7 and result["kernels"] >= 6
+    assert result["cases"] == 8 and result["kernels"] >= 8
 
 
 def test_launch_falls_back_to_jit(monkeypatch):

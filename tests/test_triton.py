@@ -141,6 +141,46 @@ def test_f16_products_give_the_tf32_rounded_values(monkeypatch, config, feature_
         assert max_err(got, expected) <= 2e-6 * expected.abs().max().item(), name
 
 
+@pytest.mark.parametrize("config", ["16,16,32,1,1,1", "16,16,32,0,0,1,2,0,1", "16,32,32,1,0,1"])
+@pytest.mark.parametrize("alpha,retrieval,grad", [(0.4, True, True), (0.0, False, True), (0.4, False, False)])
+@pytest.mark.parametrize("feature_scale", [1.0, 2.0**-30])
+def test_converted_key_tiles_give_the_same_bits(monkeypatch, config, alpha, retrieval, grad, feature_scale):
+    """ALBEF_FAST_TF32=f16p: the key tiles converted once per call (_itc_keys_fwd_kernel) are the
+    tiles the f16s loop makes itself (the same scale of the same elements), so every output is
+    bit for bit f16s's: in-batch tiles padded (B = 7), a partial last queue tile, KT_LOAD, the
+    transposed logits, 32-key tiles; also at 2^-30 / 2^30 magnitudes. D = 24 in one block."""
+    x = _rescaled(make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=retrieval), feature_scale)
+    feats, queues = _args(x)[:4], _args(x)[4:]
+    monkeypatch.setenv("ALBEF_FAST_SPLITS", "3")
+    monkeypatch.setenv("ALBEF_FAST_CONFIG", config)
+    runs = []
+    for mode in ("f16s", "f16p"):
+        monkeypatch.setenv("ALBEF_FAST_TF32", mode)
+        a = feats[0].clone().requires_grad_(grad)
+        out = albef_fast.itc_loss(a, *feats[1:], *queues, 0.07, alpha, idx=x.idx, idx_queue=x.idx_queue,
+                                  return_details=True, backend="triton", precision="high")
+        runs.append(list(out) + ([torch.autograd.grad(out.loss * 1.3, a)[0]] if grad else []))
+    for got, expected in zip(runs[1], runs[0]):
+        assert torch.equal(got, expected)
+
+
+def test_converted_key_tiles_are_used(monkeypatch):
+    """f16p launches the conversion kernel (4 launches a call) where D fits one block, and falls
+    back to f16s's loop (3) where it does not."""
+    from albef_fast.kernels import itc as kernels_itc
+
+    launches = []
+    monkeypatch.setattr(kernels_itc._LAUNCH["keys"], "prepare",
+                        lambda *a, _prepare=kernels_itc._LAUNCH["keys"].prepare: launches.append(1) or _prepare(*a))
+    monkeypatch.setenv("ALBEF_FAST_TF32", "f16p")
+    for config, expected in (("16,16,32,1,0,1", 1), ("16,16,16,1,0,1", 0)):
+        monkeypatch.setenv("ALBEF_FAST_CONFIG", config)
+        launches.clear()
+        x = make_inputs(5, 20, 24, torch.float32, DEVICE)
+        albef_fast.itc_loss(*_args(x), 0.07, 0.4, backend="triton", precision="high")
+        assert len(launches) == expected, config
+
+
 @pytest.mark.parametrize("config", ["16,16,16,0,0,1", "16,16,32,1,1,1", "16,16,32,0,0,1,2,0,1"])
 @pytest.mark.parametrize("alpha,retrieval", [(0.0, False), (0.4, True)])
 @pytest.mark.parametrize("feature_scale", [1.0, 2.0**-30])

@@ -18,13 +18,13 @@ AOT = pathlib.Path(__file__).resolve().parent / "triton_aot.py"
 
 
 @pytest.mark.parametrize("flags", ["bf16", "bf16-kind-axis", "tf32-retrieval", "tf32-logits-t", "fp32-nograd",
-                                   "f16s-retrieval", "f16s-kind-axis", "f16x3-retrieval"])
+                                   "f16s-retrieval", "f16s-kind-axis", "f16x3-retrieval", "f16p-retrieval"])
 def test_kernels_compile_for_sm90(flags):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(AOT), flags], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    for kernel in ("split", "merge", "finish"):
+    for kernel in ("split", "merge", "finish") + (("keys",) if flags.startswith("f16p") else ()):
         shared, cubin = result[kernel]
         assert cubin > 1000, kernel
         assert shared <= 227 * 1024, (kernel, shared)  # fits Hopper's shared memory per block

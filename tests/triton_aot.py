@@ -17,7 +17,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels import itc, itc_configs  # noqa: E402
 
-SCALARS = {"B", "Q", "D", "NUM_SPLITS", "NUM_DBLOCKS"}
+SCALARS = {"B", "Q", "D", "NUM_SPLITS", "NUM_DBLOCKS", "KC_STRIDE"}
 
 
 def _signature(fn, constexprs, feature_type):
@@ -27,6 +27,8 @@ def _signature(fn, constexprs, feature_type):
             sig[name] = "constexpr"
         elif name in ("idx_ptr", "idx_queue_ptr"):
             sig[name] = "*i64"
+        elif name in ("kc_ptr", "qc_ptr"):  # the converted operands (PRESCALED), else unused fp32 pointers
+            sig[name] = "*fp16" if constexprs.get("PRESCALED", True) else "*fp32"
         elif name.endswith("_ptr"):
             feature = name.split("_")[0] in ("img", "txt", "sim", "dq")
             sig[name] = feature_type if feature else "*fp32"
@@ -38,7 +40,7 @@ def _signature(fn, constexprs, feature_type):
 
 
 UNIT_STRIDES = {"stride_fd": 1, "stride_qj": 1, "stride_idx": 1, "stride_idq": 1}  # == 1: constexpr at run time
-DIVISIBLE = {"B", "Q", "D", "stride_fb", "stride_qd"}  # multiples of 16 at ALBEF's shapes
+DIVISIBLE = {"B", "Q", "D", "stride_fb", "stride_qd", "KC_STRIDE"}  # multiples of 16 at ALBEF's shapes
 
 
 def _compile(kernel, constexprs, feature_type, num_warps, num_stages=2, maxnreg=None):
@@ -72,12 +74,17 @@ FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one pro
     # fp32 "highest" through 3 fp16 products (ALBEF_FAST_FP32_DOT=f16x3)
     "f16x3-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16x3", TYPE="*fp32",
                             KIND_AXIS=1, LOGITS_T=1),
+    # f16s with the key tiles converted once per call (ALBEF_FAST_TF32=f16p): + the conversion kernel
+    "f16p-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
+                           KIND_AXIS=1, PRESCALED=True, BLOCK_D=256),
 }
 REPORT = {  # --report: every autotune config of these
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
     "tf32": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float32, PREC="tf32rn", TYPE="*fp32"),
     "f16s": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32"),
     "f16x3": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32"),
+    "f16p": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
+                 PRESCALED=True),
 }
 
 
@@ -86,19 +93,23 @@ def _split_constexprs(flags, config):
     args = dict(kw, HAS_TEACHER=flags["HAS_TEACHER"], D=256)
     heur = itc._kind_heuristics(args)
     return dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True,
-                DOT_DTYPE=flags["DOT"], INPUT_PRECISION=flags["PREC"], NUM_DK=-(-256 // kw["BLOCK_D"]), **kw, **heur)
+                DOT_DTYPE=flags["DOT"], INPUT_PRECISION=flags["PREC"], PRESCALED=flags.get("PRESCALED", False),
+                NUM_DK=-(-256 // kw["BLOCK_D"]), **kw, **heur)
 
 
 def compile_all(flags):
     common = dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True)
-    config = itc_configs.make_config(64, 64, 64, flags.get("KIND_AXIS", 0), flags.get("KT_LOAD", 0), 8,
-                                     logits_t=flags.get("LOGITS_T", 0))
+    config = itc_configs.make_config(64, 64, flags.get("BLOCK_D", 64), flags.get("KIND_AXIS", 0), flags.get("KT_LOAD", 0),
+                                     8, logits_t=flags.get("LOGITS_T", 0))
     split = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], num_warps=8)
     merge = _compile(itc._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=64, CHUNK=8), flags["TYPE"], num_warps=4)
     finish = _compile(itc._itc_finish_fwd_kernel, dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=True,
                                                        BLOCK_B=64), flags["TYPE"], num_warps=4)
-    return {name: (k.metadata.shared, len(k.asm["cubin"])) for name, k in
-            (("split", split), ("merge", merge), ("finish", finish))}
+    kernels = [("split", split), ("merge", merge), ("finish", finish)]
+    if flags.get("PRESCALED"):
+        kernels.append(("keys", _compile(itc._itc_keys_fwd_kernel, dict(BLOCK_N=64, BLOCK_D=256, NUM_DK=1, ROWS=16),
+                                         flags["TYPE"], num_warps=4)))
+    return {name: (k.metadata.shared, len(k.asm["cubin"])) for name, k in kernels}
 
 
 def _ptxas_report(kernel):
