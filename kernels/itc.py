@@ -149,8 +149,8 @@ def _scaled_keys(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 @triton.jit
 def _prescaled_keys(kc_ptr, ks_ptr, direction, t, d_offs, cols, D, KC_STRIDE, TRANSPOSED: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(operand, up) of key tile t as _scaled_keys gives it in "f16s" mode, read from
-    _itc_keys_fwd_kernel's output: [BLOCK_D, BLOCK_N] (TRANSPOSED: [BLOCK_N, BLOCK_D])."""
+    """(operand, up) of key tile t (of the converted chunk) as _scaled_keys gives it in "f16s"
+    mode, read from _itc_keys_fwd_kernel's output: [BLOCK_D, BLOCK_N] (TRANSPOSED: [BLOCK_N, BLOCK_D])."""
     base = kc_ptr + direction * D * KC_STRIDE
     jj = t * BLOCK_N + cols  # columns of the converted tile space (padding holds zeros)
     if TRANSPOSED:
@@ -333,10 +333,10 @@ def _itc_split_fwd_kernel(
     # strides
     stride_fb, stride_fd, stride_qd, stride_qj, stride_idx, stride_idq,
     # shapes
-    B, Q, D, NUM_SPLITS, KC_STRIDE, temp_value,
+    B, Q, D, NUM_SPLITS, KC_STRIDE, T0, T1, temp_value,
     # constexpr flags
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr, RESUME: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KIND_AXIS: tl.constexpr,
     KT_LOAD: tl.constexpr, LOGITS_T: tl.constexpr, NUM_DK: tl.constexpr, GRID_KINDS: tl.constexpr,
     TEACHER: tl.constexpr,
@@ -352,8 +352,10 @@ def _itc_split_fwd_kernel(
     Features [B, D] (all four share strides stride_fb, stride_fd), queues [D, Q] (strides
     stride_qd, stride_qj), idx [B], idx_queue [Q]; temp 0-dim (or temp_value). PRESCALED ("f16s"
     with one D block): the key tiles and query rows come from _itc_keys_fwd_kernel (kc, ks, qc,
-    qs) instead of the features and queues, the same values with no scaling in the kernel; else
-    kc, ks, qc, qs and KC_STRIDE are unused.
+    qs) instead of the features and queues, the same values with no scaling in the kernel, for
+    the key tiles [T0, T1) of a chunk (kc holds that chunk); RESUME (chunks after the first)
+    continues from the states the previous launch left in the workspace. Else kc, ks, qc, qs,
+    KC_STRIDE, T0 and T1 are unused.
     Writes, with R = number of key sums kept (student if GRAD, teacher, hard) and S = NUM_SPLITS:
     ws_max, ws_z [2, 2, S, B] (student / teacher), ws_acc [2, R, S, B, D], ws_count [2, S, B],
     sim [2, B, B] (student logits against the in-batch keys; split 0, D block 0 only).
@@ -383,6 +385,11 @@ def _itc_split_fwd_kernel(
     acc_m = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.zeros([BLOCK_M], tl.float32)
+    if RESUME:  # the key sums in units of 2^14 (the running unit up_run starts at 1)
+        mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count = _load_states(
+            ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, kind, direction, pid_s, rows, d_acc, B, D, NUM_SPLITS,
+            GRAD, HAS_TEACHER, RETRIEVAL, TEACHER)
+        acc_s, acc_m, acc_h = acc_s * 16384.0, acc_m * 16384.0, acc_h * 16384.0
 
     if PRESCALED:  # converted rows: [direction, kind (student, teacher)] of qc
         q_one, q_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + kind, rows, d_acc, B, D, DOT_DTYPE)
@@ -396,10 +403,13 @@ def _itc_split_fwd_kernel(
     up_run = tl.full([], 1.0, tl.float32)  # scaled fp16 modes: the latest key-sum operand's scale
 
     batch_tiles = tl.cdiv(B, BLOCK_N)
-    tiles = batch_tiles + tl.cdiv(Q, BLOCK_N)
-    tiles_per_split = tl.cdiv(tiles, NUM_SPLITS)
-    t_begin = pid_s * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, tiles)
+    if PRESCALED:  # this launch's chunk of the tile space
+        t_first, t_last = T0, T1
+    else:
+        t_first, t_last = 0, batch_tiles + tl.cdiv(Q, BLOCK_N)
+    tiles_per_split = tl.cdiv(t_last - t_first, NUM_SPLITS)
+    t_begin = t_first + pid_s * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, t_last)
     for phase in tl.static_range(2):
         # phase 0: in-batch keys [B, D] (row layout); phase 1: the queue [D, Q]; one tile space.
         if phase == 0:
@@ -412,8 +422,8 @@ def _itc_split_fwd_kernel(
             j = (t - shift) * BLOCK_N + cols
             if NUM_DK == 1:  # the query tiles stay loaded (q_one, qm_one); one key tile serves all
                 if PRESCALED:
-                    k_acc, k_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t, d_acc, cols, D, KC_STRIDE, False,
-                                                  DOT_DTYPE, BLOCK_N)
+                    k_acc, k_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t - T0, d_acc, cols, D, KC_STRIDE,
+                                                  False, DOT_DTYPE, BLOCK_N)
                 else:
                     k_acc, k_up = _scaled_keys(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE,
                                                INPUT_PRECISION)
@@ -434,7 +444,7 @@ def _itc_split_fwd_kernel(
                     m += m_part
             if KT_LOAD:  # [BLOCK_N, BLOCK_D] loaded as such: no transpose through registers
                 if PRESCALED:
-                    k_t, t_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t, d_acc, cols, D, KC_STRIDE, True,
+                    k_t, t_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t - T0, d_acc, cols, D, KC_STRIDE, True,
                                                 DOT_DTYPE, BLOCK_N)
                 else:
                     k_t, t_up = _scaled_keys(_load_keys(k_base, s_kj, s_kd, j, d_acc, n_keys, D), DOT_DTYPE,
@@ -509,6 +519,33 @@ def _store_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, mx_s, z_s, acc
         tl.store(ws_acc_ptr + acc_offs + (GRAD + HAS_TEACHER) * kind_stride, acc_h, mask=acc_mask & is_student)
     if TEACHER:
         tl.store(ws_acc_ptr + acc_offs + GRAD * kind_stride, acc_m, mask=acc_mask)
+
+
+@triton.jit
+def _load_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, kind, direction, pid_s, rows, d_acc, B, D, NUM_SPLITS,
+                 GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEACHER: tl.constexpr):
+    """The states _store_states wrote for this program (one D block: the maxima and Z of D
+    block 0 are everyone's), fresh ones where it wrote none: (mx_s, z_s, acc_s, mx_m, z_m, acc_m,
+    acc_h, count)."""
+    row_ok = rows < B
+    is_student = kind == 0
+    stat = ((direction * 2) * NUM_SPLITS + pid_s) * B + rows
+    kind_off = NUM_SPLITS * B
+    mx_s = tl.load(ws_max_ptr + stat + kind * kind_off, mask=row_ok, other=float("-inf"))
+    z_s = tl.load(ws_z_ptr + stat + kind * kind_off, mask=row_ok, other=0.0)
+    mx_m = tl.load(ws_max_ptr + stat + kind_off, mask=row_ok & TEACHER, other=float("-inf"))
+    z_m = tl.load(ws_z_ptr + stat + kind_off, mask=row_ok & TEACHER, other=0.0)
+    count = tl.load(ws_count_ptr + (direction * NUM_SPLITS + pid_s) * B + rows, mask=row_ok & is_student & RETRIEVAL,
+                    other=0.0)
+    n_kinds = GRAD + HAS_TEACHER + RETRIEVAL
+    acc_mask = row_ok[:, None] & (d_acc[None, :] < D)
+    acc_offs = ((direction * n_kinds * NUM_SPLITS + pid_s) * B + rows[:, None]) * D + d_acc[None, :]
+    kind_stride = NUM_SPLITS * B * D
+    acc_s = tl.load(ws_acc_ptr + acc_offs + kind * GRAD * kind_stride, mask=acc_mask & ((kind == 1) | GRAD), other=0.0)
+    acc_h = tl.load(ws_acc_ptr + acc_offs + (GRAD + HAS_TEACHER) * kind_stride, mask=acc_mask & is_student & RETRIEVAL,
+                    other=0.0)
+    acc_m = tl.load(ws_acc_ptr + acc_offs + GRAD * kind_stride, mask=acc_mask & TEACHER, other=0.0)
+    return mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count
 
 
 @triton.jit
@@ -734,20 +771,20 @@ def _itc_keys_fwd_kernel(
     # strides
     stride_fb, stride_fd, stride_qd, stride_qj,
     # shapes
-    B, Q, D, KC_STRIDE,
+    B, Q, D, KC_STRIDE, T0, NT,
     # constexpr flags
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr, ROWS: tl.constexpr,
 ):
     """The operands of both directions in "f16s" form, once per call, for the split kernel's
-    PRESCALED mode; grid (key tiles + 2 x row blocks of ROWS, 2 directions):
-    kc [2, D, KC_STRIDE] fp16, key tile t in columns [t BLOCK_N, (t + 1) BLOCK_N) (the in-batch
-    keys' tiles, then the queue's, zero-padded), ks [2, KC_STRIDE / BLOCK_N] fp32 each tile's up;
-    qc [2, 2, B, D] fp16 the query rows [direction, student / teacher], qs [2, 2, B] their ups.
-    Features [B, D] (strides stride_fb, stride_fd), queues [D, Q] (stride_qd, stride_qj)."""
+    PRESCALED mode, a chunk of NT key tiles from tile T0 at a time (the tile space: the in-batch
+    keys' tiles, then the queue's); grid (NT [+ 2 x row blocks of ROWS: the first chunk], 2 directions):
+    kc [2, D, KC_STRIDE] fp16, chunk tile t in columns [t BLOCK_N, (t + 1) BLOCK_N) (zero-padded),
+    ks [2, KC_STRIDE / BLOCK_N] fp32 each tile's up; qc [2, 2, B, D] fp16 the query rows
+    [direction, student / teacher], qs [2, 2, B] their ups. Features [B, D] (strides stride_fb,
+    stride_fd), queues [D, Q] (stride_qd, stride_qj)."""
     t, direction = tl.program_id(0), tl.program_id(1)
-    tiles = KC_STRIDE // BLOCK_N
-    if t >= tiles:  # query rows: program tiles + 2 r + kind converts row block r of that kind
-        kind, rows = (t - tiles) % 2, ((t - tiles) // 2) * ROWS + tl.arange(0, ROWS)
+    if t >= NT:  # query rows: program NT + 2 r + kind converts row block r of that kind
+        kind, rows = (t - NT) % 2, ((t - NT) // 2) * ROWS + tl.arange(0, ROWS)
         q_ptr, qm_ptr, _ = _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr)
         slot = direction * 2 + kind
         _convert_rows(tl.where(kind == 0, q_ptr, qm_ptr), stride_fb, stride_fd, rows, qc_ptr + slot * B * D,
@@ -756,15 +793,16 @@ def _itc_keys_fwd_kernel(
     out_base = kc_ptr + direction * D * KC_STRIDE + t * BLOCK_N
     cols = tl.arange(0, BLOCK_N)
     batch_tiles = tl.cdiv(B, BLOCK_N)
-    if t < batch_tiles:  # the in-batch keys of i2t are the text momentum features, of t2i the image ones
+    g = T0 + t  # the tile's place in the tile space
+    if g < batch_tiles:  # the in-batch keys of i2t are the text momentum features, of t2i the image ones
         kb_ptr = tl.where(direction == 0, txt_m_ptr, img_m_ptr)
-        up = _convert_key_tile(kb_ptr, stride_fd, stride_fb, t * BLOCK_N + cols, B, out_base, D, KC_STRIDE,
+        up = _convert_key_tile(kb_ptr, stride_fd, stride_fb, g * BLOCK_N + cols, B, out_base, D, KC_STRIDE,
                                BLOCK_N, BLOCK_D, NUM_DK)
     else:
         queue_ptr = tl.where(direction == 0, txt_queue_ptr, img_queue_ptr)
-        up = _convert_key_tile(queue_ptr, stride_qd, stride_qj, (t - batch_tiles) * BLOCK_N + cols, Q, out_base, D,
+        up = _convert_key_tile(queue_ptr, stride_qd, stride_qj, (g - batch_tiles) * BLOCK_N + cols, Q, out_base, D,
                                KC_STRIDE, BLOCK_N, BLOCK_D, NUM_DK)
-    tl.store(ks_ptr + direction * tiles + t, up)
+    tl.store(ks_ptr + direction * (KC_STRIDE // BLOCK_N) + t, up)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -833,10 +871,10 @@ def _dot_flags(dtype: torch.dtype, precision: str):
 
 def _prescaled(dtype: torch.dtype, precision: str) -> bool:
     """ALBEF_FAST_TF32=f16p (experimental, untimed): "high" with fp32 features converts the key
-    tiles to their scaled fp16 form once per call (_itc_keys_fwd_kernel), so that the split loop
-    reads fp16 tiles as the bf16 path does, with no per-tile reduction; the same values as "f16s".
-    Its scratch holds every key tile: 2 x (B + Q) x D fp16, 64 MiB at ALBEF's Q and D, beyond
-    SPEC's budget (a measurement first: benchmarks/NOTES.md)."""
+    tiles and query rows to their scaled fp16 form first (_itc_keys_fwd_kernel), so that the
+    split loop reads fp16 tiles as the bf16 path does and scales nothing; the values of "f16s".
+    The keys are converted a chunk at a time (_converted_bytes; the split over each chunk resumes
+    the previous one's states), within SPEC's memory budget."""
     return dtype == torch.float32 and precision == "high" and os.environ.get("ALBEF_FAST_TF32") == "f16p"
 
 
@@ -862,9 +900,12 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     temp_arg, temp_v = (temp_t, 1.0) if temp_t is not None else (ws.lse, float(temp))  # lse: an unused pointer
     if not retrieval:
         idx_v = idq_v = ws.count  # unused pointers
-    converted = plan.convert(feats, image_queue, text_queue, ws)  # kc, ks, qc, qs
-    plan.split((*feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims,
-                *converted), (temp_v,))
+    converted = plan.converted(ws)  # kc, ks, qc, qs (f16p) or unused pointers
+    for convert, split in plan.splits:  # one launch; f16p: one conversion and one split per chunk of keys
+        if convert is not None:
+            convert((*feats, image_queue, text_queue, *converted), ())
+        split((*feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims,
+               *converted), (temp_v,))
     dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
     plan.merge((*feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse),
@@ -876,9 +917,10 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
 
 
 # what the launches depend on besides the arguments: read at each call (tests and the per-config
-# benchmark change them between calls), part of the plan key
+# benchmark change them between calls), part of the plan key. ALBEF_FAST_CHUNK_TILES: f16p's key
+# tiles per conversion chunk (default: _converted_bytes)
 _SETTINGS = ("ALBEF_FAST_CONFIG", "ALBEF_FAST_WAVES", "ALBEF_FAST_AUTOTUNE", "ALBEF_FAST_TUNED", "ALBEF_FAST_SPLITS",
-             "ALBEF_FAST_TF32", "ALBEF_FAST_FP32_DOT")
+             "ALBEF_FAST_TF32", "ALBEF_FAST_FP32_DOT", "ALBEF_FAST_CHUNK_TILES")
 
 
 def _settings():
@@ -912,18 +954,20 @@ class _Plan:
         self.ws_shapes = _Workspace.shapes(splits, b, d, n_sums, merge_d_blocks)
         flags = dict(GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_dtype is not None)
         id_strides = ids[2:] if retrieval else (1, 1)
-        self.keys = self.kc_shape = None
-        if prescaled and config is not None and config.kwargs["BLOCK_D"] >= d:
-            self._prepare_key_tiles(config, b, q, d, feat_strides, queue_strides)
-        kc_stride = self.kc_shape[2] if self.keys else 1
-        split_ints = (*feat_strides, *queue_strides, *id_strides, b, q, d, splits, kc_stride)
-        dot_flags = dict(DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision, PRESCALED=self.keys is not None)
+        split_ints = (*feat_strides, *queue_strides, *id_strides, b, q, d, splits)
+        split_flags = dict(flags, DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision)
+        plain = dict(split_flags, PRESCALED=False, RESUME=False)
+        self.converted_sizes = None
         if config is None:  # autotune over candidates(): through the autotuner at each call
-            self.split = functools.partial(_autotuned_split, split_ints, dict(dot_flags, **flags))
+            self.splits = [(None, functools.partial(_autotuned_split, split_ints + (1, 0, 0), plain))]
         else:
             grid, meta = _split_meta(config, b, d, splits, teacher)
-            self.split = _LAUNCH["split"].prepare(grid, split_ints, dict(meta, **dot_flags, **flags),
-                                                  launch_options(config))
+            split = functools.partial(_LAUNCH["split"].prepare, grid, options=launch_options(config))
+            if prescaled and meta["BLOCK_D"] >= d:
+                self.splits = self._chunked_splits(split, split_ints, dict(meta, **split_flags), b, q, d, feat_strides,
+                                                   queue_strides)
+            else:
+                self.splits = [(None, split(split_ints + (1, 0, 0), dict(meta, **plain)))]
         self.merge = _LAUNCH["merge"].prepare(
             (_cdiv(b, merge_m), merge_d_blocks, 2), (*feat_strides, b, d, splits),
             dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk), _FOUR_WARPS)
@@ -935,29 +979,45 @@ class _Plan:
     def workspace(self, device) -> "_Workspace":
         return _Workspace(device, self.ws_shapes)
 
-    def _prepare_key_tiles(self, config, b: int, q: int, d: int, feat_strides, queue_strides) -> None:
-        """The launch of _itc_keys_fwd_kernel (_prescaled) for the split's BLOCK_N tiles, and the
-        sizes of its outputs: fp16 kc [2, D, tiles x BLOCK_N] + qc [2, 2, B, D], fp32 ks [2, tiles]
-        + qs [2, 2, B]."""
-        block_n, rows = config.kwargs["BLOCK_N"], 16
+    def _chunked_splits(self, split, split_ints, constexprs, b: int, q: int, d: int, feat_strides, queue_strides):
+        """f16p (_prescaled): [(conversion, split)] per chunk of the key tiles, each chunk's
+        converted tiles at most _converted_bytes(b); splits after the first resume the states.
+        Sizes of the outputs: fp16 kc [2, D, chunk tiles x BLOCK_N] + qc [2, 2, B, D], fp32 ks
+        [2, chunk tiles] + qs [2, 2, B]."""
+        block_n, rows = constexprs["BLOCK_N"], 16
         tiles = _cdiv(b, block_n) + _cdiv(q, block_n)
-        self.kc_shape = (2, d, tiles * block_n)
-        self.converted_sizes = ((2 * d * tiles * block_n, 4 * b * d), (2 * tiles, 4 * b))
+        per_chunk = int(os.environ.get("ALBEF_FAST_CHUNK_TILES", "0")) or _converted_bytes(b) // (4 * d * block_n)
+        per_chunk = _cdiv(tiles, _cdiv(tiles, max(1, per_chunk)))  # equal chunks
+        kc_stride = per_chunk * block_n
+        self.converted_sizes = ((2 * d * kc_stride, 4 * b * d), (2 * per_chunk, 4 * b))
         block_d = min(256, _next_pow2(d))
-        self.keys = _LAUNCH["keys"].prepare(
-            (tiles + 2 * _cdiv(b, rows), 2), (*feat_strides, *queue_strides, b, q, d, tiles * block_n),
-            dict(BLOCK_N=block_n, BLOCK_D=block_d, NUM_DK=_cdiv(d, block_d), ROWS=rows), _FOUR_WARPS)
+        convert_meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, NUM_DK=_cdiv(d, block_d), ROWS=rows)
+        launches = []
+        for t0 in range(0, tiles, per_chunk):
+            t1 = min(t0 + per_chunk, tiles)
+            row_programs = 2 * _cdiv(b, rows) if t0 == 0 else 0  # the query rows with the first chunk
+            convert = _LAUNCH["keys"].prepare((t1 - t0 + row_programs, 2),
+                                              (*feat_strides, *queue_strides, b, q, d, kc_stride, t0, t1 - t0),
+                                              convert_meta, _FOUR_WARPS)
+            launches.append((convert, split(split_ints + (kc_stride, t0, t1),
+                                            dict(constexprs, PRESCALED=True, RESUME=t0 > 0))))
+        return launches
 
-    def convert(self, feats, image_queue, text_queue, ws: "_Workspace"):
-        """(kc, ks, qc, qs) for the split launch: the converted operands (_prescaled; flat views,
-        the kernels index them), else four unused pointers."""
-        if self.keys is None:
+    def converted(self, ws: "_Workspace"):
+        """(kc, ks, qc, qs) for the f16p launches (flat views, the kernels index them), else four
+        unused pointers."""
+        if self.converted_sizes is None:
             return (ws.count,) * 4
         halves, singles = self.converted_sizes
         kc, qc = torch.empty(sum(halves), device=ws.count.device, dtype=torch.float16).split(halves)
         ks, qs = torch.empty(sum(singles), device=ws.count.device).split(singles)
-        self.keys((*feats, image_queue, text_queue, kc, ks, qc, qs), ())
         return kc, ks, qc, qs
+
+
+def _converted_bytes(b: int) -> int:
+    """The converted key tiles of one f16p chunk (both directions): within SPEC's extra-memory
+    budget with the rest of the call (workspace, outputs: ~17 MiB at B = 64, ~28 at B = 512)."""
+    return (12 << 20) if b <= 128 else (32 << 20)
 
 
 def _autotuned_split(ints, constexprs, tensors, floats) -> None:

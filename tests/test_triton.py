@@ -164,9 +164,57 @@ def test_converted_key_tiles_give_the_same_bits(monkeypatch, config, alpha, retr
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("splits,chunk_tiles", [(1, 1), (1, 2), (1, 5), (3, 1), (3, 2)])
+@pytest.mark.parametrize("alpha,retrieval,grad", [(0.4, True, True), (0.0, False, True), (0.4, False, False)])
+def test_converted_chunks_resume_the_states(monkeypatch, splits, chunk_tiles, alpha, retrieval, grad):
+    """f16p converts the keys a chunk of tiles at a time; the split over each chunk resumes the
+    states the previous one stored. With one split the tiles meet the states in f16s's order:
+    the same bits. With three the tiles fall into other splits, whose running maxima differ, so
+    the 11-bit weights round differently: within twice f16s's error against fp64. Chunks of 1
+    tile leave splits with no tiles (states passed on); the in-batch keys' tile and the queue's
+    share chunks (B = 7, 16-key tiles)."""
+    x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=retrieval)
+    feats, queues = _args(x)[:4], _args(x)[4:]
+    monkeypatch.setenv("ALBEF_FAST_SPLITS", str(splits))
+    monkeypatch.setenv("ALBEF_FAST_CONFIG", "16,16,32,1,0,1")
+
+    def run(backend, mode="", chunks="", dtype=torch.float32):
+        monkeypatch.setenv("ALBEF_FAST_TF32", mode)
+        monkeypatch.setenv("ALBEF_FAST_CHUNK_TILES", chunks)
+        args = [t.to(dtype) for t in (*feats, *queues)]
+        a = args[0].clone().requires_grad_(grad)
+        out = albef_fast.itc_loss(a, *args[1:], 0.07, alpha, idx=x.idx, idx_queue=x.idx_queue,
+                                  return_details=True, backend=backend, precision="high")
+        return list(out) + ([torch.autograd.grad(out.loss * 1.3, a)[0]] if grad else [])
+
+    f16s, f16p = run("triton", "f16s"), run("triton", "f16p", str(chunk_tiles))
+    exact = run("torch", dtype=torch.float64) if splits > 1 else f16s
+    for got, expected, ref in zip(f16p, f16s, exact):
+        if splits == 1:
+            assert torch.equal(got, expected)
+        else:
+            assert max_err(got, ref) <= 2 * max_err(expected, ref) + 1e-6 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("b,budget_mib,chunks", [(64, 32, 6), (512, 64, 3)])
+def test_converted_chunks_fit_the_memory_budget(monkeypatch, b, budget_mib, chunks):
+    """At ALBEF's shapes (Q = 65536, D = 256, the f16p config) the converted tiles of a chunk fit
+    SPEC's extra-memory budget with what f16s's call takes on an H200 (16.9 MiB at B = 64, 27.3
+    at B = 512, run 6): the plan only, nothing launched."""
+    monkeypatch.setenv("ALBEF_FAST_TF32", "f16p")
+    monkeypatch.setenv("ALBEF_FAST_CONFIG", "128,32,256,1,0,8,4")
+    key = (b, 65536, 256, torch.float32, torch.float32, (256, 1), (65536, 1), torch.device("cpu"), True, True,
+           "high", torch.float32, None, itc._settings())
+    plan = itc._Plan(key)
+    halves, singles = plan.converted_sizes
+    converted_mib = (2 * sum(halves) + 4 * sum(singles)) / 2**20
+    assert len(plan.splits) == chunks and all(convert is not None for convert, _ in plan.splits)
+    assert converted_mib + {64: 16.9, 512: 27.3}[b] <= budget_mib, converted_mib
+
+
 def test_converted_key_tiles_are_used(monkeypatch):
-    """f16p launches the conversion kernel (4 launches a call) where D fits one block, and falls
-    back to f16s's loop (3) where it does not."""
+    """f16p launches the conversion kernel (4 launches a call, one chunk at this size) where D
+    fits one block, and falls back to f16s's loop (3) where it does not."""
     from albef_fast.kernels import itc as kernels_itc
 
     launches = []

@@ -17,7 +17,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels import itc, itc_configs  # noqa: E402
 
-SCALARS = {"B", "Q", "D", "NUM_SPLITS", "NUM_DBLOCKS", "KC_STRIDE"}
+SCALARS = {"B", "Q", "D", "NUM_SPLITS", "NUM_DBLOCKS", "KC_STRIDE", "T0", "T1", "NT"}
 
 
 def _signature(fn, constexprs, feature_type):
@@ -76,7 +76,7 @@ FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one pro
                             KIND_AXIS=1, LOGITS_T=1),
     # f16s with the key tiles converted once per call (ALBEF_FAST_TF32=f16p): + the conversion kernel
     "f16p-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
-                           KIND_AXIS=1, PRESCALED=True, BLOCK_D=256),
+                           KIND_AXIS=1, PRESCALED=True, RESUME=True, BLOCK_D=256),
 }
 REPORT = {  # --report: every autotune config of these
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
@@ -84,7 +84,7 @@ REPORT = {  # --report: every autotune config of these
     "f16s": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32"),
     "f16x3": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32"),
     "f16p": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
-                 PRESCALED=True),
+                 PRESCALED=True, RESUME=True),  # a chunk after the first (the states loaded first)
 }
 
 
@@ -94,6 +94,7 @@ def _split_constexprs(flags, config):
     heur = itc._kind_heuristics(args)
     return dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True,
                 DOT_DTYPE=flags["DOT"], INPUT_PRECISION=flags["PREC"], PRESCALED=flags.get("PRESCALED", False),
+                RESUME=flags.get("RESUME", False),
                 NUM_DK=-(-256 // kw["BLOCK_D"]), **kw, **heur)
 
 
