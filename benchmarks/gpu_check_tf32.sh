@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # fp16 products of power-of-two-scaled operands on a GPU: TF32-class (ALBEF_FAST_TF32=f16s, the
 # default for "high"; f16p: the operands converted by a kernel of their own first, experimental)
-# and fp32-class (ALBEF_FAST_FP32_DOT=f16x3: 3 products of (hi, lo) pairs; "highest" on the
-# Triton path); the GPU tests in parallel; the fp32 default.
+# and fp32-class (ALBEF_FAST_FP32_DOT=f16x3: 3 products of (hi, lo) pairs, "highest" on the
+# Triton path; f16x3p: the pairs converted first); the GPU tests in parallel; the fp32 default.
 #   bash benchmarks/gpu_check_tf32.sh OUTDIR          (run with timeout_s >= 540)
-# Stages (each with its own limit, 500 s together): install (Python part only: the C++ extension
-# is not needed), per-config table for f16s, f16p and f16x3 at B = 64, 512 (writes the fastest
-# correct configs as JSON, merged into TUNED for the stages after it), the CUDA tests of the ITC
-# paths and the state ops in parallel workers (benchmarks/pytest_parallel.py; logs in
-# OUTDIR/tests), the ITC benchmark (fp32 on the torch backend; tf32 with f16s, then f16p; fp32
-# with f16x3 on the Triton path). TF32 products were timed against f16s in run 6 (1.70 vs
-# 1.05 ms at B = 512) and the host floor in run 5: not again.
+# Stages (each with its own limit, 520 s together): install (Python part only: the C++ extension
+# is not needed), per-config table for f16p, f16x3p, f16s and f16x3 at B = 64, 512 (writes the
+# fastest correct configs as JSON, merged into TUNED for the stages after it; the CSV is saved
+# after each block, the new modes first), the CUDA tests of the ITC paths and the state ops in
+# parallel workers (benchmarks/pytest_parallel.py; logs in OUTDIR/tests), the ITC benchmark (fp32
+# on the torch backend; tf32 with f16s, then f16p; fp32 with f16x3p on the Triton path). TF32
+# products were timed against f16s in run 6 (1.70 vs 1.05 ms at B = 512) and the host floor in
+# run 5: not again.
 # GPU_CHECK_SMOKE=1: the same steps on the CPU.
 set -uo pipefail
 OUT=${1:?usage: gpu_check_tf32.sh OUTDIR}
@@ -47,8 +48,9 @@ if ! ALBEF_FAST_NO_EXTENSION=1 stage 60 $PY -m pip install --no-deps --no-build-
   stamp "install FAILED"; tail -30 "$OUT/install.log"; exit 1
 fi
 
-stamp "per-config table: f16s (fp16 products), f16p (converted operands), f16x3 (3 fp16 products), vs eager and fp64"
-stage 160 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --precision f16s,f16p,f16x3 --waves 4 --tuned "$TUNED" \
+stamp "per-config table: f16p, f16x3p (operands converted first), f16s, f16x3, vs eager and fp64"
+stage 200 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --precision f16p,f16x3p,f16s,f16x3 --waves 4 \
+  --tuned "$TUNED" \
   2>&1 | tee "$OUT/bench.txt"
 if [ -s "$TUNED" ]; then  # the measured f16s / f16x3 entries over the package's TUNED
   $PY -c "import json, sys; from albef_fast.kernels import itc_configs as c; t = dict(c.TUNED); t.update(json.load(open(sys.argv[1]))); json.dump(t, open(sys.argv[1], 'w'))" "$TUNED"
@@ -56,16 +58,16 @@ if [ -s "$TUNED" ]; then  # the measured f16s / f16x3 entries over the package's
 fi
 
 stamp "tests: the ITC paths and state ops on CUDA, in parallel (tuned configs; logs in $OUT/tests)"
-stage 130 $PY benchmarks/pytest_parallel.py --deadline 120 --log-dir "$OUT/tests" "${TESTS[@]}" 2>&1 \
+stage 110 $PY benchmarks/pytest_parallel.py --deadline 100 --log-dir "$OUT/tests" "${TESTS[@]}" 2>&1 \
   | tee "$OUT/tests.txt" | tail -40
 
-stamp "benchmark: fp32 on the torch backend (the default), tf32 (f16s, the default; f16p), fp32 with f16x3"
+stamp "benchmark: fp32 on the torch backend (the default), tf32 (f16s, the default; f16p), fp32 with f16x3p"
 stage 35 $PY -m albef_fast.bench "${BENCH[@]}" --precision fp32 --mode fwd+bwd \
   --providers eager,albef_fast --out "$OUT" --no-plot --tag torch 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 stage 35 $PY -m albef_fast.bench "${BENCH[@]}" --precision tf32 --mode fwd+bwd \
   --providers eager,albef_fast --out "$OUT" --no-plot --tag f16s 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 ALBEF_FAST_TF32=f16p stage 35 $PY -m albef_fast.bench "${BENCH[@]}" --precision tf32 --mode fwd+bwd \
   --providers eager,albef_fast --out "$OUT" --no-plot --tag f16p 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
-ALBEF_FAST_BACKEND=triton ALBEF_FAST_FP32_DOT=f16x3 stage 45 $PY -m albef_fast.bench "${BENCH[@]}" --precision fp32 \
-  --mode fwd+bwd --providers eager,albef_fast --out "$OUT" --no-plot --tag f16x3 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
+ALBEF_FAST_BACKEND=triton ALBEF_FAST_FP32_DOT=f16x3p stage 45 $PY -m albef_fast.bench "${BENCH[@]}" --precision fp32 \
+  --mode fwd+bwd --providers eager,albef_fast --out "$OUT" --no-plot --tag f16x3p 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 stamp "done"

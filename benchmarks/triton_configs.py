@@ -40,16 +40,17 @@ PRECISIONS = {"tf32": ("high", {"ALBEF_FAST_TF32": "tf32rn"}), "bf16": ("highest
               "f16s": ("high", {"ALBEF_FAST_TF32": "f16s"}),  # TF32-class products through scaled fp16
               "f16p": ("high", {"ALBEF_FAST_TF32": "f16p"}),  # the same, operands converted once per call
               "f16x3": ("highest", {"ALBEF_FAST_FP32_DOT": "f16x3"}),  # fp32-class: 3 fp16 products
+              "f16x3p": ("highest", {"ALBEF_FAST_FP32_DOT": "f16x3p"}),  # the same, pairs converted first
               "fp32x3": ("highest", {"ALBEF_FAST_FP32_DOT": "tf32x3"})}
 VARIANT_SPECS = ["32,64,256,0,1,8,2", "32,64,256,0,0,8,2", "64,32,256,1,0,8,2", "64,32,256,1,1,8,2,0,1"]
-TUNED_PRECISIONS = ("bf16", "f16s", "f16p", "tf32", "f16x3")  # the table's keys (kernels/itc_configs.py:TUNED)
+TUNED_PRECISIONS = ("bf16", "f16s", "f16p", "tf32", "f16x3", "f16x3p")  # the table's keys (kernels/itc_configs.py:TUNED)
 
 
 def _specs_for(precision: str, specs: List[str]) -> List[str]:
     """The configs timed for a precision: all for fp32 tiles with tensor-core products (tf32,
     f16s, f16x3); all but the transposed-logits ones (a fix for fp32 tiles, LOGITS_T = 9th field)
     for bf16; a few for the variants."""
-    if precision in ("tf32", "f16s", "f16p", "f16x3"):
+    if precision in ("tf32", "f16s", "f16p", "f16x3", "f16x3p"):
         return specs
     if precision == "bf16":
         return [s for s in specs if s.split(",")[8:9] != ["1"]]

@@ -14,8 +14,8 @@ _itc_merge_fwd_kernel   grid (row blocks, D blocks, 2 directions). Combines the 
 _itc_finish_fwd_kernel  grid (1,). Sums the partials in order and gives the means of the loss,
     dT, ce and kl rows per direction and the mean loss (all scalars are dots with u: see
     albef_fast/streaming.py).
-_itc_keys_fwd_kernel    (ALBEF_FAST_TF32=f16p only, experimental: _prescaled) before the split:
-    the key tiles and query rows in their scaled fp16 form, once per call.
+_itc_keys_fwd_kernel    (f16p / f16x3p only, experimental: _prescaled) before the split, a chunk
+    of keys at a time: the key tiles and query rows in their scaled fp16 form.
 
 Queues are read in place through their strides ([D, Q] as ALBEF stores them); in-batch keys
 [B, D] go through the same tile loader with their strides swapped.
@@ -24,7 +24,8 @@ Products (_dot_flags): bf16 / fp16 features as they are; fp32 features by precis
 fp16 products of operands scaled by powers of two ("f16s", TF32's 11 significant bits; see
 _f16_scales; ALBEF_FAST_TF32=tf32rn: TF32 products; f16p: the same values, the operands
 converted before the split kernel), "highest" fp32 FMA products (or "f16x3",
-ALBEF_FAST_FP32_DOT: three fp16 products of (hi, lo) pairs, 22 bits), "medium" bf16.
+ALBEF_FAST_FP32_DOT: three fp16 products of (hi, lo) pairs, 22 bits; f16x3p: the pairs converted
+before the split kernel), "medium" bf16.
 """
 from __future__ import annotations
 
@@ -148,24 +149,36 @@ def _scaled_keys(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _prescaled_keys(kc_ptr, ks_ptr, direction, t, d_offs, cols, D, KC_STRIDE, TRANSPOSED: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(operand, up) of key tile t (of the converted chunk) as _scaled_keys gives it in "f16s"
-    mode, read from _itc_keys_fwd_kernel's output: [BLOCK_D, BLOCK_N] (TRANSPOSED: [BLOCK_N, BLOCK_D])."""
+                    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(operand, up) of key tile t (of the converted chunk) as _scaled_keys gives it ("f16s"; the
+    (hi, lo) pair for "f16x3", lo 2 D KC_STRIDE further), read from _itc_keys_fwd_kernel's
+    output: [BLOCK_D, BLOCK_N] (TRANSPOSED: [BLOCK_N, BLOCK_D])."""
     base = kc_ptr + direction * D * KC_STRIDE
     jj = t * BLOCK_N + cols  # columns of the converted tile space (padding holds zeros)
     if TRANSPOSED:
-        x = _load_keys(base, 1, KC_STRIDE, jj, d_offs, KC_STRIDE, D)
+        s_d, s_j, n_first, n_second, first, second = 1, KC_STRIDE, KC_STRIDE, D, jj, d_offs
     else:
-        x = _load_keys(base, KC_STRIDE, 1, d_offs, jj, D, KC_STRIDE)
-    return x.to(DOT_DTYPE), tl.load(ks_ptr + direction * (KC_STRIDE // BLOCK_N) + t)
+        s_d, s_j, n_first, n_second, first, second = KC_STRIDE, 1, D, KC_STRIDE, d_offs, jj
+    hi = _load_keys(base, s_d, s_j, first, second, n_first, n_second).to(DOT_DTYPE)
+    if INPUT_PRECISION == "f16x3":
+        out = hi, _load_keys(base + 2 * D * KC_STRIDE, s_d, s_j, first, second, n_first, n_second).to(DOT_DTYPE)
+    else:
+        out = hi
+    return out, tl.load(ks_ptr + direction * (KC_STRIDE // BLOCK_N) + t)
 
 
 @triton.jit
-def _prescaled_rows(qc_ptr, qs_ptr, slot, rows, d_offs, B, D, DOT_DTYPE: tl.constexpr):
-    """(operand, up [BLOCK_M]) of a query row tile as _scaled_rows gives it in "f16s" mode, read
-    from _itc_keys_fwd_kernel's qc [4, B, D] / qs [4, B] at slot (direction * 2 + kind)."""
-    x = _load_rows(qc_ptr + slot * B * D, D, 1, rows, d_offs, B, D)
-    return x.to(DOT_DTYPE), tl.load(qs_ptr + slot * B + rows, mask=rows < B, other=1.0)
+def _prescaled_rows(qc_ptr, qs_ptr, slot, rows, d_offs, B, D, DOT_DTYPE: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    """(operand, up [BLOCK_M]) of a query row tile as _scaled_rows gives it ("f16s"; the (hi, lo)
+    pair for "f16x3", lo 4 B D further), read from _itc_keys_fwd_kernel's qc [4, B, D] / qs [4, B]
+    at slot (direction * 2 + kind)."""
+    hi = _load_rows(qc_ptr + slot * B * D, D, 1, rows, d_offs, B, D).to(DOT_DTYPE)
+    if INPUT_PRECISION == "f16x3":
+        out = hi, _load_rows(qc_ptr + (4 + slot) * B * D, D, 1, rows, d_offs, B, D).to(DOT_DTYPE)
+    else:
+        out = hi
+    return out, tl.load(qs_ptr + slot * B + rows, mask=rows < B, other=1.0)
 
 
 @triton.jit
@@ -392,9 +405,11 @@ def _itc_split_fwd_kernel(
         acc_s, acc_m, acc_h = acc_s * 16384.0, acc_m * 16384.0, acc_h * 16384.0
 
     if PRESCALED:  # converted rows: [direction, kind (student, teacher)] of qc
-        q_one, q_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + kind, rows, d_acc, B, D, DOT_DTYPE)
+        q_one, q_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + kind, rows, d_acc, B, D, DOT_DTYPE,
+                                          INPUT_PRECISION)
         if TEACHER:
-            qm_one, qm_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + 1, rows, d_acc, B, D, DOT_DTYPE)
+            qm_one, qm_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + 1, rows, d_acc, B, D, DOT_DTYPE,
+                                                INPUT_PRECISION)
         else:
             qm_one, qm_up_one = q_one, q_up_one
     else:
@@ -423,7 +438,7 @@ def _itc_split_fwd_kernel(
             if NUM_DK == 1:  # the query tiles stay loaded (q_one, qm_one); one key tile serves all
                 if PRESCALED:
                     k_acc, k_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t - T0, d_acc, cols, D, KC_STRIDE,
-                                                  False, DOT_DTYPE, BLOCK_N)
+                                                  False, DOT_DTYPE, INPUT_PRECISION, BLOCK_N)
                 else:
                     k_acc, k_up = _scaled_keys(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE,
                                                INPUT_PRECISION)
@@ -445,7 +460,7 @@ def _itc_split_fwd_kernel(
             if KT_LOAD:  # [BLOCK_N, BLOCK_D] loaded as such: no transpose through registers
                 if PRESCALED:
                     k_t, t_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t - T0, d_acc, cols, D, KC_STRIDE, True,
-                                                DOT_DTYPE, BLOCK_N)
+                                                DOT_DTYPE, INPUT_PRECISION, BLOCK_N)
                 else:
                     k_t, t_up = _scaled_keys(_load_keys(k_base, s_kj, s_kd, j, d_acc, n_keys, D), DOT_DTYPE,
                                              INPUT_PRECISION)
@@ -726,11 +741,21 @@ def _itc_finish_fwd_kernel(
 
 
 @triton.jit
+def _store_f16(ptr, y, lo_offset, mask, PAIRS: tl.constexpr):
+    """y (scaled, fp32) as fp16 at ptr; PAIRS: its (hi, lo) pair as _operand makes it for
+    "f16x3", lo at ptr + lo_offset."""
+    hi = y.to(tl.float16)
+    tl.store(ptr, hi, mask=mask)
+    if PAIRS:
+        tl.store(ptr + lo_offset, (y - hi.to(tl.float32)).to(tl.float16), mask=mask)
+
+
+@triton.jit
 def _convert_key_tile(base, s_kd, s_kj, j, n_keys, out_base, D, KC_STRIDE, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr):
-    """Key tile [D, BLOCK_N] (element (d, j) at base + d s_kd + j s_kj) -> its "f16s" form at
-    out_base (row stride KC_STRIDE): scaled by _f16_scales of its largest |element|, as
-    _scaled_keys does in the loop; returns the scale's inverse (up)."""
+                      BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr, PAIRS: tl.constexpr):
+    """Key tile [D, BLOCK_N] (element (d, j) at base + d s_kd + j s_kj) -> its scaled fp16 form at
+    out_base (row stride KC_STRIDE; PAIRS: lo 2 D KC_STRIDE further): scaled by _f16_scales of
+    its largest |element|, as _scaled_keys does in the loop; returns the scale's inverse (up)."""
     amax = tl.zeros([], tl.float32)
     for dk in range(NUM_DK):
         d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -740,16 +765,17 @@ def _convert_key_tile(base, s_kd, s_kj, j, n_keys, out_base, D, KC_STRIDE, BLOCK
     for dk in range(NUM_DK):
         d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
         x = _load_keys(base, s_kd, s_kj, d_offs, j, D, n_keys)
-        tl.store(out_base + d_offs[:, None] * KC_STRIDE + cols[None, :], (x * down).to(tl.float16),
-                 mask=d_offs[:, None] < D)
+        _store_f16(out_base + d_offs[:, None] * KC_STRIDE + cols[None, :], x * down, 2 * D * KC_STRIDE,
+                   d_offs[:, None] < D, PAIRS)
     return up
 
 
 @triton.jit
 def _convert_rows(x_ptr, stride_fb, stride_fd, rows, out_base, up_base, B, D, BLOCK_D: tl.constexpr,
-                  NUM_DK: tl.constexpr):
-    """Rows [ROWS, D] of a feature tensor -> their "f16s" form at out_base ([B, D] contiguous),
-    each row scaled by _f16_scales of its largest |element| as _scaled_rows does; ups at up_base."""
+                  NUM_DK: tl.constexpr, PAIRS: tl.constexpr):
+    """Rows [ROWS, D] of a feature tensor -> their scaled fp16 form at out_base ([B, D]
+    contiguous; PAIRS: lo 4 B D further), each row scaled by _f16_scales of its largest |element|
+    as _scaled_rows does; ups at up_base."""
     amax = tl.zeros([rows.shape[0]], tl.float32)
     for dk in range(NUM_DK):
         d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -759,8 +785,8 @@ def _convert_rows(x_ptr, stride_fb, stride_fd, rows, out_base, up_base, B, D, BL
     for dk in range(NUM_DK):
         d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
         x = _load_rows(x_ptr, stride_fb, stride_fd, rows, d_offs, B, D)
-        tl.store(out_base + rows[:, None] * D + d_offs[None, :], (x * down[:, None]).to(tl.float16),
-                 mask=(rows[:, None] < B) & (d_offs[None, :] < D))
+        _store_f16(out_base + rows[:, None] * D + d_offs[None, :], x * down[:, None], 4 * B * D,
+                   (rows[:, None] < B) & (d_offs[None, :] < D), PAIRS)
     tl.store(up_base + rows, up, mask=rows < B)
 
 
@@ -773,9 +799,10 @@ def _itc_keys_fwd_kernel(
     # shapes
     B, Q, D, KC_STRIDE, T0, NT,
     # constexpr flags
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr,
 ):
-    """The operands of both directions in "f16s" form, once per call, for the split kernel's
+    """The operands of both directions in "f16s" form (PAIRS: "f16x3"'s (hi, lo) pairs, the lo
+    halves after all the hi ones in kc and in qc), once per call, for the split kernel's
     PRESCALED mode, a chunk of NT key tiles from tile T0 at a time (the tile space: the in-batch
     keys' tiles, then the queue's); grid (NT [+ 2 x row blocks of ROWS: the first chunk], 2 directions):
     kc [2, D, KC_STRIDE] fp16, chunk tile t in columns [t BLOCK_N, (t + 1) BLOCK_N) (zero-padded),
@@ -788,7 +815,7 @@ def _itc_keys_fwd_kernel(
         q_ptr, qm_ptr, _ = _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr)
         slot = direction * 2 + kind
         _convert_rows(tl.where(kind == 0, q_ptr, qm_ptr), stride_fb, stride_fd, rows, qc_ptr + slot * B * D,
-                      qs_ptr + slot * B, B, D, BLOCK_D, NUM_DK)
+                      qs_ptr + slot * B, B, D, BLOCK_D, NUM_DK, PAIRS)
         return
     out_base = kc_ptr + direction * D * KC_STRIDE + t * BLOCK_N
     cols = tl.arange(0, BLOCK_N)
@@ -797,11 +824,11 @@ def _itc_keys_fwd_kernel(
     if g < batch_tiles:  # the in-batch keys of i2t are the text momentum features, of t2i the image ones
         kb_ptr = tl.where(direction == 0, txt_m_ptr, img_m_ptr)
         up = _convert_key_tile(kb_ptr, stride_fd, stride_fb, g * BLOCK_N + cols, B, out_base, D, KC_STRIDE,
-                               BLOCK_N, BLOCK_D, NUM_DK)
+                               BLOCK_N, BLOCK_D, NUM_DK, PAIRS)
     else:
         queue_ptr = tl.where(direction == 0, txt_queue_ptr, img_queue_ptr)
         up = _convert_key_tile(queue_ptr, stride_qd, stride_qj, (g - batch_tiles) * BLOCK_N + cols, Q, out_base, D,
-                               KC_STRIDE, BLOCK_N, BLOCK_D, NUM_DK)
+                               KC_STRIDE, BLOCK_N, BLOCK_D, NUM_DK, PAIRS)
     tl.store(ks_ptr + direction * (KC_STRIDE // BLOCK_N) + t, up)
 
 
@@ -853,8 +880,11 @@ def _dot_flags(dtype: torch.dtype, precision: str):
             return tl.bfloat16, "ieee"
         if precision == "highest":  # ALBEF_FAST_FP32_DOT=tf32x3: 3 TF32 products per dot, ~fp32 error;
             # f16x3: 3 fp16 products of (hi, lo) pairs of scaled operands, 22 significant bits
+            # (f16x3p: the same products, the pairs converted by _itc_keys_fwd_kernel: _prescaled)
             mode = os.environ.get("ALBEF_FAST_FP32_DOT", "ieee")
-            return (tl.float32 if _INTERPRET else tl.float16) if mode == "f16x3" else tl.float32, mode
+            if mode in ("f16x3", "f16x3p"):
+                return (tl.float32 if _INTERPRET else tl.float16), "f16x3"
+            return tl.float32, mode
         # "f16s" (the default): fp16 operands scaled by powers of two, TF32's 11 significant bits
         # (_f16_scales) at fp16's product rate, 1.6x faster than TF32 at B = 512 on the H200 with
         # the same error; TF32 operands rounded to nearest ("tf32rn", _round_tf32) or truncated by
@@ -869,13 +899,21 @@ def _dot_flags(dtype: torch.dtype, precision: str):
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"
 
 
-def _prescaled(dtype: torch.dtype, precision: str) -> bool:
-    """ALBEF_FAST_TF32=f16p (experimental, untimed): "high" with fp32 features converts the key
-    tiles and query rows to their scaled fp16 form first (_itc_keys_fwd_kernel), so that the
-    split loop reads fp16 tiles as the bf16 path does and scales nothing; the values of "f16s".
-    The keys are converted a chunk at a time (_converted_bytes; the split over each chunk resumes
-    the previous one's states), within SPEC's memory budget."""
-    return dtype == torch.float32 and precision == "high" and os.environ.get("ALBEF_FAST_TF32") == "f16p"
+def _prescaled(dtype: torch.dtype, precision: str) -> Optional[str]:
+    """"f16p" for ALBEF_FAST_TF32=f16p ("high"), "f16x3p" for ALBEF_FAST_FP32_DOT=f16x3p
+    ("highest"), with fp32 features (experimental, untimed), else None: the key tiles and query
+    rows converted to their scaled fp16 form (f16x3p: (hi, lo) pairs) first
+    (_itc_keys_fwd_kernel), so that the split loop reads fp16 tiles as the bf16 path does and
+    scales and splits nothing; the values of "f16s" / "f16x3". The keys are converted a chunk at
+    a time (_converted_bytes; the split over each chunk resumes the previous one's states), within
+    SPEC's memory budget."""
+    if dtype != torch.float32:
+        return None
+    if precision == "high" and os.environ.get("ALBEF_FAST_TF32") == "f16p":
+        return "f16p"
+    if precision == "highest" and os.environ.get("ALBEF_FAST_FP32_DOT") == "f16x3p":
+        return "f16x3p"
+    return None
 
 
 def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha: float,
@@ -946,7 +984,7 @@ class _Plan:
         retrieval = ids is not None
         dot_dtype, input_precision = _dot_flags(dtype, precision)
         prescaled = _prescaled(dtype, precision)
-        config, waves = launch_config(b, dot_dtype, "f16p" if prescaled else input_precision)
+        config, waves = launch_config(b, dot_dtype, prescaled or input_precision)
         n_sums = max(1, int(grad) + int(teacher) + int(retrieval))
         splits = _split_count(b, q, d, teacher, n_sums, dev, config, waves)
         merge_m, merge_d, chunk = _merge_blocks(b, d)
@@ -980,18 +1018,20 @@ class _Plan:
         return _Workspace(device, self.ws_shapes)
 
     def _chunked_splits(self, split, split_ints, constexprs, b: int, q: int, d: int, feat_strides, queue_strides):
-        """f16p (_prescaled): [(conversion, split)] per chunk of the key tiles, each chunk's
+        """f16p, f16x3p (_prescaled): [(conversion, split)] per chunk of the key tiles, each chunk's
         converted tiles at most _converted_bytes(b); splits after the first resume the states.
         Sizes of the outputs: fp16 kc [2, D, chunk tiles x BLOCK_N] + qc [2, 2, B, D], fp32 ks
         [2, chunk tiles] + qs [2, 2, B]."""
         block_n, rows = constexprs["BLOCK_N"], 16
+        parts = 2 if constexprs["INPUT_PRECISION"] == "f16x3" else 1  # f16x3p: (hi, lo) pairs
         tiles = _cdiv(b, block_n) + _cdiv(q, block_n)
-        per_chunk = int(os.environ.get("ALBEF_FAST_CHUNK_TILES", "0")) or _converted_bytes(b) // (4 * d * block_n)
+        tile_bytes = 2 * parts * d * block_n * 2  # both directions, fp16
+        per_chunk = int(os.environ.get("ALBEF_FAST_CHUNK_TILES") or 0) or _converted_bytes(b) // tile_bytes
         per_chunk = _cdiv(tiles, _cdiv(tiles, max(1, per_chunk)))  # equal chunks
         kc_stride = per_chunk * block_n
-        self.converted_sizes = ((2 * d * kc_stride, 4 * b * d), (2 * per_chunk, 4 * b))
+        self.converted_sizes = ((2 * parts * d * kc_stride, 4 * parts * b * d), (2 * per_chunk, 4 * b))
         block_d = min(256, _next_pow2(d))
-        convert_meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, NUM_DK=_cdiv(d, block_d), ROWS=rows)
+        convert_meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, NUM_DK=_cdiv(d, block_d), ROWS=rows, PAIRS=parts == 2)
         launches = []
         for t0 in range(0, tiles, per_chunk):
             t1 = min(t0 + per_chunk, tiles)

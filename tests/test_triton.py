@@ -196,6 +196,38 @@ def test_converted_chunks_resume_the_states(monkeypatch, splits, chunk_tiles, al
             assert max_err(got, ref) <= 2 * max_err(expected, ref) + 1e-6 * max(1.0, ref.abs().max().item())
 
 
+@pytest.mark.parametrize("splits,chunk_tiles", [(1, 0), (1, 2), (3, 2)])
+@pytest.mark.parametrize("config", ["16,16,32,1,0,1", "16,16,32,0,1,1,2,0,1"])
+@pytest.mark.parametrize("alpha,retrieval", [(0.4, True), (0.0, False)])
+def test_converted_pairs_give_f16x3s_values(monkeypatch, splits, chunk_tiles, config, alpha, retrieval):
+    """ALBEF_FAST_FP32_DOT=f16x3p: f16x3's (hi, lo) pairs converted first, in chunks (0: the
+    default, one chunk here). With one split: f16x3's bits; with three, other splits' running
+    maxima: within twice f16x3's error against fp64 (which passes the fp32 rule). KT_LOAD and
+    the transposed logits (the second config), both kinds in one program."""
+    x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=retrieval)
+    feats, queues = _args(x)[:4], _args(x)[4:]
+    monkeypatch.setenv("ALBEF_FAST_SPLITS", str(splits))
+    monkeypatch.setenv("ALBEF_FAST_CONFIG", config)
+
+    def run(backend, mode="", chunks="", dtype=torch.float32):
+        monkeypatch.setenv("ALBEF_FAST_FP32_DOT", mode)
+        monkeypatch.setenv("ALBEF_FAST_CHUNK_TILES", chunks)
+        args = [t.to(dtype) for t in (*feats, *queues)]
+        a = args[0].clone().requires_grad_(True)
+        out = albef_fast.itc_loss(a, *args[1:], 0.07, alpha, idx=x.idx, idx_queue=x.idx_queue,
+                                  return_details=True, backend=backend, precision="highest")
+        return list(out) + [torch.autograd.grad(out.loss * 1.3, a)[0]]
+
+    f16x3 = run("triton", "f16x3")
+    pairs = run("triton", "f16x3p", str(chunk_tiles) if chunk_tiles else "")
+    exact = run("torch", dtype=torch.float64) if splits > 1 else f16x3
+    for got, expected, ref in zip(pairs, f16x3, exact):
+        if splits == 1:
+            assert torch.equal(got, expected)
+        else:
+            assert max_err(got, ref) <= 2 * max_err(expected, ref) + 1e-7 * max(1.0, ref.abs().max().item())
+
+
 @pytest.mark.parametrize("b,budget_mib,chunks", [(64, 32, 6), (512, 64, 3)])
 def test_converted_chunks_fit_the_memory_budget(monkeypatch, b, budget_mib, chunks):
     """At ALBEF's shapes (Q = 65536, D = 256, the f16p config) the converted tiles of a chunk fit
@@ -345,11 +377,34 @@ def test_cuda_f16_products(monkeypatch, b, q, d, retrieval):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("b,q,d,retrieval", [(64, 65536, 256, False), (64, 4001, 200, True)])
-def test_cuda_f16x3_products(monkeypatch, b, q, d, retrieval):
-    """ALBEF_FAST_FP32_DOT=f16x3 on the Triton path: within the fp32 rule against eager fp32."""
-    monkeypatch.setenv("ALBEF_FAST_FP32_DOT", "f16x3")
+@pytest.mark.parametrize("mode", ["f16x3", "f16x3p"])
+@pytest.mark.parametrize("b,q,d,retrieval", [(64, 65536, 256, False), (512, 65536, 256, False), (64, 4001, 200, True)])
+def test_cuda_f16x3_products(monkeypatch, mode, b, q, d, retrieval):
+    """ALBEF_FAST_FP32_DOT=f16x3 on the Triton path, and f16x3p (the pairs converted first, in
+    chunks at B = 512): within the fp32 rule against eager fp32."""
+    monkeypatch.setenv("ALBEF_FAST_FP32_DOT", mode)
     _check_rule(make_inputs(b, q, d, torch.float32, "cuda", retrieval=retrieval), 0.4, precision="highest")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("b,q,d,retrieval", [(64, 65536, 256, False), (512, 65536, 256, False), (64, 4001, 200, True)])
+def test_cuda_converted_operands(monkeypatch, b, q, d, retrieval):
+    """ALBEF_FAST_TF32=f16p on a GPU: the rule against eager TF32; and with f16s's config, one
+    split and one chunk (f16s's order of sums, the same fp16 operands), f16s's values to the
+    last bits (the compiler may contract the two kernels' fp32 arithmetic differently)."""
+    x = make_inputs(b, q, d, torch.float32, "cuda", retrieval=retrieval)
+    monkeypatch.setenv("ALBEF_FAST_TF32", "f16p")
+    _check_rule(x, 0.4, atol=2e-3, precision="high")
+    monkeypatch.setenv("ALBEF_FAST_CONFIG", "128,32,256,1,0,8,4")
+    monkeypatch.setenv("ALBEF_FAST_SPLITS", "1")
+    monkeypatch.setenv("ALBEF_FAST_CHUNK_TILES", "100000")
+    runs = []
+    for mode in ("f16s", "f16p"):
+        monkeypatch.setenv("ALBEF_FAST_TF32", mode)
+        loss, grads = _run(lambda *a: _triton(*a, precision="high"), x, 0.07, 0.4, 1.0)
+        runs.append((loss, *grads))
+    for got, expected in zip(runs[1], runs[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -77,6 +77,8 @@ FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one pro
     # f16s with the key tiles converted once per call (ALBEF_FAST_TF32=f16p): + the conversion kernel
     "f16p-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
                            KIND_AXIS=1, PRESCALED=True, RESUME=True, BLOCK_D=256),
+    "f16x3p-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16x3",
+                             TYPE="*fp32", KIND_AXIS=1, PRESCALED=True, RESUME=True, BLOCK_D=256, LOGITS_T=1),
 }
 REPORT = {  # --report: every autotune config of these
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
@@ -85,6 +87,8 @@ REPORT = {  # --report: every autotune config of these
     "f16x3": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32"),
     "f16p": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
                  PRESCALED=True, RESUME=True),  # a chunk after the first (the states loaded first)
+    "f16x3p": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32",
+                   PRESCALED=True, RESUME=True),
 }
 
 
@@ -108,8 +112,8 @@ def compile_all(flags):
                                                        BLOCK_B=64), flags["TYPE"], num_warps=4)
     kernels = [("split", split), ("merge", merge), ("finish", finish)]
     if flags.get("PRESCALED"):
-        kernels.append(("keys", _compile(itc._itc_keys_fwd_kernel, dict(BLOCK_N=64, BLOCK_D=256, NUM_DK=1, ROWS=16),
-                                         flags["TYPE"], num_warps=4)))
+        keys_meta = dict(BLOCK_N=64, BLOCK_D=256, NUM_DK=1, ROWS=16, PAIRS=flags["PREC"] == "f16x3")
+        kernels.append(("keys", _compile(itc._itc_keys_fwd_kernel, keys_meta, flags["TYPE"], num_warps=4)))
     return {name: (k.metadata.shared, len(k.asm["cubin"])) for name, k in kernels}
 
 
