@@ -29,11 +29,11 @@ CONFIGS="128,32,256,1,0,8,5,0,1;128,32,256,1,0,8,4;64,32,256,1,0,4,3;64,32,256,1
 CONFIGS+=";64,32,256,1,0,8,3,0,1;64,16,256,1,0,8,4,0,1"
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   export TRITON_INTERPRET=1
-  TABLE=(--device cpu --queue 256 --dim 32 --batch 8 --jobs 0 --configs "16,16,16,0,0,1;16,16,32,1,1,1")
+  TABLE=(--device cpu --queue 256 --dim 32 --batch 8 --jobs 0 --configs "16,16,32,1,1,1" --precision f16p,f16x3p)
   TESTS=(--workers 2 tests/test_triton.py -k "f16")
   BENCH=(--device cpu --queue 256 --dim 32 --batch 8 --reps 2)
 else
-  TABLE=(--batch 64,512 --jobs 16 --configs "$CONFIGS")
+  TABLE=(--batch 64,512 --jobs 16 --configs "$CONFIGS" --precision f16p,f16x3p,f16s,f16x3)
   # every test of the ITC paths on the GPU: compiles dominate, so 14 processes share the card
   TESTS=(--workers 14 tests/test_triton.py tests/test_itc_loss.py tests/test_ops.py tests/test_cuda_state.py)
   BENCH=(--device cuda --batch 64,512)
@@ -49,8 +49,7 @@ if ! ALBEF_FAST_NO_EXTENSION=1 stage 60 $PY -m pip install --no-deps --no-build-
 fi
 
 stamp "per-config table: f16p, f16x3p (operands converted first), f16s, f16x3, vs eager and fp64"
-stage 200 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --precision f16p,f16x3p,f16s,f16x3 --waves 4 \
-  --tuned "$TUNED" \
+stage 200 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --waves 4 --tuned "$TUNED" \
   2>&1 | tee "$OUT/bench.txt"
 if [ -s "$TUNED" ]; then  # the measured f16s / f16x3 entries over the package's TUNED
   $PY -c "import json, sys; from albef_fast.kernels import itc_configs as c; t = dict(c.TUNED); t.update(json.load(open(sys.argv[1]))); json.dump(t, open(sys.argv[1], 'w'))" "$TUNED"
