@@ -141,6 +141,27 @@ def test_f16_products_give_the_tf32_rounded_values(monkeypatch, config, feature_
         assert max_err(got, expected) <= 2e-6 * expected.abs().max().item(), name
 
 
+def _outputs(monkeypatch, x, alpha, precision, env, grad=True, backend="triton", dtype=torch.float32):
+    """Every output of itc_loss(return_details=True), then d (1.3 loss) / d image_feat if grad,
+    with the settings in env (name -> value; "" for unset)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = [t.to(dtype) for t in _args(x)]
+    a = args[0].clone().requires_grad_(grad)
+    out = albef_fast.itc_loss(a, *args[1:], 0.07, alpha, idx=x.idx, idx_queue=x.idx_queue, return_details=True,
+                              backend=backend, precision=precision)
+    return list(out) + ([torch.autograd.grad(out.loss * 1.3, a)[0]] if grad else [])
+
+
+def _same_bits_or_rule(got, expected, exact, same_bits: bool) -> None:
+    """Each of got equal to expected's, or within twice expected's error against exact (fp64)."""
+    for g, e, r in zip(got, expected, exact):
+        if same_bits:
+            assert torch.equal(g, e)
+        else:
+            assert max_err(g, r) <= 2 * max_err(e, r) + 1e-6 * max(1.0, r.abs().max().item())
+
+
 @pytest.mark.parametrize("config", ["16,16,32,1,1,1", "16,16,32,0,0,1,2,0,1", "16,32,32,1,0,1"])
 @pytest.mark.parametrize("alpha,retrieval,grad", [(0.4, True, True), (0.0, False, True), (0.4, False, False)])
 @pytest.mark.parametrize("feature_scale", [1.0, 2.0**-30])
@@ -150,18 +171,10 @@ def test_converted_key_tiles_give_the_same_bits(monkeypatch, config, alpha, retr
     bit for bit f16s's: in-batch tiles padded (B = 7), a partial last queue tile, KT_LOAD, the
     transposed logits, 32-key tiles; also at 2^-30 / 2^30 magnitudes. D = 24 in one block."""
     x = _rescaled(make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=retrieval), feature_scale)
-    feats, queues = _args(x)[:4], _args(x)[4:]
-    monkeypatch.setenv("ALBEF_FAST_SPLITS", "3")
-    monkeypatch.setenv("ALBEF_FAST_CONFIG", config)
-    runs = []
-    for mode in ("f16s", "f16p"):
-        monkeypatch.setenv("ALBEF_FAST_TF32", mode)
-        a = feats[0].clone().requires_grad_(grad)
-        out = albef_fast.itc_loss(a, *feats[1:], *queues, 0.07, alpha, idx=x.idx, idx_queue=x.idx_queue,
-                                  return_details=True, backend="triton", precision="high")
-        runs.append(list(out) + ([torch.autograd.grad(out.loss * 1.3, a)[0]] if grad else []))
-    for got, expected in zip(runs[1], runs[0]):
-        assert torch.equal(got, expected)
+    env = {"ALBEF_FAST_SPLITS": "3", "ALBEF_FAST_CONFIG": config}
+    f16s = _outputs(monkeypatch, x, alpha, "high", dict(env, ALBEF_FAST_TF32="f16s"), grad)
+    f16p = _outputs(monkeypatch, x, alpha, "high", dict(env, ALBEF_FAST_TF32="f16p"), grad)
+    _same_bits_or_rule(f16p, f16s, f16s, same_bits=True)
 
 
 @pytest.mark.parametrize("splits,chunk_tiles", [(1, 1), (1, 2), (1, 5), (3, 1), (3, 2)])
@@ -174,26 +187,12 @@ def test_converted_chunks_resume_the_states(monkeypatch, splits, chunk_tiles, al
     tile leave splits with no tiles (states passed on); the in-batch keys' tile and the queue's
     share chunks (B = 7, 16-key tiles)."""
     x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=retrieval)
-    feats, queues = _args(x)[:4], _args(x)[4:]
-    monkeypatch.setenv("ALBEF_FAST_SPLITS", str(splits))
-    monkeypatch.setenv("ALBEF_FAST_CONFIG", "16,16,32,1,0,1")
-
-    def run(backend, mode="", chunks="", dtype=torch.float32):
-        monkeypatch.setenv("ALBEF_FAST_TF32", mode)
-        monkeypatch.setenv("ALBEF_FAST_CHUNK_TILES", chunks)
-        args = [t.to(dtype) for t in (*feats, *queues)]
-        a = args[0].clone().requires_grad_(grad)
-        out = albef_fast.itc_loss(a, *args[1:], 0.07, alpha, idx=x.idx, idx_queue=x.idx_queue,
-                                  return_details=True, backend=backend, precision="high")
-        return list(out) + ([torch.autograd.grad(out.loss * 1.3, a)[0]] if grad else [])
-
-    f16s, f16p = run("triton", "f16s"), run("triton", "f16p", str(chunk_tiles))
-    exact = run("torch", dtype=torch.float64) if splits > 1 else f16s
-    for got, expected, ref in zip(f16p, f16s, exact):
-        if splits == 1:
-            assert torch.equal(got, expected)
-        else:
-            assert max_err(got, ref) <= 2 * max_err(expected, ref) + 1e-6 * max(1.0, ref.abs().max().item())
+    env = {"ALBEF_FAST_SPLITS": str(splits), "ALBEF_FAST_CONFIG": "16,16,32,1,0,1"}
+    f16s = _outputs(monkeypatch, x, alpha, "high", dict(env, ALBEF_FAST_TF32="f16s"), grad)
+    f16p = _outputs(monkeypatch, x, alpha, "high",
+                    dict(env, ALBEF_FAST_TF32="f16p", ALBEF_FAST_CHUNK_TILES=str(chunk_tiles)), grad)
+    exact = _outputs(monkeypatch, x, alpha, "high", {}, grad, "torch", torch.float64) if splits > 1 else f16s
+    _same_bits_or_rule(f16p, f16s, exact, same_bits=splits == 1)
 
 
 @pytest.mark.parametrize("splits,chunk_tiles", [(1, 0), (1, 2), (3, 2)])
@@ -205,27 +204,12 @@ def test_converted_pairs_give_f16x3s_values(monkeypatch, splits, chunk_tiles, co
     maxima: within twice f16x3's error against fp64 (which passes the fp32 rule). KT_LOAD and
     the transposed logits (the second config), both kinds in one program."""
     x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=retrieval)
-    feats, queues = _args(x)[:4], _args(x)[4:]
-    monkeypatch.setenv("ALBEF_FAST_SPLITS", str(splits))
-    monkeypatch.setenv("ALBEF_FAST_CONFIG", config)
-
-    def run(backend, mode="", chunks="", dtype=torch.float32):
-        monkeypatch.setenv("ALBEF_FAST_FP32_DOT", mode)
-        monkeypatch.setenv("ALBEF_FAST_CHUNK_TILES", chunks)
-        args = [t.to(dtype) for t in (*feats, *queues)]
-        a = args[0].clone().requires_grad_(True)
-        out = albef_fast.itc_loss(a, *args[1:], 0.07, alpha, idx=x.idx, idx_queue=x.idx_queue,
-                                  return_details=True, backend=backend, precision="highest")
-        return list(out) + [torch.autograd.grad(out.loss * 1.3, a)[0]]
-
-    f16x3 = run("triton", "f16x3")
-    pairs = run("triton", "f16x3p", str(chunk_tiles) if chunk_tiles else "")
-    exact = run("torch", dtype=torch.float64) if splits > 1 else f16x3
-    for got, expected, ref in zip(pairs, f16x3, exact):
-        if splits == 1:
-            assert torch.equal(got, expected)
-        else:
-            assert max_err(got, ref) <= 2 * max_err(expected, ref) + 1e-7 * max(1.0, ref.abs().max().item())
+    env = {"ALBEF_FAST_SPLITS": str(splits), "ALBEF_FAST_CONFIG": config}
+    f16x3 = _outputs(monkeypatch, x, alpha, "highest", dict(env, ALBEF_FAST_FP32_DOT="f16x3"))
+    pairs = _outputs(monkeypatch, x, alpha, "highest",
+                     dict(env, ALBEF_FAST_FP32_DOT="f16x3p", ALBEF_FAST_CHUNK_TILES=str(chunk_tiles or "")))
+    exact = _outputs(monkeypatch, x, alpha, "highest", {}, True, "torch", torch.float64) if splits > 1 else f16x3
+    _same_bits_or_rule(pairs, f16x3, exact, same_bits=splits == 1)
 
 
 @pytest.mark.parametrize("b,budget_mib,chunks", [(64, 32, 6), (512, 64, 3)])
