@@ -364,8 +364,8 @@ def _itc_split_fwd_kernel(
 
     Features [B, D] (all four share strides stride_fb, stride_fd), queues [D, Q] (strides
     stride_qd, stride_qj), idx [B], idx_queue [Q]; temp 0-dim (or temp_value). PRESCALED ("f16s"
-    with one D block): the key tiles and query rows come from _itc_keys_fwd_kernel (kc, ks, qc,
-    qs) instead of the features and queues, the same values with no scaling in the kernel, for
+    or "f16x3", one D block): the key tiles and query rows come from _itc_keys_fwd_kernel (kc, ks,
+    qc, qs) instead of the features and queues, the same values with no scaling in the kernel, for
     the key tiles [T0, T1) of a chunk (kc holds that chunk); RESUME (chunks after the first)
     continues from the states the previous launch left in the workspace. Else kc, ks, qc, qs,
     KC_STRIDE, T0 and T1 are unused.
