@@ -301,14 +301,14 @@ def _logits(q, qm, k, q_up, qm_up, k_up, TEACHER: tl.constexpr, LOGITS_T: tl.con
 
 @triton.jit
 def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ratio, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                    INPUT_PRECISION: tl.constexpr):
+                    INPUT_PRECISION: tl.constexpr, TILE_SUMS: tl.constexpr):
     """One key tile into a running state: max (base 2), Z = sum 2^(l - max) and, if ACC,
     acc = sum 2^(l - max) k (k_t: a prepared operand).
 
     Scaled fp16 modes ("f16s", "f16x3"): the weights enter the product as 2^14 2^(l - max)
     (exact, <= 2^14: 11 significant bits down to 2^-14 of the largest), and acc is kept in units
     of 2^14 / (k_t's scale), the scale of the latest tile: ratio = previous scale / this one
-    rescales it (powers of two)."""
+    rescales it (powers of two). TILE_SUMS: see _key_sum."""
     l2 = tl.where(valid, logits * scale, float("-inf"))
     new_mx = tl.maximum(mx, tl.max(l2, 1))
     rescale = tl.exp2(mx - new_mx)
@@ -320,9 +320,24 @@ def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ratio, ACC: tl.conste
         p = tl.exp2(l2 - new_mx[:, None])
         z = z * rescale + tl.sum(p, 1)
     if ACC:
-        acc = _mma_into(acc * rescale[:, None], _operand(p, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE,
-                        INPUT_PRECISION)
+        acc = _key_sum(acc * rescale[:, None], _operand(p, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE,
+                       INPUT_PRECISION, TILE_SUMS)
     return new_mx, z, acc
+
+
+@triton.jit
+def _key_sum(acc, w, k_t, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TILE_SUMS: tl.constexpr):
+    """acc + w @ k_t, a running key sum. The tensor cores add each product into their fp32
+    accumulator with truncation, not rounding: a bias that grows with the chain of products into
+    one accumulator (~4k per program at Q = 65536), and f16x3's three products per tile triple it
+    (the H100 put f16x3's dT 2.3e-5 from fp64 at B = 512, f16s's 6.9e-6, FMA products' 5.7e-8).
+    TILE_SUMS: each tile's product into a fresh tile, added to acc rounded to nearest (a second
+    [BLOCK_M, BLOCK_D] accumulator live)."""
+    if TILE_SUMS:
+        out = acc + _mma(w, k_t, DOT_DTYPE, INPUT_PRECISION)
+    else:
+        out = _mma_into(acc, w, k_t, DOT_DTYPE, INPUT_PRECISION)
+    return out
 
 
 def _kind_heuristics(args):
@@ -350,7 +365,7 @@ def _itc_split_fwd_kernel(
     # constexpr flags
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr, RESUME: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KIND_AXIS: tl.constexpr,
+    TILE_SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KIND_AXIS: tl.constexpr,
     KT_LOAD: tl.constexpr, LOGITS_T: tl.constexpr, NUM_DK: tl.constexpr, GRID_KINDS: tl.constexpr,
     TEACHER: tl.constexpr,
 ):
@@ -368,7 +383,7 @@ def _itc_split_fwd_kernel(
     qc, qs) instead of the features and queues, the same values with no scaling in the kernel, for
     the key tiles [T0, T1) of a chunk (kc holds that chunk); RESUME (chunks after the first)
     continues from the states the previous launch left in the workspace. Else kc, ks, qc, qs,
-    KC_STRIDE, T0 and T1 are unused.
+    KC_STRIDE, T0 and T1 are unused. TILE_SUMS: the key sums rounded once per tile (_key_sum).
     Writes, with R = number of key sums kept (student if GRAD, teacher, hard) and S = NUM_SPLITS:
     ws_max, ws_z [2, 2, S, B] (student / teacher), ws_acc [2, R, S, B, D], ws_count [2, S, B],
     sim [2, B, B] (student logits against the in-batch keys; split 0, D block 0 only).
@@ -483,7 +498,7 @@ def _itc_split_fwd_kernel(
                     tl.store(sim_ptr + sim_offs, (s / temp).to(sim_ptr.dtype.element_ty), mask=sim_mask)
             # the main state needs its key sum unless it is a student's with no gradient asked for
             mx_s, z_s, acc_s = _online_softmax(mx_s, z_s, acc_s, s, valid, scale, k_t, ratio, GRAD + GRID_KINDS - 1,
-                                               DOT_DTYPE, INPUT_PRECISION)
+                                               DOT_DTYPE, INPUT_PRECISION, TILE_SUMS)
             if RETRIEVAL:
                 if is_student:
                     key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=0)
@@ -491,13 +506,13 @@ def _itc_split_fwd_kernel(
                     count += tl.sum(hard, 1)
                     # scaled fp16 products: in the unit of the key sums (_online_softmax)
                     if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
-                        acc_h = _mma_into(acc_h * ratio, _operand(hard * 16384.0, DOT_DTYPE, INPUT_PRECISION), k_t,
-                                                     DOT_DTYPE, INPUT_PRECISION)
+                        acc_h = _key_sum(acc_h * ratio, _operand(hard * 16384.0, DOT_DTYPE, INPUT_PRECISION), k_t,
+                                         DOT_DTYPE, INPUT_PRECISION, TILE_SUMS)
                     else:
                         acc_h += _mma(_operand(hard, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE, INPUT_PRECISION)
             if TEACHER:
                 mx_m, z_m, acc_m = _online_softmax(mx_m, z_m, acc_m, m, valid, scale, k_t, ratio, True, DOT_DTYPE,
-                                                   INPUT_PRECISION)
+                                                   INPUT_PRECISION, TILE_SUMS)
     # scaled fp16 products: the key sums back from units of 2^14 / up_run
     if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
         unit = up_run * (1.0 / 16384.0)
@@ -899,6 +914,12 @@ def _dot_flags(dtype: torch.dtype, precision: str):
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"
 
 
+def _tile_sums(input_precision: str) -> bool:
+    """The split kernel's TILE_SUMS (_key_sum): for f16x3 unless ALBEF_FAST_TILE_SUMS=0. Not for
+    f16s: Triton folds a single product's addition into its accumulator."""
+    return input_precision == "f16x3" and os.environ.get("ALBEF_FAST_TILE_SUMS", "1") != "0"
+
+
 def _prescaled(dtype: torch.dtype, precision: str) -> Optional[str]:
     """"f16p" for ALBEF_FAST_TF32=f16p ("high"), "f16x3p" for ALBEF_FAST_FP32_DOT=f16x3p
     ("highest"), with fp32 features (experimental, untimed), else None: the key tiles and query
@@ -958,7 +979,7 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
 # benchmark change them between calls), part of the plan key. ALBEF_FAST_CHUNK_TILES: f16p's key
 # tiles per conversion chunk (default: _converted_bytes)
 _SETTINGS = ("ALBEF_FAST_CONFIG", "ALBEF_FAST_WAVES", "ALBEF_FAST_AUTOTUNE", "ALBEF_FAST_TUNED", "ALBEF_FAST_SPLITS",
-             "ALBEF_FAST_TF32", "ALBEF_FAST_FP32_DOT", "ALBEF_FAST_CHUNK_TILES")
+             "ALBEF_FAST_TF32", "ALBEF_FAST_FP32_DOT", "ALBEF_FAST_CHUNK_TILES", "ALBEF_FAST_TILE_SUMS")
 
 
 def _settings():
@@ -993,7 +1014,8 @@ class _Plan:
         flags = dict(GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_dtype is not None)
         id_strides = ids[2:] if retrieval else (1, 1)
         split_ints = (*feat_strides, *queue_strides, *id_strides, b, q, d, splits)
-        split_flags = dict(flags, DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision)
+        split_flags = dict(flags, DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision,
+                           TILE_SUMS=_tile_sums(input_precision))
         plain = dict(split_flags, PRESCALED=False, RESUME=False)
         self.converted_sizes = None
         if config is None:  # autotune over candidates(): through the autotuner at each call

@@ -89,6 +89,11 @@ REPORT = {  # --report: every autotune config of these
                  PRESCALED=True, RESUME=True),  # a chunk after the first (the states loaded first)
     "f16x3p": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32",
                    PRESCALED=True, RESUME=True),
+    # the key sums rounded once per tile (kernels/itc.py:_key_sum), f16x3's default
+    "f16x3-tile": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32",
+                       TILE_SUMS=True),
+    "f16x3p-tile": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32",
+                        PRESCALED=True, RESUME=True, TILE_SUMS=True),
 }
 
 
@@ -98,7 +103,7 @@ def _split_constexprs(flags, config):
     heur = itc._kind_heuristics(args)
     return dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True,
                 DOT_DTYPE=flags["DOT"], INPUT_PRECISION=flags["PREC"], PRESCALED=flags.get("PRESCALED", False),
-                RESUME=flags.get("RESUME", False),
+                RESUME=flags.get("RESUME", False), TILE_SUMS=flags.get("TILE_SUMS", False),
                 NUM_DK=-(-256 // kw["BLOCK_D"]), **kw, **heur)
 
 
