@@ -62,7 +62,8 @@ def _triton_registered() -> bool:
 
 
 def resolve_backend(backend: Optional[str], precision: Optional[str], feat: torch.Tensor) -> Tuple[str, str]:
-    """Pick (backend, precision). Automatic: Triton for CUDA tensors unless fp32 at "highest"."""
+    """Pick (backend, precision). Automatic: Triton for CUDA tensors (fp32 at "highest" too:
+    three fp16 products of (hi, lo) pairs there, kernels/itc.py:_dot_flags), else torch."""
     if precision is None:
         precision = _matmul_precision() if feat.dtype == torch.float32 else "medium"
     if feat.dtype == torch.float64:
@@ -71,8 +72,8 @@ def resolve_backend(backend: Optional[str], precision: Optional[str], feat: torc
         backend = _env_backend() or None
         _validate.choice("ALBEF_FAST_BACKEND", backend, _validate.BACKENDS)
     if backend is None:
-        accurate = feat.dtype in (torch.float32, torch.float64) and precision == "highest"
-        backend = "triton" if feat.is_cuda and not accurate and _triton_registered() else "torch"
+        triton_ok = feat.is_cuda and feat.dtype != torch.float64 and _triton_registered()
+        backend = "triton" if triton_ok else "torch"
     if backend == "triton":
         if feat.dtype == torch.float64:
             raise ValueError("backend: 'triton' does not take float64 features; use backend='torch'")

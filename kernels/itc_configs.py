@@ -68,10 +68,17 @@ def candidates():
 # 2-stage 64-row config of run 3); f16s (fp32 features, "high": the default TF32-class path):
 # B = 512 128 rows, 5 stages, transposed logits (1.04 ms; 96 B of spills against 388 without);
 # tf32 (ALBEF_FAST_TF32=tf32rn) unchanged: its 4-stage 128-row config needs 288 KB of shared memory.
+# f16x3 (fp32 "highest", key sums rounded per tile), f16x3p and f16p: on an H100, session 8
+# (benchmarks/results/h100/run2_*, run1_*); the 128-row configs exceed its shared memory with pairs.
+# f16p at B = 512: 2 waves, not the table's 4 (the same device time, 0.60 ms; launched 0.88 ms
+# against 1.09: fewer splits to issue and merge).
 TUNED: Dict[str, List[Tuple[int, str, float]]] = {
     "bf16": [(64, "64,32,256,1,0,4,4", 2.0), (512, "128,32,256,1,0,8,4", 2.0)],
     "tf32": [(64, "32,64,256,0,1,8,2", 2.0), (512, "32,64,256,0,1,8,2", 4.0)],
     "f16s": [(64, "64,32,256,1,0,4,3", 2.0), (512, "128,32,256,1,0,8,5,0,1", 2.0)],
+    "f16x3": [(64, "64,32,256,1,0,4,3", 2.0), (512, "64,32,256,1,0,4,3", 4.0)],
+    "f16x3p": [(64, "64,32,256,1,0,8,3,0,1", 2.0), (512, "64,32,256,1,0,4,3", 4.0)],
+    "f16p": [(64, "64,32,256,1,0,4,3", 2.0), (512, "128,32,256,1,0,8,4", 2.0)],
 }
 
 

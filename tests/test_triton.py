@@ -261,27 +261,32 @@ def test_f16x3_products_keep_fp32_error(monkeypatch, config, alpha, retrieval, f
 def test_f16_products_are_chosen_by_the_setting(monkeypatch):
     """TF32-class products: fp16 products by default (fp32 tiles holding fp16 values under the
     interpreter, whose fp16 dot is not exact), rounded TF32 with ALBEF_FAST_TF32=tf32rn; fp32
-    ("highest") products: fp32 FMA by default on the Triton path, 3 fp16 products with f16x3."""
+    ("highest") products: 3 fp16 products (f16x3) by default, fp32 FMA with ALBEF_FAST_FP32_DOT=ieee."""
     monkeypatch.delenv("ALBEF_FAST_TF32", raising=False)
     assert itc._dot_flags(torch.float32, "high") == (tl.float32 if itc._INTERPRET else tl.float16, "f16s")
     monkeypatch.setenv("ALBEF_FAST_TF32", "tf32rn")
     assert itc._dot_flags(torch.float32, "high") == (tl.float32, "tf32rn")
-    assert itc._dot_flags(torch.float32, "highest") == (tl.float32, "ieee")
-    monkeypatch.setenv("ALBEF_FAST_FP32_DOT", "f16x3")
+    monkeypatch.delenv("ALBEF_FAST_FP32_DOT", raising=False)
     assert itc._dot_flags(torch.float32, "highest") == (tl.float32 if itc._INTERPRET else tl.float16, "f16x3")
+    monkeypatch.setenv("ALBEF_FAST_FP32_DOT", "ieee")
+    assert itc._dot_flags(torch.float32, "highest") == (tl.float32, "ieee")
 
 
 def test_untuned_f16x3_takes_its_own_default(monkeypatch):
-    """f16x3 has no measured TUNED entry: it gets the config with the fewest spills in the sm_90a
-    report, not the general default (1408 B of spills there); tuned precisions keep their table."""
+    """f16x3 with no measured TUNED entry (a table without one) gets the config with the fewest
+    spills in the sm_90a report, not the general default (1408 B of spills there); with the
+    package's table, its H100 entry; tuned precisions keep their table."""
     from albef_fast.kernels import itc_configs
     monkeypatch.setattr(itc_configs, "_INTERPRET", False)
     for name in ("ALBEF_FAST_CONFIG", "ALBEF_FAST_AUTOTUNE", "ALBEF_FAST_TUNED", "ALBEF_FAST_WAVES"):
         monkeypatch.delenv(name, raising=False)
-    config, _ = itc_configs.launch_config(512, tl.float16, "f16x3")
-    assert itc_configs.config_spec(config) == itc_configs._UNTUNED["f16x3"]
+    config, waves = itc_configs.launch_config(512, tl.float16, "f16x3")
+    assert (itc_configs.config_spec(config), waves) == itc_configs.TUNED["f16x3"][1][1:]
     config, waves = itc_configs.launch_config(512, tl.float16, "f16s")
     assert (itc_configs.config_spec(config), waves) == itc_configs.TUNED["f16s"][1][1:]
+    monkeypatch.setattr(itc_configs, "TUNED", {k: v for k, v in itc_configs.TUNED.items() if k != "f16x3"})
+    config, _ = itc_configs.launch_config(512, tl.float16, "f16x3")
+    assert itc_configs.config_spec(config) == itc_configs._UNTUNED["f16x3"]
 
 
 @pytest.mark.parametrize("b,q,d", [(1, 10, 4), (6, 0, 8), (2, 1, 5)])
@@ -415,8 +420,9 @@ def test_cuda_automatic_backend_choice():
     from albef_fast.functional import resolve_backend
 
     feat = torch.zeros(2, 2, device="cuda")
-    assert resolve_backend(None, "highest", feat)[0] == "torch"
+    assert resolve_backend(None, "highest", feat)[0] == "triton"
     assert resolve_backend(None, "high", feat)[0] == "triton"
+    assert resolve_backend(None, None, feat.double())[0] == "torch"
     assert resolve_backend(None, None, feat.bfloat16())[0] == "triton"
 
 

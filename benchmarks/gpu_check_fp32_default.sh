@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# fp32 "highest" on the Triton path by default (f16x3, session 8): the CUDA tests of the ITC paths
+# the default now takes, and benchmarks/converted_pairs_probe.py on f16x3p's failing case and its
+# neighbours (config, D, Q, retrieval changed one at a time), in parallel processes.
+#   bash benchmarks/gpu_check_fp32_default.sh OUTDIR          (run with timeout_s >= 215)
+# Stages (each with its own limit, 200 s together): install, probe (OUTDIR/probe.txt), tests in
+# parallel workers (the fp16-product tests ran in gpu_check_f16x3.sh; logs in OUTDIR/tests.tar.gz).
+# GPU_CHECK_SMOKE=1: the same steps on the CPU, smaller.
+set -uo pipefail
+OUT=${1:?usage: gpu_check_fp32_default.sh OUTDIR}
+mkdir -p "$OUT/tests"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 ALBEF_FAST_DISABLE_EXTENSION=1
+t0=$(date +%s)
+stamp() { echo "[gpu_check_fp32_default +$(( $(date +%s) - t0 ))s] $*"; }
+stage() { local limit=$1; shift; timeout "$limit" "$@"; local rc=$?; [ $rc = 124 ] && stamp "TIMED OUT after ${limit}s"; return $rc; }
+
+FAILING="64,32,256,1,0,8,3,0,1 64 4001 200 1"
+CASES=("$FAILING" "64,32,256,1,0,4,3 64 4001 200 1" "64,32,256,1,0,8,3,0,1 64 4001 256 1"
+       "64,32,256,1,0,8,3,0,1 64 4096 200 1" "64,32,256,1,0,8,3,0,1 64 4001 200 0")
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+  export TRITON_INTERPRET=1
+  CASES=("16,16,32,1,0,1 5 37 24 1" "16,16,32,0,1,1,2,0,1 5 37 24 0")
+  TESTS=(--workers 2 tests/test_triton.py -k "edge_shapes")
+else
+  TESTS=(--workers 14 tests/test_itc_loss.py tests/test_triton.py -k "not f16 and not tf32 and not converted")
+fi
+$PY -c "import pytest_timeout" 2>/dev/null && TESTS=(--timeout 90 "${TESTS[@]}")
+
+stamp "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device.txt"
+stamp "install: the Python package"
+if ! ALBEF_FAST_NO_EXTENSION=1 stage 40 $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
+  stamp "install FAILED"; tail -30 "$OUT/install.log"; exit 1
+fi
+
+stamp "probe: f16x3p's failing case and its neighbours, errors vs fp64"
+for case in "${CASES[@]}"; do
+  # shellcheck disable=SC2086
+  stage 50 $PY benchmarks/converted_pairs_probe.py $case > "$OUT/tests/probe_${case// /_}.txt" 2>&1 &
+done
+wait
+cat "$OUT"/tests/probe_*.txt | grep -v Warning | tee "$OUT/probe.txt"
+
+stamp "tests: the ITC paths on CUDA with fp32 'highest' on Triton, in parallel"
+stage 110 $PY benchmarks/pytest_parallel.py --deadline 100 --log-dir "$OUT/tests" "${TESTS[@]}" 2>&1 \
+  | tee "$OUT/tests.txt" | tail -30
+tar -czf "$OUT/tests.tar.gz" -C "$OUT" tests && rm -rf "$OUT/tests"
+stamp "done"
