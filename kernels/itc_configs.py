@@ -71,13 +71,16 @@ def candidates():
 # f16x3 (fp32 "highest", key sums rounded per tile), f16x3p and f16p: on an H100, session 8
 # (benchmarks/results/h100/run2_*, run1_*); the 128-row configs exceed its shared memory with pairs.
 # f16p at B = 512: 2 waves, not the table's 4 (the same device time, 0.60 ms; launched 0.88 ms
-# against 1.09: fewer splits to issue and merge).
+# against 1.09: fewer splits to issue and merge). f16x3p at B = 64: the 4-warp config, not the
+# table's 8-warp transposed-logits one (0.77 ms captured against 0.81), which is wrong with
+# retrieval targets on the H100 (loss 2.9e-3 from fp64; f16x3 with it, and f16x3p with this one,
+# pass: benchmarks/converted_pairs_probe.py, run 3).
 TUNED: Dict[str, List[Tuple[int, str, float]]] = {
     "bf16": [(64, "64,32,256,1,0,4,4", 2.0), (512, "128,32,256,1,0,8,4", 2.0)],
     "tf32": [(64, "32,64,256,0,1,8,2", 2.0), (512, "32,64,256,0,1,8,2", 4.0)],
     "f16s": [(64, "64,32,256,1,0,4,3", 2.0), (512, "128,32,256,1,0,8,5,0,1", 2.0)],
     "f16x3": [(64, "64,32,256,1,0,4,3", 2.0), (512, "64,32,256,1,0,4,3", 4.0)],
-    "f16x3p": [(64, "64,32,256,1,0,8,3,0,1", 2.0), (512, "64,32,256,1,0,4,3", 4.0)],
+    "f16x3p": [(64, "64,32,256,1,0,4,3", 2.0), (512, "64,32,256,1,0,4,3", 4.0)],
     "f16p": [(64, "64,32,256,1,0,4,3", 2.0), (512, "128,32,256,1,0,8,4", 2.0)],
 }
 
@@ -118,14 +121,15 @@ def _table_key(dot_dtype, input_precision: str) -> str:
 # the default config (no tuned entry, ALBEF_FAST_AUTOTUNE=0): bf16's best at B = 512 on the H200
 # (D = 256 in one block); small tiles under the interpreter
 _DEFAULT = "16,16,16,0,0,1" if _INTERPRET else "64,32,256,1,0,8"
-# precisions with no measured entry yet: the config with the fewest spills in the sm_90a AOT
-# report (tests/triton_aot.py --report f16x3: 96 B, against 1408 B for _DEFAULT), not timed
-_UNTUNED = {"f16x3": "64,16,256,1,0,8,4,0,1",
+# the scaled fp16 modes where the table in use (ALBEF_FAST_TUNED) has no entry: their best on
+# the H100 (f16x3: 64 rows, one warpgroup; the 16-key 8-warp config that had the fewest spills
+# in the sm_90a AOT report ran B = 512 2.3x slower there)
+_UNTUNED = {"f16x3": "64,32,256,1,0,4,3",
             # f16s with converted key tiles (kernels/itc.py:_prescaled) reads fp16 tiles as the bf16
-            # path does: bf16's B = 512 config, untimed
+            # path does: bf16's B = 512 config, f16p's best at B = 512 on the H100 too
             "f16p": "128,32,256,1,0,8,4",
-            # and for f16x3 with converted pairs: 0 spills and 143 KB (sm_90a AOT report), untimed
-            "f16x3p": "64,32,256,1,0,8,3,0,1"}
+            # and for f16x3 with converted pairs: see TUNED's f16x3p
+            "f16x3p": "64,32,256,1,0,4,3"}
 
 
 def tuned_table() -> Dict[str, List[Tuple[int, str, float]]]:
