@@ -1,6 +1,6 @@
 """The one-pass ITC algorithm (SPEC section 3) in plain PyTorch, chunked over the keys.
 
-This is the CPU path and the fp32 "highest" path on CUDA (cuBLAS fp32 products). One call does
+This is the CPU and fp64 path, and backend="torch" on CUDA (cuBLAS products). One call does
 both directions (i2t: image queries against text keys; t2i the other way). Scratch is one
 [rows, chunk] block of logits plus per-chunk partial states; the B x (B+Q) logits never exist.
 

@@ -34,8 +34,10 @@ from albef_fast.bench.report import slug
 # first, experimental); tf32: TF32 products, operands rounded to nearest;
 # tf32t: truncated by the hardware (fails the error rule); fp32: "highest" on the Triton path
 # (fp32 FMA dots), fp32x3: with 3 TF32 products per dot, f16x3: with 3 fp16 products of scaled
-# (hi, lo) pairs. tf32t and fp32x3 are timed for a few configs only.
-PRECISIONS = {"tf32": ("high", {"ALBEF_FAST_TF32": "tf32rn"}), "bf16": ("highest", {}), "fp32": ("highest", {}),
+# (hi, lo) pairs (the default for "highest" since session 8). tf32t and fp32x3 are timed for a
+# few configs only.
+PRECISIONS = {"tf32": ("high", {"ALBEF_FAST_TF32": "tf32rn"}), "bf16": ("highest", {}),
+              "fp32": ("highest", {"ALBEF_FAST_FP32_DOT": "ieee"}),
               "tf32t": ("high", {"ALBEF_FAST_TF32": "tf32"}),
               "f16s": ("high", {"ALBEF_FAST_TF32": "f16s"}),  # TF32-class products through scaled fp16
               "f16p": ("high", {"ALBEF_FAST_TF32": "f16p"}),  # the same, operands converted once per call
