@@ -220,6 +220,24 @@ def test_env_variable_picks_the_backend(monkeypatch):
     torch.testing.assert_close(albef_fast.itc_loss(*_args(x), 0.07), reference.itc_loss(*_args(x), 0.07))
 
 
+def test_automatic_backend_is_triton_for_cuda_but_fp64(monkeypatch):
+    """backend=None: Triton for CUDA features at every precision (fp32 "highest" too, since
+    session 8: f16x3 products), torch for fp64 and off CUDA. The rule alone, on stand-in
+    features (the CUDA test in test_triton.py checks it on real ones)."""
+    from types import SimpleNamespace
+
+    from albef_fast import functional
+
+    monkeypatch.delenv("ALBEF_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(functional, "_triton_registered", lambda: True)
+    cuda = lambda dtype: SimpleNamespace(dtype=dtype, is_cuda=True)  # noqa: E731
+    for precision in ("highest", "high", "medium", None):
+        assert functional.resolve_backend(None, precision, cuda(torch.float32))[0] == "triton"
+    assert functional.resolve_backend(None, None, cuda(torch.bfloat16))[0] == "triton"
+    assert functional.resolve_backend(None, None, cuda(torch.float64)) == ("torch", "highest")
+    assert functional.resolve_backend(None, "highest", torch.zeros(1))[0] == "torch"
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.4])
 @pytest.mark.parametrize("retrieval", [False, True])
 @pytest.mark.parametrize("details", [False, True])

@@ -270,6 +270,30 @@ def test_f16x3_products_keep_fp32_error(monkeypatch, config, alpha, retrieval, f
     _check_rule(x, alpha, precision="highest")
 
 
+@pytest.mark.parametrize("retrieval", [False, True])
+def test_f16x3_key_sums_rounded_per_tile(monkeypatch, retrieval):
+    """f16x3's key sums (kernels/itc.py:_key_sum): each key tile's three products into a fresh
+    tile added to the running sum (TILE_SUMS, the default), or chained into it
+    (ALBEF_FAST_TILE_SUMS=0). On a GPU the chain's truncating additions put dT 2.3e-5 from fp64
+    at B = 512 (H100); under the interpreter the products are exact, so the two forms differ
+    only in the order of fp32 roundings: close, and both within the fp32 rule. f16s keeps the
+    chain (Triton folds one product's addition into its accumulator)."""
+    x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=retrieval)
+    env = dict(ALBEF_FAST_CONFIG="16,16,32,1,0,1", ALBEF_FAST_SPLITS="2", ALBEF_FAST_FP32_DOT="f16x3")
+    runs = []
+    for tile_sums in ("1", "0"):
+        runs.append(_outputs(monkeypatch, x, 0.4, "highest", dict(env, ALBEF_FAST_TILE_SUMS=tile_sums)))
+        _check_rule(x, 0.4, precision="highest")
+    for tiled, chained in zip(*runs):
+        torch.testing.assert_close(tiled, chained, rtol=1e-5, atol=1e-7)
+    assert itc._tile_sums("f16x3") is False and itc._tile_sums("f16s") is False  # ALBEF_FAST_TILE_SUMS=0 here
+    monkeypatch.delenv("ALBEF_FAST_TILE_SUMS")
+    assert itc._tile_sums("f16x3") is True and itc._tile_sums("f16s") is False
+    key = (7, 41, 24, torch.float32, torch.float32, (24, 1), (41, 1), torch.device("cpu"), True, True, "highest",
+           torch.float32, None, itc._settings())
+    assert itc._Plan(key).splits[0][1].constexprs["TILE_SUMS"] is True  # what the launches get
+
+
 def test_f16_products_are_chosen_by_the_setting(monkeypatch):
     """TF32-class products: fp16 products by default (fp32 tiles holding fp16 values under the
     interpreter, whose fp16 dot is not exact), rounded TF32 with ALBEF_FAST_TF32=tf32rn; fp32

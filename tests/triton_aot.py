@@ -71,14 +71,15 @@ FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one pro
     "f16s-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16s", TYPE="*fp32"),
     "f16s-kind-axis": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
                            KIND_AXIS=1),
-    # fp32 "highest" through 3 fp16 products (ALBEF_FAST_FP32_DOT=f16x3)
+    # fp32 "highest" through 3 fp16 products (f16x3, the default), key sums rounded per tile
     "f16x3-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16x3", TYPE="*fp32",
-                            KIND_AXIS=1, LOGITS_T=1),
+                            KIND_AXIS=1, LOGITS_T=1, TILE_SUMS=True),
     # f16s with the key tiles converted once per call (ALBEF_FAST_TF32=f16p): + the conversion kernel
     "f16p-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
                            KIND_AXIS=1, PRESCALED=True, RESUME=True, BLOCK_D=256),
     "f16x3p-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16x3",
-                             TYPE="*fp32", KIND_AXIS=1, PRESCALED=True, RESUME=True, BLOCK_D=256, LOGITS_T=1),
+                             TYPE="*fp32", KIND_AXIS=1, PRESCALED=True, RESUME=True, BLOCK_D=256, LOGITS_T=1,
+                             TILE_SUMS=True),
 }
 REPORT = {  # --report: every autotune config of these
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
