@@ -22,10 +22,10 @@ Queues are read in place through their strides ([D, Q] as ALBEF stores them); in
 
 Products (_dot_flags): bf16 / fp16 features as they are; fp32 features by precision: "high"
 fp16 products of operands scaled by powers of two ("f16s", TF32's 11 significant bits; see
-_f16_scales; ALBEF_FAST_TF32=tf32rn: TF32 products; f16p: the same values, the operands
-converted before the split kernel), "highest" fp32 FMA products (or "f16x3",
-ALBEF_FAST_FP32_DOT: three fp16 products of (hi, lo) pairs, 22 bits; f16x3p: the pairs converted
-before the split kernel), "medium" bf16.
+_f16_scales; ALBEF_FAST_TF32=tf32rn: TF32 products; f16p, the default from B = 512: the same
+values, the operands converted before the split kernel), "highest" three fp16 products of
+(hi, lo) pairs, 22 bits ("f16x3"; ALBEF_FAST_FP32_DOT=ieee: fp32 FMA products; f16x3p: the pairs
+converted before the split kernel), "medium" bf16.
 """
 from __future__ import annotations
 
@@ -922,18 +922,26 @@ def _tile_sums(input_precision: str) -> bool:
     return input_precision == "f16x3" and os.environ.get("ALBEF_FAST_TILE_SUMS", "1") != "0"
 
 
-def _prescaled(dtype: torch.dtype, precision: str) -> Optional[str]:
-    """"f16p" for ALBEF_FAST_TF32=f16p ("high"), "f16x3p" for ALBEF_FAST_FP32_DOT=f16x3p
-    ("highest"), with fp32 features (experimental, untimed), else None: the key tiles and query
-    rows converted to their scaled fp16 form (f16x3p: (hi, lo) pairs) first
+# "high" with fp32 features from this batch size on: f16p unless ALBEF_FAST_TF32 names a mode.
+# H100, B = 512: 0.85-0.88 ms launched against f16s's 1.03-1.07 (device time 0.60 against 1.02);
+# B = 64: 1.01 ms against 0.50 (its chunks' launches, host bound); between them not measured.
+_F16P_MIN_B = 512
+
+
+def _prescaled(dtype: torch.dtype, precision: str, b: int) -> Optional[str]:
+    """"f16p" for "high" at B >= _F16P_MIN_B or with ALBEF_FAST_TF32=f16p, "f16x3p" for
+    ALBEF_FAST_FP32_DOT=f16x3p ("highest", experimental), with fp32 features, else None: the key
+    tiles and query rows converted to their scaled fp16 form (f16x3p: (hi, lo) pairs) first
     (_itc_keys_fwd_kernel), so that the split loop reads fp16 tiles as the bf16 path does and
     scales and splits nothing; the values of "f16s" / "f16x3". The keys are converted a chunk at
     a time (_converted_bytes; the split over each chunk resumes the previous one's states), within
     SPEC's memory budget."""
     if dtype != torch.float32:
         return None
-    if precision == "high" and os.environ.get("ALBEF_FAST_TF32") == "f16p":
-        return "f16p"
+    if precision == "high":
+        mode = os.environ.get("ALBEF_FAST_TF32")
+        if mode == "f16p" or (not mode and b >= _F16P_MIN_B):
+            return "f16p"
     if precision == "highest" and os.environ.get("ALBEF_FAST_FP32_DOT") == "f16x3p":
         return "f16x3p"
     return None
@@ -1006,7 +1014,7 @@ class _Plan:
         b, q, d, dtype, _, feat_strides, queue_strides, dev, teacher, grad, precision, temp_dtype, ids, _ = key
         retrieval = ids is not None
         dot_dtype, input_precision = _dot_flags(dtype, precision)
-        prescaled = _prescaled(dtype, precision)
+        prescaled = _prescaled(dtype, precision, b)
         config, waves = launch_config(b, dot_dtype, prescaled or input_precision)
         n_sums = max(1, int(grad) + int(teacher) + int(retrieval))
         splits = _split_count(b, q, d, teacher, n_sums, dev, config, waves)

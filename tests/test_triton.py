@@ -239,6 +239,23 @@ def test_converted_chunks_fit_the_memory_budget(monkeypatch, b, budget_mib, chun
     assert converted_mib + {64: 16.9, 512: 27.3}[b] <= budget_mib, converted_mib
 
 
+def test_f16p_is_the_high_path_from_b512(monkeypatch):
+    """"high" with fp32 features converts the operands first (f16p) from B = 512 on (faster
+    there on the H100), unless ALBEF_FAST_TF32 names a mode; f16x3p only when asked for."""
+    monkeypatch.delenv("ALBEF_FAST_TF32", raising=False)
+    monkeypatch.delenv("ALBEF_FAST_FP32_DOT", raising=False)
+    assert itc._prescaled(torch.float32, "high", 511) is None
+    assert itc._prescaled(torch.float32, "high", 512) == "f16p"
+    assert itc._prescaled(torch.bfloat16, "high", 512) is None
+    assert itc._prescaled(torch.float32, "highest", 512) is None
+    monkeypatch.setenv("ALBEF_FAST_TF32", "f16s")
+    assert itc._prescaled(torch.float32, "high", 512) is None
+    monkeypatch.setenv("ALBEF_FAST_TF32", "f16p")
+    assert itc._prescaled(torch.float32, "high", 8) == "f16p"
+    monkeypatch.setenv("ALBEF_FAST_FP32_DOT", "f16x3p")
+    assert itc._prescaled(torch.float32, "highest", 8) == "f16x3p"
+
+
 def test_converted_key_tiles_are_used(monkeypatch):
     """f16p launches the conversion kernel (4 launches a call, one chunk at this size) where D
     fits one block, and falls back to f16s's loop (3) where it does not."""
