@@ -11,9 +11,8 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-t0=$(date +%s)
-stamp() { echo "[gpu_bench +$(( $(date +%s) - t0 ))s] $*"; }
-stage() { local limit=$1; shift; timeout "$limit" "$@"; local rc=$?; [ $rc = 124 ] && stamp "TIMED OUT after ${limit}s"; return $rc; }
+NAME=gpu_bench
+source benchmarks/gpu_common.sh
 
 stamp "device"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee "$OUT/bench.txt"
 ALBEF_FAST_NO_EXTENSION=1 stage 30 $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \

@@ -16,9 +16,8 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 SMOKE=${GPU_CHECK_SMOKE:-0}
 TUNED=${TMPDIR:-/tmp}/albef_fast_tuned.json
-t0=$(date +%s)
-stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
-stage() { local limit=$1; shift; timeout "$limit" "$@"; local rc=$?; [ $rc = 124 ] && stamp "TIMED OUT after ${limit}s"; return $rc; }
+NAME=gpu_check
+source benchmarks/gpu_common.sh
 
 if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1
@@ -43,10 +42,7 @@ $PY -c "import pytest_timeout" 2>/dev/null && TESTS=(--timeout 90 "${TESTS[@]}")
 stamp "device"; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/device.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
-stamp "install: the Python package"
-if ! ALBEF_FAST_NO_EXTENSION=1 stage 60 $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
-  stamp "install FAILED"; tail -30 "$OUT/install.log"; exit 1
-fi
+install_package 60
 stamp "install: the extension, in the background"
 (MAX_JOBS=6 stage 200 $PY setup.py build_ext --inplace >> "$OUT/install.log" 2>&1; echo "build_ext rc=$?" >> "$OUT/install.log") &
 BUILD=$!

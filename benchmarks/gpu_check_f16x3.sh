@@ -17,9 +17,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 ALBEF_FAST_DISABLE_EXTENSION=1
 TUNED=${TMPDIR:-/tmp}/albef_fast_tuned_f16x3.json
-t0=$(date +%s)
-stamp() { echo "[gpu_check_f16x3 +$(( $(date +%s) - t0 ))s] $*"; }
-stage() { local limit=$1; shift; timeout "$limit" "$@"; local rc=$?; [ $rc = 124 ] && stamp "TIMED OUT after ${limit}s"; return $rc; }
+NAME=gpu_check_f16x3
+source benchmarks/gpu_common.sh
 
 # the four configs that compiled for f16x3 on the H100 (128-row ones need > 227 KB of shared memory)
 CONFIGS="64,32,256,1,0,4,3;64,32,256,1,0,4,4;64,32,256,1,0,8,3,0,1;64,16,256,1,0,8,4,0,1"
@@ -43,10 +42,7 @@ bench() {  # tag, then bench arguments; the suite's rows go to OUT's CSV and ben
 stamp "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
-stamp "install: the Python package"
-if ! ALBEF_FAST_NO_EXTENSION=1 stage 60 $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
-  stamp "install FAILED"; tail -30 "$OUT/install.log"; exit 1
-fi
+install_package 60
 
 stamp "per-config table: f16x3, f16x3p with the key sums rounded per tile, vs eager and fp64"
 stage 130 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --precision f16x3,f16x3p --waves 4 \

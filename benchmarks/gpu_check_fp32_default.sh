@@ -12,9 +12,8 @@ mkdir -p "$OUT/tests"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 ALBEF_FAST_DISABLE_EXTENSION=1
-t0=$(date +%s)
-stamp() { echo "[gpu_check_fp32_default +$(( $(date +%s) - t0 ))s] $*"; }
-stage() { local limit=$1; shift; timeout "$limit" "$@"; local rc=$?; [ $rc = 124 ] && stamp "TIMED OUT after ${limit}s"; return $rc; }
+NAME=gpu_check_fp32_default
+source benchmarks/gpu_common.sh
 
 FAILING="64,32,256,1,0,8,3,0,1 64 4001 200 1"
 CASES=("$FAILING" "64,32,256,1,0,4,3 64 4001 200 1" "64,32,256,1,0,8,3,0,1 64 4001 256 1"
@@ -29,10 +28,7 @@ fi
 $PY -c "import pytest_timeout" 2>/dev/null && TESTS=(--timeout 90 "${TESTS[@]}")
 
 stamp "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device.txt"
-stamp "install: the Python package"
-if ! ALBEF_FAST_NO_EXTENSION=1 stage 40 $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
-  stamp "install FAILED"; tail -30 "$OUT/install.log"; exit 1
-fi
+install_package 40
 
 stamp "probe: f16x3p's failing case and its neighbours, errors vs fp64"
 for case in "${CASES[@]}"; do

@@ -20,9 +20,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 ALBEF_FAST_DISABLE_EXTENSION=1
 TUNED=${TMPDIR:-/tmp}/albef_fast_tuned_tf32.json
-t0=$(date +%s)
-stamp() { echo "[gpu_check_tf32 +$(( $(date +%s) - t0 ))s] $*"; }
-stage() { local limit=$1; shift; timeout "$limit" "$@"; local rc=$?; [ $rc = 124 ] && stamp "TIMED OUT after ${limit}s"; return $rc; }
+NAME=gpu_check_tf32
+source benchmarks/gpu_common.sh
 
 # f16s's tuned configs and 0-spill leads, bf16's tuned ones (what f16p's split kernel resembles)
 CONFIGS="128,32,256,1,0,8,5,0,1;128,32,256,1,0,8,4;64,32,256,1,0,4,3;64,32,256,1,0,4,4"
@@ -43,10 +42,7 @@ $PY -c "import pytest_timeout" 2>/dev/null && TESTS=(--timeout 90 "${TESTS[@]}")
 stamp "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
-stamp "install: the Python package"
-if ! ALBEF_FAST_NO_EXTENSION=1 stage 60 $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
-  stamp "install FAILED"; tail -30 "$OUT/install.log"; exit 1
-fi
+install_package 60
 
 stamp "per-config table: f16p, f16x3p (operands converted first), f16s, f16x3, vs eager and fp64"
 stage 200 $PY benchmarks/triton_configs.py --out "$OUT" "${TABLE[@]}" --waves 4 --tuned "$TUNED" \
