@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# fp32 "highest" on the Triton path by default (f16x3, session 8): the CUDA tests of the ITC paths
-# the default now takes, and benchmarks/converted_pairs_probe.py on f16x3p's failing case and its
-# neighbours (config, D, Q, retrieval changed one at a time), in parallel processes.
-#   bash benchmarks/gpu_check_fp32_default.sh OUTDIR          (run with timeout_s >= 215)
-# Stages (each with its own limit, 200 s together): install, probe (OUTDIR/probe.txt), tests in
-# parallel workers (the fp16-product tests ran in gpu_check_f16x3.sh; logs in OUTDIR/tests.tar.gz).
+# The defaults of session 8, checked on a GPU: fp32 "highest" on the Triton path (f16x3) and
+# "high" with f16p from B = 512. The CUDA tests of the ITC paths, benchmarks/
+# converted_pairs_probe.py on f16x3p's failing case and its neighbours (config, D, Q, retrieval
+# changed one at a time, in parallel processes), and the benchmark of the new defaults.
+#   bash benchmarks/gpu_check_fp32_default.sh OUTDIR          (run with timeout_s >= 285)
+# Stages (each with its own limit, 270 s together): install, probe (OUTDIR/probe.txt), tests in
+# parallel workers (the fp16-product tests ran in gpu_check_f16x3.sh; logs in OUTDIR/tests.tar.gz),
+# benchmark (fp32 and tf32 at B = 64, 512, eager in the same run).
 # GPU_CHECK_SMOKE=1: the same steps on the CPU, smaller.
 set -uo pipefail
 OUT=${1:?usage: gpu_check_fp32_default.sh OUTDIR}
@@ -22,8 +24,10 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   export TRITON_INTERPRET=1
   CASES=("16,16,32,1,0,1 5 37 24 1" "16,16,32,0,1,1,2,0,1 5 37 24 0")
   TESTS=(--workers 2 tests/test_triton.py -k "edge_shapes")
+  BENCH=(--device cpu --queue 256 --dim 32 --batch 8 --reps 2)
 else
   TESTS=(--workers 14 tests/test_itc_loss.py tests/test_triton.py -k "not f16 and not tf32 and not converted")
+  BENCH=(--device cuda --batch 64,512)
 fi
 $PY -c "import pytest_timeout" 2>/dev/null && TESTS=(--timeout 90 "${TESTS[@]}")
 
@@ -42,4 +46,10 @@ stamp "tests: the ITC paths on CUDA with fp32 'highest' on Triton, in parallel"
 stage 110 $PY benchmarks/pytest_parallel.py --deadline 100 --log-dir "$OUT/tests" "${TESTS[@]}" 2>&1 \
   | tee "$OUT/tests.txt" | tail -30
 tar -czf "$OUT/tests.tar.gz" -C "$OUT" tests && rm -rf "$OUT/tests"
+
+stamp "benchmark: the defaults, fp32 (f16x3) and tf32 (f16s below B = 512, f16p from it)"
+for precision in fp32 tf32; do
+  stage 35 $PY -m albef_fast.bench "${BENCH[@]}" --precision $precision --mode fwd+bwd --providers eager,albef_fast \
+    --out "$OUT" --no-plot 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
+done
 stamp "done"
