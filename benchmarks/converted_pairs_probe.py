@@ -39,9 +39,9 @@ def main():
     exact = _errors(x, eager, None, torch.float64)
     rows = [("eager", _errors(x, eager, exact))]
     os.environ["ALBEF_FAST_CONFIG"] = config
+    fast = lambda *a: albef_fast.itc_loss(*a[:6], a[6], 0.4, backend="triton", precision="highest", **ids)  # noqa: E731
     for mode in ("f16x3", "f16x3p"):
         os.environ["ALBEF_FAST_FP32_DOT"] = mode
-        fast = lambda *a: albef_fast.itc_loss(*a[:6], a[6], 0.4, backend="triton", precision="highest", **ids)  # noqa: E731
         rows.append((mode, _errors(x, fast, exact)))
     for name, errs in rows:
         print(f"{config} B={b} Q={q} D={d} retrieval={int(retrieval)} {name:7s} loss {errs[0]:.2e} "
