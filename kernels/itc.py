@@ -895,7 +895,7 @@ def _dot_flags(dtype: torch.dtype, precision: str):
             return tl.bfloat16, "ieee"
         if precision == "highest":  # "f16x3" (the default): 3 fp16 products of (hi, lo) pairs of
             # scaled operands, 22 significant bits, the key sums rounded per tile (_key_sum): H100,
-            # B = 512, 2.8 ms against eager's 6.5 with 16x less error; "ieee": fp32 FMA products;
+            # B = 512, 2.8 ms against eager's 6.5 with 16x less gradient error; "ieee": fp32 FMA products;
             # tf32x3: 3 TF32 products per dot, both accurate and slower than eager (H200)
             # (f16x3p: the same products, the pairs converted by _itc_keys_fwd_kernel: _prescaled)
             mode = os.environ.get("ALBEF_FAST_FP32_DOT", "f16x3")
