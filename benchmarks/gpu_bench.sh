@@ -7,12 +7,9 @@
 # EMA and enqueue. Stage limits add up to 185 s: run with timeout_s >= 200.
 set -uo pipefail
 OUT=${1:?usage: gpu_bench.sh OUTDIR}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 NAME=gpu_bench
-source benchmarks/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 
 stamp "device"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee "$OUT/bench.txt"
 ALBEF_FAST_NO_EXTENSION=1 stage 30 $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \

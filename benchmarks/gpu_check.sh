@@ -10,14 +10,10 @@
 # itc_<gpu>.csv, itc_<gpu>_sweep.png, triton_configs_<gpu>.csv.
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUTDIR}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+NAME=gpu_check
+source "$(dirname "$0")/gpu_common.sh"
 SMOKE=${GPU_CHECK_SMOKE:-0}
 TUNED=${TMPDIR:-/tmp}/albef_fast_tuned.json
-NAME=gpu_check
-source benchmarks/gpu_common.sh
 
 if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1

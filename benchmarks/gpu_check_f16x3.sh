@@ -12,13 +12,10 @@
 # GPU_CHECK_SMOKE=1: the same steps on the CPU.
 set -uo pipefail
 OUT=${1:?usage: gpu_check_f16x3.sh OUTDIR}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 ALBEF_FAST_DISABLE_EXTENSION=1
-TUNED=${TMPDIR:-/tmp}/albef_fast_tuned_f16x3.json
 NAME=gpu_check_f16x3
-source benchmarks/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"
+export ALBEF_FAST_DISABLE_EXTENSION=1
+TUNED=${TMPDIR:-/tmp}/albef_fast_tuned_f16x3.json
 
 # the four configs that compiled for f16x3 on the H100 (128-row ones need > 227 KB of shared memory)
 CONFIGS="64,32,256,1,0,4,3;64,32,256,1,0,4,4;64,32,256,1,0,8,3,0,1;64,16,256,1,0,8,4,0,1"

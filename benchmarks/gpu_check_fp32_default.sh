@@ -10,12 +10,10 @@
 # GPU_CHECK_SMOKE=1: the same steps on the CPU, smaller.
 set -uo pipefail
 OUT=${1:?usage: gpu_check_fp32_default.sh OUTDIR}
-mkdir -p "$OUT/tests"
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 ALBEF_FAST_DISABLE_EXTENSION=1
 NAME=gpu_check_fp32_default
-source benchmarks/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"
+mkdir -p "$OUT/tests"
+export ALBEF_FAST_DISABLE_EXTENSION=1
 
 FAILING="64,32,256,1,0,8,3,0,1 64 4001 200 1"
 CASES=("$FAILING" "64,32,256,1,0,4,3 64 4001 200 1" "64,32,256,1,0,8,3,0,1 64 4001 256 1"

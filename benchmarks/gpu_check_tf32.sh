@@ -15,13 +15,10 @@
 # GPU_CHECK_SMOKE=1: the same steps on the CPU.
 set -uo pipefail
 OUT=${1:?usage: gpu_check_tf32.sh OUTDIR}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 ALBEF_FAST_DISABLE_EXTENSION=1
-TUNED=${TMPDIR:-/tmp}/albef_fast_tuned_tf32.json
 NAME=gpu_check_tf32
-source benchmarks/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"
+export ALBEF_FAST_DISABLE_EXTENSION=1
+TUNED=${TMPDIR:-/tmp}/albef_fast_tuned_tf32.json
 
 # f16s's tuned configs and 0-spill leads, bf16's tuned ones (what f16p's split kernel resembles)
 CONFIGS="128,32,256,1,0,8,5,0,1;128,32,256,1,0,8,4;64,32,256,1,0,4,3;64,32,256,1,0,4,4"
