@@ -9,7 +9,8 @@ the custom-op dispatch (about 100 us a call, as much as the whole fused kernel a
 
 The op also returns the mean loss, with the gradients saved for it: the usual step
 (`loss.backward()`) then costs no mean and no mean-backward op, and its backward is three
-multiplications (host time is most of a step at B = 64).
+multiplications, one launch on the Triton path (FUSED_BACKWARDS; host time is most of a step at
+B = 64).
 
 Outputs (all fresh tensors; B rows, D features, W = the work dtype, fp32 or fp64):
     loss [] W             (loss_i2t + loss_t2i) / 2
@@ -29,7 +30,7 @@ import torch
 
 from . import streaming
 
-__all__ = ["itc", "itc_apply", "BACKEND_IMPLS", "work_dtype"]
+__all__ = ["itc", "itc_apply", "BACKEND_IMPLS", "FUSED_BACKWARDS", "work_dtype"]
 
 # the eight outputs listed above (spelled out: custom_op infers the schema from it)
 Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -50,6 +51,9 @@ def _torch_backend(image_feat, text_feat, image_feat_m, text_feat_m, image_queue
 
 # name -> implementation; kernels register "triton" on import (albef_fast.kernels).
 BACKEND_IMPLS: Dict[str, Callable[..., Outputs]] = {"torch": _torch_backend}
+# name -> the usual backward in one launch: (grad_image, grad_text, grad_temp, g_loss, temp dtype) ->
+# (the three gradients scaled by g_loss; None for T without a temp dtype). kernels register "triton".
+FUSED_BACKWARDS: Dict[str, Callable[..., Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]] = {}
 
 
 @torch.library.custom_op("albef_fast::itc", mutates_args=())
@@ -134,6 +138,7 @@ def itc_apply(*inputs) -> Outputs:
 def _setup_context(ctx, inputs, output) -> None:
     temp = inputs[6]
     ctx.temp_dtype = None if temp is None else temp.dtype
+    ctx.backend = inputs[13]
     ctx.save_for_backward(*output[2:6])  # grad_image, grad_text, grad_temp, grad_temp_dirs
     ctx.set_materialize_grads(False)  # no zero-filled grads for the outputs nothing backpropagates
 
@@ -145,6 +150,10 @@ def _backward(ctx, g_loss, g_losses, *unused):
     if g_loss is None and g_losses is None:  # only sims / terms were used: nothing reaches the inputs
         return (None,) * 15
     grad_image, grad_text, grad_temp, grad_temp_dirs = ctx.saved_tensors
+    fused = FUSED_BACKWARDS.get(ctx.backend) if g_losses is None else None
+    if fused is not None and _plain_tensors(g_loss, grad_image):
+        g_image, g_text, d_temp = fused(grad_image, grad_text, grad_temp, g_loss, ctx.temp_dtype)
+        return g_image, g_text, None, None, None, None, d_temp, *(None,) * 8
     if g_losses is None:
         g_image = g_text = g_loss
     else:
@@ -156,6 +165,15 @@ def _backward(ctx, g_loss, g_losses, *unused):
         d_temp = d_temp if d_temp.dtype == ctx.temp_dtype else d_temp.to(ctx.temp_dtype)
     # a 0-dim factor keeps the gradient's dtype (bf16 stays bf16)
     return grad_image * g_image, grad_text * g_text, None, None, None, None, d_temp, *(None,) * 8
+
+
+def _plain_tensors(g_loss, grad_image) -> bool:
+    """Whether the fused backward may launch on these tensors: plain tensors (not fake or traced:
+    under torch.compile and opcheck the aten products are what gets traced) in a backward that
+    records no graph (create_graph=True gets the aten products and their graph)."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return False
+    return type(g_loss) is torch.Tensor and type(grad_image) is torch.Tensor
 
 
 def _temp_grad(grad_temp, grad_temp_dirs, g_loss, g_losses):

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The defaults of session 8, checked on a GPU: fp32 "highest" on the Triton path (f16x3) and
-# "high" with f16p from B = 512. The CUDA tests of the ITC paths, benchmarks/
-# converted_pairs_probe.py on f16x3p's failing case and its neighbours (config, D, Q, retrieval
-# changed one at a time, in parallel processes), and the benchmark of the new defaults.
-#   bash benchmarks/gpu_check_fp32_default.sh OUTDIR          (run with timeout_s >= 285)
-# Stages (each with its own limit, 270 s together): install, probe (OUTDIR/probe.txt), tests in
+# The defaults of session 8 and the one-launch backward of session 9, checked on a GPU: fp32
+# "highest" on the Triton path (f16x3), "high" with f16p from B = 512, the fused backward
+# (kernels/itc_backward.py). The CUDA tests of the ITC paths and the backward,
+# benchmarks/converted_pairs_probe.py on f16x3p's failing case and its neighbours (config, D, Q,
+# retrieval changed one at a time, in parallel processes), the benchmark of the new defaults, f16s
+# against f16p at B = 256 (where _F16P_MIN_B goes), and benchmarks/host_floor.py at B = 64 (the
+# step with the fused and with the aten backward, and the floors, in one process).
+#   bash benchmarks/gpu_check_fp32_default.sh OUTDIR          (run with timeout_s >= 370)
+# Stages (each with its own limit, 355 s together): install, probe (OUTDIR/probe.txt), tests in
 # parallel workers (the fp16-product tests ran in gpu_check_f16x3.sh; logs in OUTDIR/tests.tar.gz),
-# benchmark (fp32 and tf32 at B = 64, 512, eager in the same run).
+# benchmark (fp32 and tf32 at B = 64, 512, eager in the same run), B = 256 tf32 twice, host floor.
 # GPU_CHECK_SMOKE=1: the same steps on the CPU, smaller.
 set -uo pipefail
 OUT=${1:?usage: gpu_check_fp32_default.sh OUTDIR}
@@ -21,11 +24,16 @@ CASES=("$FAILING" "64,32,256,1,0,4,3 64 4001 200 1" "64,32,256,1,0,8,3,0,1 64 40
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   export TRITON_INTERPRET=1
   CASES=("16,16,32,1,0,1 5 37 24 1" "16,16,32,0,1,1,2,0,1 5 37 24 0")
-  TESTS=(--workers 2 tests/test_triton.py -k "edge_shapes")
+  TESTS=(--workers 2 tests/test_triton.py tests/test_itc_backward.py -k "edge_shapes or one_launch")
   BENCH=(--device cpu --queue 256 --dim 32 --batch 8 --reps 2)
+  B256=(--device cpu --queue 256 --dim 32 --batch 16 --reps 2)
+  FLOOR=(--device cpu --queue 256 --batch 8 --precision fp32)
 else
-  TESTS=(--workers 14 tests/test_itc_loss.py tests/test_triton.py -k "not f16 and not tf32 and not converted")
+  TESTS=(--workers 14 tests/test_itc_loss.py tests/test_triton.py tests/test_itc_backward.py
+         -k "not f16 and not tf32 and not converted")
   BENCH=(--device cuda --batch 64,512)
+  B256=(--device cuda --batch 256)
+  FLOOR=(--device cuda --batch 64 --precision bf16,tf32)
 fi
 $PY -c "import pytest_timeout" 2>/dev/null && TESTS=(--timeout 90 "${TESTS[@]}")
 
@@ -50,4 +58,14 @@ for precision in fp32 tf32; do
   stage 35 $PY -m albef_fast.bench "${BENCH[@]}" --precision $precision --mode fwd+bwd --providers eager,albef_fast \
     --out "$OUT" --no-plot 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 done
+
+stamp "benchmark: tf32 at B = 256, f16s (the default below _F16P_MIN_B = 512) against f16p"
+for mode in f16s f16p; do
+  echo "ALBEF_FAST_TF32=$mode" | tee -a "$OUT/bench.txt"
+  ALBEF_FAST_TF32=$mode stage 30 $PY -m albef_fast.bench "${B256[@]}" --precision tf32 --mode fwd+bwd \
+    --providers eager,albef_fast --out "$OUT" --no-plot 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
+done
+
+stamp "host floor at B = 64: launched | host issue per step (fused and aten backward, floors)"
+stage 25 $PY benchmarks/host_floor.py "${FLOOR[@]}" 2>&1 | tee "$OUT/host_floor.txt"
 stamp "done"

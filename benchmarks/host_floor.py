@@ -7,6 +7,8 @@ ALBEF's inputs on CUDA, the launched step time (do_bench median, as the benchmar
 the host time to issue one step (no synchronization, mean over 200) of:
   eager          ALBEF's ITC (albef_fast.reference)
   albef_fast     the fused step
+  albef_fast[aten-bwd]  the same with its backward as three aten products (kernels/itc_backward.py
+                 replaces them with one launch on the Triton path)
   function-floor a Python autograd.Function with albef_fast's inputs and outputs and no kernels
                  (its forward allocates the 0-d loss, its backward returns the 3 gradients)
   aten-floor     (a.sum() + b.sum()) * temp: 3 leaves, 4 aten ops forward, their backward
@@ -21,7 +23,7 @@ import time
 import torch
 
 import albef_fast
-from albef_fast import reference
+from albef_fast import itc_op, reference
 from albef_fast.bench.cases import PRECISIONS, ITCCase
 from albef_fast.bench.measure import matmul_precision, time_ms
 
@@ -54,6 +56,14 @@ def _steps(case: ITCCase):
         a, b = leaves()
         albef_fast.itc_loss(a, b, *rest, case.temp, 0.4).backward()
 
+    def fused_aten_backward():
+        fused_backward = itc_op.FUSED_BACKWARDS.pop("triton", None)
+        try:
+            fused()
+        finally:
+            if fused_backward is not None:
+                itc_op.FUSED_BACKWARDS["triton"] = fused_backward
+
     def function_floor():
         a, b = leaves()
         _NoWork.apply(a, b, case.temp, rest).backward()
@@ -66,7 +76,8 @@ def _steps(case: ITCCase):
         a, _ = leaves()
         a.sum().backward()
 
-    return {"eager": eager, "albef_fast": fused, "function-floor": function_floor, "aten-floor": aten_floor,
+    return {"eager": eager, "albef_fast": fused, "albef_fast[aten-bwd]": fused_aten_backward,
+            "function-floor": function_floor, "aten-floor": aten_floor,
             "engine-floor": engine_floor}
 
 
@@ -103,7 +114,7 @@ def main():
                     for _ in range(5):
                         step()
                     ms = time_ms(step, case.device)[0]
-                    print(f"  {name:<15} {ms * 1e3:8.1f} us | {_host_us(step, device):8.1f} us", flush=True)
+                    print(f"  {name:<20} {ms * 1e3:8.1f} us | {_host_us(step, device):8.1f} us", flush=True)
 
 
 if __name__ == "__main__":
