@@ -15,9 +15,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels import itc, itc_configs  # noqa: E402
+from kernels import itc, itc_backward, itc_configs  # noqa: E402
 
-SCALARS = {"B", "Q", "D", "NUM_SPLITS", "NUM_DBLOCKS", "KC_STRIDE", "T0", "T1", "NT"}
+SCALARS = {"B", "Q", "D", "N", "NUM_SPLITS", "NUM_DBLOCKS", "KC_STRIDE", "T0", "T1", "NT"}
+FEATURE_PTRS = {"grad_image_ptr", "grad_text_ptr", "out_image_ptr", "out_text_ptr"}  # the backward's [B, D]
 
 
 def _signature(fn, constexprs, feature_type):
@@ -30,7 +31,7 @@ def _signature(fn, constexprs, feature_type):
         elif name in ("kc_ptr", "qc_ptr"):  # the converted operands (PRESCALED), else unused fp32 pointers
             sig[name] = "*fp16" if constexprs.get("PRESCALED", True) else "*fp32"
         elif name.endswith("_ptr"):
-            feature = name.split("_")[0] in ("img", "txt", "sim", "dq")
+            feature = name.split("_")[0] in ("img", "txt", "sim", "dq") or name in FEATURE_PTRS
             sig[name] = feature_type if feature else "*fp32"
         elif name.startswith("stride") or name in SCALARS:
             sig[name] = "i32"
@@ -116,7 +117,8 @@ def compile_all(flags):
     merge = _compile(itc._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=64, CHUNK=8), flags["TYPE"], num_warps=4)
     finish = _compile(itc._itc_finish_fwd_kernel, dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=True,
                                                        BLOCK_B=64), flags["TYPE"], num_warps=4)
-    kernels = [("split", split), ("merge", merge), ("finish", finish)]
+    scale = _compile(itc_backward._itc_scale_bwd_kernel, dict(BLOCK=1024, HAS_TEMP=True), flags["TYPE"], num_warps=4)
+    kernels = [("split", split), ("merge", merge), ("finish", finish), ("scale", scale)]
     if flags.get("PRESCALED"):
         keys_meta = dict(BLOCK_N=64, BLOCK_D=256, NUM_DK=1, ROWS=16, PAIRS=flags["PREC"] == "f16x3")
         kernels.append(("keys", _compile(itc._itc_keys_fwd_kernel, keys_meta, flags["TYPE"], num_warps=4)))
