@@ -43,6 +43,18 @@ def test_scaled_grads_are_the_fp32_products_rounded_once(shape, dtype, temp_dtyp
         assert torch.equal(out_temp, _rounded(grad_temp * g_loss, temp_dtype))
 
 
+def _count_fused_calls(monkeypatch):
+    """The list that each call of the Triton path's fused backward appends to."""
+    calls, fused = [], itc_op.FUSED_BACKWARDS["triton"]
+
+    def counted(*args):
+        calls.append(1)
+        return fused(*args)
+
+    monkeypatch.setitem(itc_op.FUSED_BACKWARDS, "triton", counted)
+    return calls
+
+
 def _grads(x, temp, grad_out, retrieval):
     """Grads of grad_out * itc_loss (triton backend) for image, text (and T when a tensor)."""
     a, b = x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()
@@ -60,14 +72,7 @@ def _grads(x, temp, grad_out, retrieval):
 def test_loss_backward_takes_one_launch_with_the_aten_values(monkeypatch, dtype, temp_dtype, grad_out):
     x = make_inputs(6, 29, 16, dtype, DEVICE, retrieval=True)
     temp = 0.07 if temp_dtype is None else torch.tensor(0.07, device=DEVICE, dtype=temp_dtype, requires_grad=True)
-    calls = []
-    fused = itc_op.FUSED_BACKWARDS["triton"]
-
-    def counted(*args):
-        calls.append(1)
-        return fused(*args)
-
-    monkeypatch.setitem(itc_op.FUSED_BACKWARDS, "triton", counted)
+    calls = _count_fused_calls(monkeypatch)
     got = _grads(x, temp, grad_out, True)
     assert calls == [1]
     monkeypatch.delitem(itc_op.FUSED_BACKWARDS, "triton")  # the aten products
@@ -91,14 +96,7 @@ def test_create_graph_keeps_the_aten_products(monkeypatch):
     """A backward that records a graph (create_graph=True: gradient penalties, double backward
     through grad_output) gets the aten products; a plain one right after takes the fused launch."""
     x = make_inputs(5, 12, 8, torch.float32, DEVICE)
-    calls = []
-    fused = itc_op.FUSED_BACKWARDS["triton"]
-
-    def counted(*args):
-        calls.append(1)
-        return fused(*args)
-
-    monkeypatch.setitem(itc_op.FUSED_BACKWARDS, "triton", counted)
+    calls = _count_fused_calls(monkeypatch)
     a = x.image_feat.clone().requires_grad_()
 
     def loss():
