@@ -4,12 +4,15 @@
 # (kernels/itc_backward.py). The CUDA tests of the ITC paths and the backward,
 # benchmarks/converted_pairs_probe.py on f16x3p's failing case and its neighbours (config, D, Q,
 # retrieval changed one at a time, in parallel processes), the benchmark of the new defaults, f16s
-# against f16p at B = 256 (where _F16P_MIN_B goes), and benchmarks/host_floor.py at B = 64 (the
-# step with the fused and with the aten backward, and the floors, in one process).
-#   bash benchmarks/gpu_check_fp32_default.sh OUTDIR          (run with timeout_s >= 370)
-# Stages (each with its own limit, 355 s together): install, probe (OUTDIR/probe.txt), tests in
+# against f16p at B = 256 (where _F16P_MIN_B goes), the merge kernel's device time at B = 64 with
+# its default tiles and with ALBEF_FAST_MERGE=8,16,32 (benchmarks/profile_step.py), and
+# benchmarks/host_floor.py at B = 64 (the step with the fused and with the aten backward, and the
+# floors, in one process).
+#   bash benchmarks/gpu_check_fp32_default.sh OUTDIR          (run with timeout_s >= 420)
+# Stages (each with its own limit, 405 s together): install, probe (OUTDIR/probe.txt), tests in
 # parallel workers (the fp16-product tests ran in gpu_check_f16x3.sh; logs in OUTDIR/tests.tar.gz),
-# benchmark (fp32 and tf32 at B = 64, 512, eager in the same run), B = 256 tf32 twice, host floor.
+# benchmark (fp32 and tf32 at B = 64, 512, eager in the same run), B = 256 tf32 twice, the merge
+# profile twice (OUTDIR/profile.txt), host floor (OUTDIR/host_floor.txt).
 # GPU_CHECK_SMOKE=1: the same steps on the CPU, smaller.
 set -uo pipefail
 OUT=${1:?usage: gpu_check_fp32_default.sh OUTDIR}
@@ -28,12 +31,14 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   BENCH=(--device cpu --queue 256 --dim 32 --batch 8 --reps 2)
   B256=(--device cpu --queue 256 --dim 32 --batch 16 --reps 2)
   FLOOR=(--device cpu --queue 256 --batch 8 --precision fp32)
+  PROFILE=(--help)  # needs a GPU: the smoke test checks only that the script starts
 else
   TESTS=(--workers 14 tests/test_itc_loss.py tests/test_triton.py tests/test_itc_backward.py
          -k "not f16 and not tf32 and not converted")
   BENCH=(--device cuda --batch 64,512)
   B256=(--device cuda --batch 256)
   FLOOR=(--device cuda --batch 64 --precision bf16,tf32)
+  PROFILE=(--batch 64 --precision bf16,tf32)
 fi
 $PY -c "import pytest_timeout" 2>/dev/null && TESTS=(--timeout 90 "${TESTS[@]}")
 
@@ -64,6 +69,13 @@ for mode in f16s f16p; do
   echo "ALBEF_FAST_TF32=$mode" | tee -a "$OUT/bench.txt"
   ALBEF_FAST_TF32=$mode stage 30 $PY -m albef_fast.bench "${B256[@]}" --precision tf32 --mode fwd+bwd \
     --providers eager,albef_fast --out "$OUT" --no-plot 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
+done
+
+stamp "merge tiles at B = 64: device time per kernel, default against ALBEF_FAST_MERGE=8,16,32"
+for merge in "" 8,16,32; do
+  echo "ALBEF_FAST_MERGE=$merge" | tee -a "$OUT/profile.txt"
+  ALBEF_FAST_MERGE=$merge stage 25 $PY benchmarks/profile_step.py "${PROFILE[@]}" 2>&1 | grep -v -i warn \
+    | tee -a "$OUT/profile.txt"
 done
 
 stamp "host floor at B = 64: launched | host issue per step (fused and aten backward, floors)"

@@ -879,13 +879,28 @@ def _split_count(b: int, q: int, d: int, teacher: bool, n_sums: int, device: tor
 
 def _merge_blocks(b: int, d: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, CHUNK) of the merge: small tiles, so that B = 64 still spreads over many
-    SMs, CHUNK splits loaded at once (the interpreter: 2, to cover partial chunks)."""
+    SMs, CHUNK splits loaded at once (the interpreter: 2, to cover partial chunks).
+    ALBEF_FAST_MERGE="BLOCK_M,BLOCK_D,CHUNK" (powers of two) replaces them: untimed lead for B = 64,
+    "8,16,32" (twice the programs, half the dependent rounds of loads at ~66 splits; 210 registers,
+    no spills, sm_90a AOT) against 25 us of merge per bf16 step (H200 run 4)."""
+    if os.environ.get("ALBEF_FAST_MERGE"):
+        return _merge_setting(os.environ["ALBEF_FAST_MERGE"])
     if _INTERPRET:
         return 16, 16, 2
     block_d = 64 if b >= 256 else 32 if b >= 128 else 16  # >= 128 programs for D = 256 (H200: 132 SMs)
     # 16 x 16 tiles take 16 splits at once with no spills (233 registers; 8 at 32- and 64-wide:
     # sm_90 AOT), halving the chain of dependent loads at B = 64, where splits reach 30-100
     return 16, min(block_d, max(16, _next_pow2(d))), 16 if block_d == 16 else 8
+
+
+def _merge_setting(spec: str) -> Tuple[int, int, int]:
+    try:
+        blocks = tuple(int(v) for v in spec.split(","))
+    except ValueError:
+        blocks = ()
+    if len(blocks) != 3 or any(v < 1 or v & (v - 1) for v in blocks):
+        raise ValueError(f"ALBEF_FAST_MERGE: expected three powers of two BLOCK_M,BLOCK_D,CHUNK, got {spec!r}")
+    return blocks
 
 
 def _dot_flags(dtype: torch.dtype, precision: str):
@@ -989,7 +1004,8 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
 # benchmark change them between calls), part of the plan key. ALBEF_FAST_CHUNK_TILES: f16p's key
 # tiles per conversion chunk (default: _converted_bytes)
 _SETTINGS = ("ALBEF_FAST_CONFIG", "ALBEF_FAST_WAVES", "ALBEF_FAST_AUTOTUNE", "ALBEF_FAST_TUNED", "ALBEF_FAST_SPLITS",
-             "ALBEF_FAST_TF32", "ALBEF_FAST_FP32_DOT", "ALBEF_FAST_CHUNK_TILES", "ALBEF_FAST_TILE_SUMS")
+             "ALBEF_FAST_TF32", "ALBEF_FAST_FP32_DOT", "ALBEF_FAST_CHUNK_TILES", "ALBEF_FAST_TILE_SUMS",
+             "ALBEF_FAST_MERGE")
 
 
 def _settings():

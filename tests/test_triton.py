@@ -514,6 +514,33 @@ def test_round_tf32_is_nearest_ties_away():
     assert got[1000] == 1.0 + 2.0 ** -10 and got[1001] == -(1.0 + 2.0 ** -10)  # ties away from zero
 
 
+@pytest.mark.parametrize("merge", ["8,16,4", "4,32,2", "16,8,8"])  # partial row / D blocks and chunks at 17 x 33
+@pytest.mark.parametrize("retrieval", [False, True])
+def test_merge_tilings_agree(monkeypatch, merge, retrieval):
+    """ALBEF_FAST_MERGE changes the merge's tiles and how many splits it loads at once, so the
+    order of its sums, and nothing else (7 splits: chunks of 2, 4 and 8 all end partial)."""
+    x = make_inputs(17, 40, 33, torch.float32, DEVICE, retrieval=retrieval)
+    monkeypatch.setenv("ALBEF_FAST_SPLITS", "7")
+    kw = dict(idx=x.idx, idx_queue=x.idx_queue, return_details=True, backend="triton", precision="highest")
+    a = x.image_feat.clone().requires_grad_()
+    default = albef_fast.itc_loss(a, *_args(x)[1:], 0.07, 0.4, **kw)
+    (grad_default,) = torch.autograd.grad(default.loss, a)
+    monkeypatch.setenv("ALBEF_FAST_MERGE", merge)
+    tiled = albef_fast.itc_loss(a, *_args(x)[1:], 0.07, 0.4, **kw)
+    (grad_tiled,) = torch.autograd.grad(tiled.loss, a)
+    for name, got, expected in zip(tiled._fields, tiled, default):
+        torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-6, atol=1e-6, msg=name)
+    torch.testing.assert_close(grad_tiled, grad_default, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("merge", ["8,16", "8,12,4", "a,b,c", "0,16,4"])
+def test_bad_merge_setting_is_named(monkeypatch, merge):
+    x = make_inputs(5, 12, 8, torch.float32, DEVICE)
+    monkeypatch.setenv("ALBEF_FAST_MERGE", merge)
+    with pytest.raises(ValueError, match="ALBEF_FAST_MERGE"):
+        albef_fast.itc_loss(*_args(x), 0.07, 0.4, backend="triton")
+
+
 def _plan_variants():
     """Backend calls: a base one, then others that differ from it in one thing the launch
     plan depends on."""
@@ -522,7 +549,8 @@ def _plan_variants():
     changes = [{}, dict(b=8), dict(q=19), dict(d=16), dict(dtype=torch.bfloat16), dict(queue_dtype=torch.float16),
                dict(alpha=0.0), dict(grad=False), dict(precision="medium"), dict(temp=0.05),
                dict(temp=torch.tensor(0.07, dtype=torch.float64)), dict(retrieval=True),
-               dict(env={"ALBEF_FAST_SPLITS": "2"}), dict(layout="row-padded"), dict(layout="queue-transposed")]
+               dict(env={"ALBEF_FAST_SPLITS": "2"}), dict(env={"ALBEF_FAST_MERGE": "8,16,4"}),
+               dict(layout="row-padded"), dict(layout="queue-transposed")]
     return [dict(base, **change) for change in changes]
 
 
