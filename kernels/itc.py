@@ -586,21 +586,37 @@ def _split_rows(base, s0, rows, B, NUM_SPLITS, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _merge_scalars(ws_max_ptr, ws_z_ptr, base, rows, B, NUM_SPLITS, CHUNK: tl.constexpr):
-    """Global max and Z of one kind (student or teacher) over the splits, CHUNK splits per load
-    (independent loads in flight rather than one dependent load per split)."""
+def _merge_scalars(ws_max_ptr, ws_z_ptr, base_s, base_m, rows, B, NUM_SPLITS, TEACHER: tl.constexpr,
+                   CHUNK: tl.constexpr):
+    """Global max and Z over the splits of the student (stats at base_s) and, if TEACHER, of the
+    teacher (base_m; else the student's are returned for it): (mx_s, z_s, mx_m, z_m). CHUNK splits
+    per load, both kinds in the same loops: at B = 64 the merge is a chain of dependent rounds of
+    loads (~66 splits), and the teacher's loads go out with the student's instead of after them."""
     row_ok = rows < B
-    mx = tl.full([rows.shape[0]], float("-inf"), tl.float32)
+    mx_s = tl.full([rows.shape[0]], float("-inf"), tl.float32)
+    mx_m = tl.full([rows.shape[0]], float("-inf"), tl.float32)
     for s0 in range(0, NUM_SPLITS, CHUNK):
-        offs, ok = _split_rows(base, s0, rows, B, NUM_SPLITS, CHUNK)
-        mx = tl.maximum(mx, tl.max(tl.load(ws_max_ptr + offs, mask=ok, other=float("-inf")), 0))
-    mx = tl.where(row_ok, mx, 0.0)  # finite everywhere: no inf - inf below
-    z = tl.zeros([rows.shape[0]], tl.float32)
+        offs, ok = _split_rows(base_s, s0, rows, B, NUM_SPLITS, CHUNK)
+        mx_s = tl.maximum(mx_s, tl.max(tl.load(ws_max_ptr + offs, mask=ok, other=float("-inf")), 0))
+        if TEACHER:
+            offs_m = offs + (base_m - base_s)
+            mx_m = tl.maximum(mx_m, tl.max(tl.load(ws_max_ptr + offs_m, mask=ok, other=float("-inf")), 0))
+    mx_s = tl.where(row_ok, mx_s, 0.0)  # finite everywhere: no inf - inf below
+    mx_m = tl.where(row_ok, mx_m, 0.0)
+    z_s = tl.zeros([rows.shape[0]], tl.float32)
+    z_m = tl.zeros([rows.shape[0]], tl.float32)
     for s0 in range(0, NUM_SPLITS, CHUNK):
-        offs, ok = _split_rows(base, s0, rows, B, NUM_SPLITS, CHUNK)
+        offs, ok = _split_rows(base_s, s0, rows, B, NUM_SPLITS, CHUNK)
         m_sp = tl.load(ws_max_ptr + offs, mask=ok, other=float("-inf"))
-        z += tl.sum(tl.load(ws_z_ptr + offs, mask=ok, other=0.0) * tl.exp2(m_sp - mx[None, :]), 0)
-    return mx, tl.where(row_ok, z, 1.0)
+        z_s += tl.sum(tl.load(ws_z_ptr + offs, mask=ok, other=0.0) * tl.exp2(m_sp - mx_s[None, :]), 0)
+        if TEACHER:
+            offs_m = offs + (base_m - base_s)
+            m_sp_m = tl.load(ws_max_ptr + offs_m, mask=ok, other=float("-inf"))
+            z_m += tl.sum(tl.load(ws_z_ptr + offs_m, mask=ok, other=0.0) * tl.exp2(m_sp_m - mx_m[None, :]), 0)
+    z_s = tl.where(row_ok, z_s, 1.0)
+    if TEACHER:
+        return mx_s, z_s, mx_m, tl.where(row_ok, z_m, 1.0)
+    return mx_s, z_s, mx_s, z_s
 
 
 @triton.jit
@@ -653,7 +669,8 @@ def _itc_merge_fwd_kernel(
     stat = direction * 2 * NUM_SPLITS * B
     acc0 = direction * n_kinds * NUM_SPLITS * B
 
-    mx_s, z_s = _merge_scalars(ws_max_ptr, ws_z_ptr, stat, rows, B, NUM_SPLITS, CHUNK)
+    mx_s, z_s, mx_m, z_m = _merge_scalars(ws_max_ptr, ws_z_ptr, stat, stat + NUM_SPLITS * B, rows, B, NUM_SPLITS,
+                                          HAS_TEACHER, CHUNK)
     u = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
     if GRAD:
         g = _sum_splits(ws_acc_ptr, acc0, ws_max_ptr, stat, rows, d_offs, mx_s, z_s, B, D, NUM_SPLITS, True, CHUNK)
@@ -672,9 +689,7 @@ def _itc_merge_fwd_kernel(
     g -= (1.0 - alpha) * h
     part = part_ptr + ((direction * tl.num_programs(1) + pid_d) * 4) * B + rows
     tl.store(part, tl.sum(u * h, 1), mask=row_ok)
-    mx_m, z_m = mx_s, z_s
     if HAS_TEACHER:
-        mx_m, z_m = _merge_scalars(ws_max_ptr, ws_z_ptr, stat + NUM_SPLITS * B, rows, B, NUM_SPLITS, CHUNK)
         pm = _sum_splits(ws_acc_ptr, acc0 + GRAD * NUM_SPLITS * B, ws_max_ptr, stat + NUM_SPLITS * B, rows, d_offs,
                          mx_m, z_m, B, D, NUM_SPLITS, True, CHUNK)
         g -= alpha * pm
