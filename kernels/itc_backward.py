@@ -2,9 +2,9 @@
 
 The forward already computed d loss / d (image_feat, text_feat, T) (kernels/itc.py), so the usual
 backward (only the mean loss backpropagates: `loss.backward()`) is three products with the 0-dim
-grad_output g. As aten ops they are three kernel launches, ~20 us of host time each on the H200's
-host, where the whole fused step at B = 64 is host bound (benchmarks/NOTES.md); here they are one
-direct launch.
+grad_output g. As aten ops they are three kernel launches; on the H200's host, where the whole
+fused step at B = 64 is host bound, an aten op with its backward cost ~20-25 us to issue (run 5's
+host floors, benchmarks/NOTES.md). Here they are one direct launch.
 
 _itc_scale_bwd_kernel   grid (cdiv(N, BLOCK),). out = saved * g for both [N] feature gradients
     (computed in fp32, rounded once to their dtype: what aten gives for a 0-dim CPU factor) and,
