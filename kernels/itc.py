@@ -896,8 +896,8 @@ def _merge_blocks(b: int, d: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, CHUNK) of the merge: small tiles, so that B = 64 still spreads over many
     SMs, CHUNK splits loaded at once (the interpreter: 2, to cover partial chunks).
     ALBEF_FAST_MERGE="BLOCK_M,BLOCK_D,CHUNK" (powers of two) replaces them: untimed lead for B = 64,
-    "8,16,32" (twice the programs, half the dependent rounds of loads at ~66 splits; 210 registers,
-    no spills, sm_90a AOT) against 25 us of merge per bf16 step (H200 run 4)."""
+    "8,16,32" (twice the programs, 3 dependent rounds of loads per loop instead of 5 at ~66 splits;
+    207-212 registers, no spills, sm_90a AOT) against 25 us of merge per bf16 step (H200 run 4)."""
     if os.environ.get("ALBEF_FAST_MERGE"):
         return _merge_setting(os.environ["ALBEF_FAST_MERGE"])
     if _INTERPRET:
