@@ -9,11 +9,17 @@ the host time to issue one step (no synchronization, mean over 200) of:
   albef_fast     the fused step
   albef_fast[aten-bwd]  the same with its backward as three aten products (kernels/itc_backward.py
                  replaces them with one launch on the Triton path)
+  prelude        itc_loss's Python before its op (validation, backend and flags), the op a stub:
+                 what a C++ call path would still pay in Python
   function-floor a Python autograd.Function with albef_fast's inputs and outputs and no kernels
                  (its forward allocates the 0-d loss, its backward returns the 3 gradients)
+  cpp-floor      the same step through a C++ op with autograd in C++ (csrc/host_floor.cpp): the
+                 step's allocations and 3 + 1 empty kernel launches; [0 launches] without them.
+                 What a C++ call path could reach (needs the extension)
   aten-floor     (a.sum() + b.sum()) * temp: 3 leaves, 4 aten ops forward, their backward
   engine-floor   a.sum(): one op forward and backward (the autograd engine's own cost)
-The floors bound what any step issued from Python can reach here.
+The floors bound what any step issued from Python can reach here. The cpp-floor rows need the
+extension (not with ALBEF_FAST_DISABLE_EXTENSION=1).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import time
 import torch
 
 import albef_fast
-from albef_fast import itc_op, reference
+from albef_fast import _extension, functional, itc_op, reference
 from albef_fast.bench.cases import PRECISIONS, ITCCase
 from albef_fast.bench.measure import matmul_precision, time_ms
 
@@ -64,9 +70,25 @@ def _steps(case: ITCCase):
             if fused_backward is not None:
                 itc_op.FUSED_BACKWARDS["triton"] = fused_backward
 
+    def prelude():
+        outputs = (case.temp.detach(),) * 8
+        apply = functional.itc_apply
+        functional.itc_apply = lambda *inputs: outputs
+        try:
+            a, b = leaves()
+            albef_fast.itc_loss(a, b, *rest, case.temp, 0.4)
+        finally:
+            functional.itc_apply = apply
+
     def function_floor():
         a, b = leaves()
         _NoWork.apply(a, b, case.temp, rest).backward()
+
+    def cpp_floor(launches: int):
+        def step():
+            a, b = leaves()
+            torch.ops.albef_fast._host_floor_step(a, b, *rest, case.temp, 0.4, launches).backward()
+        return step
 
     def aten_floor():
         a, b = leaves()
@@ -76,9 +98,11 @@ def _steps(case: ITCCase):
         a, _ = leaves()
         a.sum().backward()
 
-    return {"eager": eager, "albef_fast": fused, "albef_fast[aten-bwd]": fused_aten_backward,
-            "function-floor": function_floor, "aten-floor": aten_floor,
-            "engine-floor": engine_floor}
+    steps = {"eager": eager, "albef_fast": fused, "albef_fast[aten-bwd]": fused_aten_backward,
+             "prelude": prelude, "function-floor": function_floor}
+    if _extension.has_ops():
+        steps.update({"cpp-floor": cpp_floor(3), "cpp-floor[0 launches]": cpp_floor(0)})
+    return dict(steps, **{"aten-floor": aten_floor, "engine-floor": engine_floor})
 
 
 def _sync(device: torch.device) -> None:
@@ -114,7 +138,7 @@ def main():
                     for _ in range(5):
                         step()
                     ms = time_ms(step, case.device)[0]
-                    print(f"  {name:<20} {ms * 1e3:8.1f} us | {_host_us(step, device):8.1f} us", flush=True)
+                    print(f"  {name:<22} {ms * 1e3:8.1f} us | {_host_us(step, device):8.1f} us", flush=True)
 
 
 if __name__ == "__main__":

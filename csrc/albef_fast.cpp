@@ -1,5 +1,6 @@
 // The albef_fast._C extension module: op schemas (TORCH_LIBRARY) and build information (pybind11).
-// Implementations are registered per dispatch key in ema.cpp / enqueue.cpp (CPU) and cuda/*.cu.
+// Implementations are registered per dispatch key in ema.cpp / enqueue.cpp (CPU) and cuda/*.cu;
+// host_floor.cpp registers its measurement op at the Autograd key (all devices).
 #include <torch/extension.h>
 
 #include <string>
@@ -9,6 +10,9 @@ TORCH_LIBRARY(albef_fast, m) {
   m.def("ema_update_(Tensor(a!)[] params_m, Tensor[] params, float momentum) -> ()");
   // Write items[k] [N, D_k] as columns of queues[k] [D_k, Q] from ptr on (mod Q); ptr += N (mod Q).
   m.def("enqueue_(Tensor(a!)[] queues, Tensor[] items, Tensor(b!) ptr) -> ()");
+  // A measurement (host_floor.cpp): an ITC step's host cost through C++ with no kernel work.
+  m.def("_host_floor_step(Tensor image_feat, Tensor text_feat, Tensor image_feat_m, Tensor text_feat_m, "
+        "Tensor image_queue, Tensor text_queue, Tensor temp, float alpha, int launches) -> Tensor");
 }
 
 namespace {
