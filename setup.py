@@ -36,7 +36,8 @@ def _extensions():
         nvcc = ["-O3", "--fmad=false", "-DALBEF_FAST_WITH_CUDA"]
         ext = cpp_extension.CUDAExtension(
             "albef_fast._C", sources + cuda_sources,
-            extra_compile_args={"cxx": cxx + ["-DALBEF_FAST_WITH_CUDA"], "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx + ["-DALBEF_FAST_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=["-fopenmp", "-ldl"],  # dlopen of libcuda (csrc/itc_launch.cpp)
         )
     else:
         ext = cpp_extension.CppExtension("albef_fast._C", sources, extra_compile_args={"cxx": cxx},

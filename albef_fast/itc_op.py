@@ -30,7 +30,7 @@ import torch
 
 from . import streaming
 
-__all__ = ["itc", "itc_apply", "BACKEND_IMPLS", "FUSED_BACKWARDS", "work_dtype"]
+__all__ = ["itc", "itc_apply", "BACKEND_IMPLS", "FUSED_BACKWARDS", "CPP_STEPS", "work_dtype"]
 
 # the eight outputs listed above (spelled out: custom_op infers the schema from it)
 Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -54,6 +54,9 @@ BACKEND_IMPLS: Dict[str, Callable[..., Outputs]] = {"torch": _torch_backend}
 # name -> the usual backward in one launch: (grad_image, grad_text, grad_temp, g_loss, temp dtype) ->
 # (the three gradients scaled by g_loss; None for T without a temp dtype). kernels register "triton".
 FUSED_BACKWARDS: Dict[str, Callable[..., Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]] = {}
+# name -> the eager step issued from C++ with autograd in C++ (the op's arguments -> its outputs, or
+# None: take the Python path). kernels register "triton" with ALBEF_FAST_LAUNCH=cpp (kernels/cpp_launch.py).
+CPP_STEPS: Dict[str, Callable[..., Optional[Outputs]]] = {}
 
 
 @torch.library.custom_op("albef_fast::itc", mutates_args=())
@@ -128,9 +131,15 @@ class _EagerITC(torch.autograd.Function):
 
 def itc_apply(*inputs) -> Outputs:
     """torch.ops.albef_fast.itc when compiling (traced as one opaque op), else the same
-    computation through _EagerITC. Arguments as for itc."""
+    computation through the backend's C++ step (CPP_STEPS, where registered and ready for these
+    inputs) or _EagerITC. Arguments as for itc."""
     if torch.compiler.is_compiling():
         return itc(*inputs)
+    cpp_step = CPP_STEPS.get(inputs[13])
+    if cpp_step is not None:
+        outputs = cpp_step(inputs)
+        if outputs is not None:
+            return outputs
     tracked = [t for t in inputs[2:6] if t.requires_grad]  # momentum features and queues
     return _EagerITC.apply(inputs[0], inputs[1], inputs[6], inputs[2:6] + inputs[7:], *tracked)
 

@@ -1,7 +1,10 @@
 // The albef_fast._C extension module: op schemas (TORCH_LIBRARY) and build information (pybind11).
 // Implementations are registered per dispatch key in ema.cpp / enqueue.cpp (CPU) and cuda/*.cu;
-// host_floor.cpp registers its measurement op at the Autograd key (all devices).
+// host_floor.cpp registers its measurement op at the Autograd key (all devices); itc_launch.cpp
+// adds the C++ call path of the fused ITC step to the Python module (not an op: eager only).
 #include <torch/extension.h>
+
+#include "itc_launch.h"
 
 #include <string>
 
@@ -31,6 +34,7 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "albef_fast C++ ops: torch.ops.albef_fast.ema_update_ and enqueue_";
+  m.doc() = "albef_fast C++ ops: torch.ops.albef_fast.ema_update_ and enqueue_, and the C++ ITC step";
+  albef_fast::bind_itc_launch(m);
   m.def("build_info", &build_info, "How the extension was built ({'cuda': bool, 'torch': version})");
 }

@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from .itc_configs import candidates, launch_config, launch_options
-from .launch import DirectLauncher
+from . import launch
+from .launch import DirectLauncher, PreparedLaunch
 
 __all__ = ["itc_triton"]
 
@@ -977,27 +978,71 @@ def _prescaled(dtype: torch.dtype, precision: str, b: int) -> Optional[str]:
     return None
 
 
-def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha: float,
-               idx: Optional[torch.Tensor], idx_queue: Optional[torch.Tensor], details: bool, grad: bool,
-               precision: str):
-    """The "triton" backend of torch.ops.albef_fast.itc (same outputs as albef_fast.itc_op)."""
+def prologue(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha: float,
+             idx: Optional[torch.Tensor], idx_queue: Optional[torch.Tensor], details: bool, grad: bool,
+             precision: str):
+    """(plan key, the four features and two queues as the kernels take them (one stride pair for
+    the features, one for the queues: copies where needed), temp as a tensor or None, the flat
+    ids or None): what itc_triton and the C++ step (kernels/cpp_launch.py) launch with."""
     b, d = image_feat.shape
     feats = [f.contiguous() if f.stride(1) != 1 else f for f in (image_feat, text_feat, image_feat_m, text_feat_m)]
     feats = _common_strides(feats)
     image_queue, text_queue = _common_queue_strides(image_queue, text_queue)
-    dev = image_feat.device
     temp_t = temp if isinstance(temp, torch.Tensor) else None
     retrieval = idx is not None
     idx_v = idx.reshape(-1) if retrieval else None
     idq_v = idx_queue.reshape(-1) if retrieval else None
     key = (b, image_queue.shape[1], d, image_feat.dtype, image_queue.dtype, feats[0].stride(), image_queue.stride(),
-           dev, alpha != 0.0 or details, grad, precision, None if temp_t is None else temp_t.dtype,
+           image_feat.device, alpha != 0.0 or details, grad, precision, None if temp_t is None else temp_t.dtype,
            (idx_v.dtype, idq_v.dtype, idx_v.stride(0), idq_v.stride(0)) if retrieval else None, _settings())
+    return key, feats, image_queue, text_queue, temp_t, idx_v, idq_v
+
+
+# kernels/cpp_launch when ALBEF_FAST_LAUNCH=cpp (set by kernels/__init__.py): itc_triton records
+# each new plan's launches for the C++ step
+CPP = None
+
+
+def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha: float,
+               idx: Optional[torch.Tensor], idx_queue: Optional[torch.Tensor], details: bool, grad: bool,
+               precision: str):
+    """The "triton" backend of torch.ops.albef_fast.itc (same outputs as albef_fast.itc_op)."""
+    key, feats, image_queue, text_queue, temp_t, idx_v, idq_v = prologue(
+        image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha, idx, idx_queue,
+        details, grad, precision)
     plan = _PLANS.get(key) or _new_plan(key)
+    if plan.cpp is None and CPP is not None and not torch.compiler.is_compiling():
+        return _recorded(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v)
+    return _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v)
+
+
+def _recorded(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v):
+    """_launch with its launches recorded, and the plan registered with the C++ step
+    (kernels/cpp_launch.py; plan.cpp: its id, or -1)."""
+    launch.RECORDING = records = []
+    try:
+        ws, outputs = _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v, keep=True)
+    finally:
+        launch.RECORDING = None
+    plan.cpp = -1
+    if len(plan.splits) == 1 and plan.splits[0][0] is None and isinstance(plan.splits[0][1], PreparedLaunch):
+        inputs = (*feats, image_queue, text_queue, temp_t, idx_v, idq_v)
+        floats = (1.0 if temp_t is not None else float(temp), float(alpha))
+        workspace = (ws.max.data_ptr(), 4 * sum(plan.ws_shapes))
+        plan.cpp = CPP.record_plan(plan, (inputs, floats), records, workspace, outputs)
+    else:
+        plan.cpp_reason = "autotuned or chunked (f16p) split launches"
+    return outputs
+
+
+def _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v, keep=False):
+    """Allocate and launch one call of the plan: the op's eight outputs ((workspace, outputs) with keep)."""
+    b, d = feats[0].shape
+    dev = feats[0].device
     ws = plan.workspace(dev)
-    sims = torch.empty((2, b, b), device=dev, dtype=image_feat.dtype)
+    sims = torch.empty((2, b, b), device=dev, dtype=feats[0].dtype)
     temp_arg, temp_v = (temp_t, 1.0) if temp_t is not None else (ws.lse, float(temp))  # lse: an unused pointer
-    if not retrieval:
+    if idx_v is None:
         idx_v = idq_v = ws.count  # unused pointers
     converted = plan.converted(ws)  # kc, ks, qc, qs (f16p) or unused pointers
     for convert, split in plan.splits:  # one launch; f16p: one conversion and one split per chunk of keys
@@ -1005,14 +1050,15 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
             convert((*feats, image_queue, text_queue, *converted), ())
         split((*feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims,
                *converted), (temp_v,))
-    dq_img = torch.empty((b, d), device=dev, dtype=image_feat.dtype)
-    dq_txt = torch.empty((b, d), device=dev, dtype=text_feat.dtype)
+    dq_img = torch.empty((b, d), device=dev, dtype=feats[0].dtype)
+    dq_txt = torch.empty((b, d), device=dev, dtype=feats[1].dtype)
     plan.merge((*feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse),
                (temp_v, float(alpha)))
     loss, grad_temp = torch.empty((), device=dev), torch.empty((), device=dev)
     losses, grad_temp_dirs, terms = torch.empty(2, device=dev), torch.empty(2, device=dev), torch.empty(4, device=dev)
     plan.finish((ws.part, ws.lse, temp_arg, loss, losses, grad_temp, grad_temp_dirs, terms), (temp_v, float(alpha)))
-    return loss, losses, dq_img, dq_txt, grad_temp, grad_temp_dirs, sims, terms
+    outputs = loss, losses, dq_img, dq_txt, grad_temp, grad_temp_dirs, sims, terms
+    return (ws, outputs) if keep else outputs
 
 
 # what the launches depend on besides the arguments: read at each call (tests and the per-config
@@ -1043,6 +1089,8 @@ class _Plan:
 
     def __init__(self, key):
         b, q, d, dtype, _, feat_strides, queue_strides, dev, teacher, grad, precision, temp_dtype, ids, _ = key
+        self.cpp: Optional[int] = None  # the C++ step's plan id (kernels/cpp_launch.py); -1: not for it
+        self.cpp_reason: Optional[str] = None  # why not
         retrieval = ids is not None
         dot_dtype, input_precision = _dot_flags(dtype, precision)
         prescaled = _prescaled(dtype, precision, b)
@@ -1136,6 +1184,8 @@ def _new_plan(key) -> _Plan:
         _PLANS.clear()
         for launcher in _LAUNCH.values():
             launcher.forget()
+        if CPP is not None:
+            CPP.forget()
     plan = _PLANS[key] = _Plan(key)
     return plan
 

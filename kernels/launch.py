@@ -39,7 +39,12 @@ try:
 except ImportError:  # Triton < 3.4: launches go through JITFunction.run (SUPPORTED)
     knobs = None
 
-__all__ = ["DirectLauncher", "PreparedLaunch", "direct_launch_enabled"]
+__all__ = ["DirectLauncher", "PreparedLaunch", "direct_launch_enabled", "RECORDING"]
+
+# While a list (kernels/cpp_launch.py records a plan): every launch appends (prepared launch,
+# tensors, floats, its kernel entry (launcher, function, packed metadata, CompiledKernel) or None
+# when it went through JITFunction.run).
+RECORDING = None
 
 SUPPORTED = ("3.6", "3.7", "3.8")  # JITFunction.run -> kernel.run(grid, stream, ..., *bound_args) read in these
 
@@ -68,7 +73,7 @@ class DirectLauncher:
 
     def __init__(self, fn):
         self.fn = fn
-        self._kernels: Dict[Tuple, Tuple] = {}  # key -> (launcher, function handle, packed metadata)
+        self._kernels: Dict[Tuple, Tuple] = {}  # key -> (launcher, function handle, packed metadata, kernel)
         self._prepared = 0  # PreparedLaunch tokens handed out (part of the cache key)
         # the interpreter's functions have no compiled kernels: always fn[grid] there
         self._direct = isinstance(fn, triton.runtime.JITFunction) and direct_launch_enabled()
@@ -107,21 +112,26 @@ class PreparedLaunch:
         launcher = self.launcher
         if not launcher._direct or _hooks_installed():
             launcher.fn[self.grid](*tensors, *self.ints, *floats, **self.constexprs, **self.options)
+            if RECORDING is not None:
+                RECORDING.append((self, tuple(tensors), tuple(floats), None))
             return
         device = driver.active.get_current_device()
         key = (self.token, device, tuple([t.dtype for t in tensors]), tuple([t.data_ptr() % 16 == 0 for t in tensors]))
         entry = launcher._kernels.get(key)
         if entry is None:
             self._compile_and_launch(key, (*tensors, *self.ints, *floats))
-            return
-        run, function, metadata = entry
-        gx, gy, gz = self._grid3
-        run(gx, gy, gz, driver.active.get_current_stream(device), function, metadata, None, None, None,
-            *tensors, *self.ints, *floats, *self._consts)
+            entry = launcher._kernels.get(key)
+        else:
+            run, function, metadata, _ = entry
+            gx, gy, gz = self._grid3
+            run(gx, gy, gz, driver.active.get_current_stream(device), function, metadata, None, None, None,
+                *tensors, *self.ints, *floats, *self._consts)
+        if RECORDING is not None:
+            RECORDING.append((self, tuple(tensors), tuple(floats), entry))
 
     def _compile_and_launch(self, key, args) -> None:
         launcher = self.launcher
         assert len(args) == launcher._n_runtime, f"{launcher.fn}: expected {launcher._n_runtime} runtime arguments"
         kernel = launcher.fn[self.grid](*args, **self.constexprs, **self.options)
         if kernel is not None and not hasattr(kernel, "result"):  # not an async-compile future
-            launcher._kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata)
+            launcher._kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata, kernel)

@@ -1,0 +1,85 @@
+"""The fused step issued from C++ (ALBEF_FAST_LAUNCH=cpp: csrc/itc_launch.cpp, kernels/cpp_launch.py).
+
+tests/cpp_launch_check.py runs in a child process without TRITON_INTERPRET: a fake driver compiles
+the kernels for sm_90, the Python path's launches are recorded by the driver and the C++ step's by
+the extension (CPU tensors), and each launch's parameters must agree. On a GPU the CUDA test below
+compares the two paths' results bit for bit.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from albef_fast import _extension
+
+pytest.importorskip("triton")
+CHECK = pathlib.Path(__file__).resolve().parent / "cpp_launch_check.py"
+HAS_STEP = _extension.has_ops() and hasattr(_extension._EXT, "itc_step")
+
+
+@pytest.mark.skipif(not HAS_STEP, reason="C++ extension not built")
+def test_cpp_step_passes_the_python_paths_parameters():
+    import triton
+
+    from albef_fast.kernels import launch
+
+    if triton.__version__.rsplit(".", 1)[0] not in launch.SUPPORTED:
+        pytest.skip(f"direct launches are off for Triton {triton.__version__}")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ALBEF_FAST_LAUNCH")}
+    run = subprocess.run([sys.executable, str(CHECK)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result == {"cases": 4, "launches": 12}
+
+
+def test_cpp_step_is_opt_in(monkeypatch):
+    from albef_fast.kernels import cpp_launch
+
+    monkeypatch.delenv("ALBEF_FAST_LAUNCH", raising=False)
+    assert not cpp_launch.enabled()
+
+
+@pytest.mark.skipif(not HAS_STEP, reason="C++ extension not built")
+def test_unknown_plan_is_named():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="plan"):
+        _extension._EXT.itc_step(10 ** 9, x, x, None, x, x, x.t(), x.t(), None, None, 1.0, 0.4)
+
+
+@pytest.mark.skipif(not (HAS_STEP and torch.cuda.is_available()), reason="needs a GPU")
+@pytest.mark.parametrize("dtype, temp_kind, retrieval", [(torch.bfloat16, "tensor", False),
+                                                          (torch.float32, "float", True)])
+def test_cpp_step_matches_the_python_path_on_cuda(monkeypatch, dtype, temp_kind, retrieval):
+    """Same bits (loss, gradients, sims) from both paths: the C++ step launches the same kernels."""
+    import albef_fast
+    from albef_fast import itc_op
+    from albef_fast.kernels import cpp_launch, itc
+
+    monkeypatch.setattr(itc, "CPP", cpp_launch)
+    monkeypatch.setitem(itc_op.CPP_STEPS, "triton", cpp_launch.step)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, q, d = 64, 4096, 256
+    feat = lambda n: torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=-1).to(dtype)  # noqa: E731
+    img, txt, img_m, txt_m = feat(b), feat(b), feat(b), feat(b)
+    img_q, txt_q = feat(q).t(), feat(q).t()
+    idx = torch.randint(0, 50, (b,), device="cuda", generator=g) if retrieval else None
+    idq = torch.randint(0, 50, (q,), device="cuda", generator=g) if retrieval else None
+
+    def run():
+        a, t = img.detach().requires_grad_(True), txt.detach().requires_grad_(True)
+        temp = torch.tensor(0.07, device="cuda", requires_grad=True) if temp_kind == "tensor" else 0.07
+        out = albef_fast.itc_loss(a, t, img_m, txt_m, img_q, txt_q, temp, 0.4, idx=idx, idx_queue=idq,
+                                  return_details=True, backend="triton")
+        (out.loss * -2.0).backward()
+        return [out.loss, out.sim_i2t_batch, out.ce_i2t, out.kl_t2i, a.grad, t.grad] + ([temp.grad] if temp_kind == "tensor" else [])
+
+    python = run()  # records and registers the plan
+    key = next(k for k, p in itc._PLANS.items() if p.cpp is not None)
+    assert itc._PLANS[key].cpp >= 0, itc._PLANS[key].cpp_reason
+    cpp = run()
+    for x, y in zip(python, cpp):
+        assert torch.equal(x, y)
