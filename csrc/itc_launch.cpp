@@ -27,8 +27,10 @@
 #include <vector>
 
 #ifdef ALBEF_FAST_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <dlfcn.h>
 #endif
 
@@ -188,18 +190,32 @@ void record(const Launch& launch, const ParamBlock& block) {
 }
 
 #ifdef ALBEF_FAST_WITH_CUDA
-using LaunchKernelFn = int (*)(uint64_t, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*,
-                               void**, void**);
+// the driver API entry points, from libcuda (loaded by torch already on a GPU machine)
+struct Driver {
+  int (*launch_kernel)(uint64_t, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**,
+                       void**);
+  int (*ctx_get_current)(void**);
+};
 
-LaunchKernelFn cu_launch_kernel() {
-  static const LaunchKernelFn fn = [] {
+const Driver& driver() {
+  static const Driver d = [] {
     void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
     TORCH_CHECK(lib != nullptr, "albef_fast: cannot open libcuda.so.1 to launch kernels");
-    auto* symbol = reinterpret_cast<LaunchKernelFn>(dlsym(lib, "cuLaunchKernel"));
-    TORCH_CHECK(symbol != nullptr, "albef_fast: cuLaunchKernel not found in libcuda.so.1");
-    return symbol;
+    Driver found{};
+    found.launch_kernel = reinterpret_cast<decltype(found.launch_kernel)>(dlsym(lib, "cuLaunchKernel"));
+    found.ctx_get_current = reinterpret_cast<decltype(found.ctx_get_current)>(dlsym(lib, "cuCtxGetCurrent"));
+    TORCH_CHECK(found.launch_kernel && found.ctx_get_current, "albef_fast: cuLaunchKernel not found in libcuda.so.1");
+    return found;
   }();
-  return fn;
+  return d;
+}
+
+// The kernels were loaded into the device's primary context; a thread that has made no runtime
+// call yet has no current context (Triton's launcher checks the same): cudaFree(nullptr) binds it.
+void ensure_context() {
+  void* ctx = nullptr;
+  if (driver().ctx_get_current(&ctx) == 0 && ctx != nullptr) return;
+  C10_CUDA_CHECK(cudaFree(nullptr));
 }
 #endif
 
@@ -207,8 +223,9 @@ void run(const Plan& plan, const Launch& launch, const Slots& slots) {
   ParamBlock block = pack(launch, slots);
   if (plan.device.is_cpu()) return record(launch, block);
 #ifdef ALBEF_FAST_WITH_CUDA
+  ensure_context();
   const auto stream = c10::cuda::getCurrentCUDAStream(plan.device.index());
-  const int err = cu_launch_kernel()(launch.function, launch.grid[0], launch.grid[1], launch.grid[2], launch.threads,
+  const int err = driver().launch_kernel(launch.function, launch.grid[0], launch.grid[1], launch.grid[2], launch.threads,
                                      1, 1, launch.shared, stream.stream(), block.pointers.data(), nullptr);
   TORCH_CHECK(err == 0, "albef_fast: cuLaunchKernel failed with CUDA error ", err);
 #else
