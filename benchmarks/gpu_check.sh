@@ -51,10 +51,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
 install_package 45
-stamp "install: the extension, in the background"
-(MAX_JOBS=6 stage 200 $PY setup.py build_ext --inplace >> "$OUT/install.log" 2>&1
- echo "build_ext rc=$?" >> "$OUT/install.log") &
-BUILD=$!
+build_extension_bg 6
 export ALBEF_FAST_DISABLE_EXTENSION=1  # the ITC stages never load the half-built extension
 
 if [ "$TABLE_ON" = 1 ]; then

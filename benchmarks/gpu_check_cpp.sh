@@ -39,10 +39,7 @@ stamp "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 install_package 40
-stamp "install: the extension, in the background"
-(MAX_JOBS=8 stage 200 $PY setup.py build_ext --inplace >> "$OUT/install.log" 2>&1
- echo "build_ext rc=$?" >> "$OUT/install.log") &
-BUILD=$!
+build_extension_bg 8
 
 stamp "tests: the ITC paths on CUDA (owed since sessions 8-9), while the extension builds"
 ALBEF_FAST_DISABLE_EXTENSION=1 stage 150 $PY benchmarks/pytest_parallel.py --deadline 140 --log-dir "$OUT/tests" \
@@ -65,10 +62,5 @@ done
 stamp "host floor at B = 64: launched | host issue per step"
 stage 30 $PY benchmarks/host_floor.py "${FLOOR[@]}" 2>&1 | tee "$OUT/host_floor.txt"
 
-stamp "merge tiles at B = 64: device time per kernel, default against ALBEF_FAST_MERGE=8,16,32"
-for merge in "" 8,16,32; do
-  echo "ALBEF_FAST_MERGE=$merge" | tee -a "$OUT/profile.txt"
-  ALBEF_FAST_MERGE=$merge stage 25 $PY benchmarks/profile_step.py "${PROFILE[@]}" 2>&1 | grep -v -i warn \
-    | tee -a "$OUT/profile.txt"
-done
+merge_profile "${PROFILE[@]}"
 stamp "done"

@@ -71,12 +71,7 @@ for mode in f16s f16p; do
     --providers eager,albef_fast --out "$OUT" --no-plot 2>&1 | grep -v "it/s" | tee -a "$OUT/bench.txt"
 done
 
-stamp "merge tiles at B = 64: device time per kernel, default against ALBEF_FAST_MERGE=8,16,32"
-for merge in "" 8,16,32; do
-  echo "ALBEF_FAST_MERGE=$merge" | tee -a "$OUT/profile.txt"
-  ALBEF_FAST_MERGE=$merge stage 25 $PY benchmarks/profile_step.py "${PROFILE[@]}" 2>&1 | grep -v -i warn \
-    | tee -a "$OUT/profile.txt"
-done
+merge_profile "${PROFILE[@]}"
 
 stamp "host floor at B = 64: launched | host issue per step (fused and aten backward, floors)"
 stage 25 $PY benchmarks/host_floor.py "${FLOOR[@]}" 2>&1 | tee "$OUT/host_floor.txt"

@@ -67,3 +67,25 @@ def oracle_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, t
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+def run_fake_driver_check(script) -> dict:
+    """Run one of the fake-driver checks (tests/launch_check.py, tests/cpp_launch_check.py) in a
+    child process without TRITON_INTERPRET and return its JSON summary line; skips the calling
+    test where direct launches are off for the installed Triton."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    import triton
+
+    from albef_fast.kernels import launch
+
+    if triton.__version__.rsplit(".", 1)[0] not in launch.SUPPORTED:
+        pytest.skip(f"direct launches are off for Triton {triton.__version__}")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ALBEF_FAST_LAUNCH")}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

@@ -4,7 +4,6 @@ tests/launch_check.py runs in a child process without TRITON_INTERPRET: a fake d
 the kernels for sm_90 and records each launch, and every launch of the fused forward is issued
 both ways; the direct path must pick the same compiled kernel and pass the same arguments.
 """
-import json
 import os
 import pathlib
 import subprocess
@@ -13,20 +12,13 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+from tests.helpers import run_fake_driver_check  # noqa: E402
+
 CHECK = pathlib.Path(__file__).resolve().parent / "launch_check.py"
 
 
 def test_direct_launch_matches_jit_run():
-    import triton
-
-    from albef_fast.kernels import launch
-
-    if triton.__version__.rsplit(".", 1)[0] not in launch.SUPPORTED:
-        pytest.skip(f"direct launches are off for Triton {triton.__version__}")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ALBEF_FAST_LAUNCH")}
-    run = subprocess.run([sys.executable, str(CHECK)], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = run_fake_driver_check(CHECK)
     assert result["cases"] == 8 and result["kernels"] >= 8
 
 
