@@ -985,14 +985,19 @@ def prologue(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text
     the features, one for the queues: copies where needed), temp as a tensor or None, the flat
     ids or None): what itc_triton and the C++ step (kernels/cpp_launch.py) launch with."""
     b, d = image_feat.shape
-    feats = [f.contiguous() if f.stride(1) != 1 else f for f in (image_feat, text_feat, image_feat_m, text_feat_m)]
-    feats = _common_strides(feats)
-    image_queue, text_queue = _common_queue_strides(image_queue, text_queue)
+    feats = (image_feat, text_feat, image_feat_m, text_feat_m)
+    strides = [f.stride() for f in feats]  # each stride() call counts at B = 64: read once
+    if strides.count(strides[0]) != 4 or strides[0][1] != 1:
+        feats = _common_strides([f.contiguous() if f.stride(1) != 1 else f for f in feats])
+    queue_stride = image_queue.stride()
+    if text_queue.stride() != queue_stride:
+        image_queue, text_queue = image_queue.contiguous(), text_queue.contiguous()
+        queue_stride = image_queue.stride()
     temp_t = temp if isinstance(temp, torch.Tensor) else None
     retrieval = idx is not None
     idx_v = idx.reshape(-1) if retrieval else None
     idq_v = idx_queue.reshape(-1) if retrieval else None
-    key = (b, image_queue.shape[1], d, image_feat.dtype, image_queue.dtype, feats[0].stride(), image_queue.stride(),
+    key = (b, image_queue.shape[1], d, image_feat.dtype, image_queue.dtype, feats[0].stride(), queue_stride,
            image_feat.device, alpha != 0.0 or details, grad, precision, None if temp_t is None else temp_t.dtype,
            (idx_v.dtype, idq_v.dtype, idx_v.stride(0), idq_v.stride(0)) if retrieval else None, _settings())
     return key, feats, image_queue, text_queue, temp_t, idx_v, idq_v
@@ -1230,9 +1235,3 @@ def _common_strides(feats):
     if all(f.stride() == feats[0].stride() for f in feats):
         return feats
     return [f.contiguous() for f in feats]
-
-
-def _common_queue_strides(image_queue, text_queue):
-    if image_queue.stride() == text_queue.stride():
-        return image_queue, text_queue
-    return image_queue.contiguous(), text_queue.contiguous()

@@ -367,6 +367,19 @@ def test_strided_queue_is_read_in_place():
     torch.testing.assert_close(got, reference.itc_loss(*_args(x), 0.07), rtol=1e-5, atol=1e-5)
 
 
+def test_mixed_layouts_give_the_contiguous_results():
+    """Features whose strides differ (one column-major, one a row slice) and queues of two layouts:
+    copied to common strides before the kernels; the same bits as the contiguous call."""
+    x = make_inputs(5, 37, 24, torch.float32, DEVICE)
+    feats = list(_args(x)[:4])
+    feats[1] = feats[1].T.contiguous().T  # stride(1) != 1
+    feats[2] = torch.cat([feats[2], feats[2]], dim=1)[:, :24]  # row stride 48
+    tq = x.text_queue.T.contiguous().T  # [D, Q] with strides (1, D), the image queue (Q, 1)
+    a = albef_fast.itc_loss(*feats, x.image_queue, tq, 0.07, backend="triton", precision="highest")
+    b = albef_fast.itc_loss(*_args(x), 0.07, backend="triton", precision="highest")
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("retrieval", [False, True])
 def test_details_match_torch_backend(retrieval):
     x = make_inputs(6, 29, 16, torch.float32, DEVICE, retrieval=retrieval)
