@@ -12,8 +12,8 @@ usual backward is one launch of the scale kernel (kernels/itc_backward.py), reco
 
 A plan is left to the Python path when the recording cannot describe it: the autotuner or f16p's
 chunked launches, a Triton launch hook, a kernel using scratch memory or clusters, a parameter
-block the kernel's PTX does not confirm, or a pointer that is none or several of the call's
-tensors. A call whose input alignment differs from what the kernels were compiled for takes the
+block the kernel's PTX does not confirm, a pointer that is none or several of the call's
+tensors, or CUDA tensors with an extension built without CUDA. A call whose input alignment differs from what the kernels were compiled for takes the
 Python path too (it compiles that variant). tests/cpp_launch_check.py checks with Triton's real
 compiler and a recording driver that the C++ step passes each kernel the parameters the Python
 path passes.
@@ -76,6 +76,9 @@ def record_plan(plan, call, records, workspace: Tuple[int, int], outputs) -> int
     call: (inputs in the C++ order: image, text, image_m, text_m, image_queue, text_queue, temp,
     idx, idx_queue (None where absent); floats (temp_value, alpha)); records: the launches
     (kernels/launch.py:RECORDING); workspace: (base address, bytes); outputs: the op's eight."""
+    if outputs[0].device.type == "cuda" and not _ext().build_info().get("cuda"):
+        plan.cpp_reason = "the extension was built without CUDA"
+        return -1
     try:
         forward = [_launch_spec(r, call[0], call[1], workspace, outputs) for r in records]
         backward = _backward_spec(outputs, call[0][6])
