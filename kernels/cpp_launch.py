@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -84,6 +85,11 @@ def record_plan(plan, call, records, workspace: Tuple[int, int], outputs) -> int
         backward = _backward_spec(outputs, call[0][6])
     except _NotRecordable as why:
         plan.cpp_reason = str(why)
+        return -1
+    except Exception as err:  # noqa: BLE001  (opt-in path: a Triton whose metadata differs must not fail the step)
+        plan.cpp_reason = f"recording failed: {err!r}"
+        warnings.warn(f"albef_fast: ALBEF_FAST_LAUNCH=cpp left a plan on the Python path ({plan.cpp_reason})",
+                      RuntimeWarning, stacklevel=2)
         return -1
     dev = outputs[0].device
     index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else -1)

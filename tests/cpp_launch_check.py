@@ -191,8 +191,8 @@ def _check_aten_backward(feats, temp):
 
 
 def _check_fallbacks():
-    """Misaligned features after an aligned plan: the Python path (and no C++ launch); f16p's
-    chunked launches: never registered."""
+    """Misaligned features after an aligned plan: the Python path (and no C++ launch); a failed
+    recording; f16p's chunked launches: never registered."""
     feats, queues, temp, _, _ = _inputs(8, 40, 32, torch.bfloat16, 0, False, "tensor")
     albef_fast.itc_loss(*feats, *queues, temp, 0.4, backend="triton")
     moved, _, _, _, _ = _inputs(8, 40, 32, torch.bfloat16, 1, False, "tensor")
@@ -200,6 +200,7 @@ def _check_fallbacks():
     fake_driver.CALLS.clear()
     albef_fast.itc_loss(*moved, *queues, temp, 0.4, backend="triton")
     assert EXT.itc_take_recorded() == [] and len(fake_driver.CALLS) == 3
+    _check_failed_recording()
     os.environ["ALBEF_FAST_TF32"] = "f16p"
     try:
         feats, queues, temp, _, _ = _inputs(5, 33, 24, torch.float32, 0, False, "tensor")
@@ -208,6 +209,25 @@ def _check_fallbacks():
         assert itc._PLANS[key].cpp == -1 and "chunked" in itc._PLANS[key].cpp_reason
     finally:
         del os.environ["ALBEF_FAST_TF32"]
+
+
+def _check_failed_recording():
+    """An unexpected error while recording (say, another Triton's metadata): a warning, the plan
+    left on the Python path, the call's results returned."""
+    import warnings
+
+    spec = cpp_launch._launch_spec
+    cpp_launch._launch_spec = lambda *args: (_ for _ in ()).throw(AttributeError("no signature"))
+    try:
+        feats, queues, temp, _, _ = _inputs(3, 9, 8, torch.float32, 0, False, "tensor")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = albef_fast.itc_loss(*feats, *queues, temp, 0.4, backend="triton", precision="high")
+        key = itc.prologue(*feats, *queues, temp, 0.4, None, None, False, True, "high")[0]
+        assert itc._PLANS[key].cpp == -1 and "no signature" in itc._PLANS[key].cpp_reason
+        assert any("ALBEF_FAST_LAUNCH=cpp" in str(w.message) for w in caught) and loss.shape == ()
+    finally:
+        cpp_launch._launch_spec = spec
 
 
 def main():
