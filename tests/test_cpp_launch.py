@@ -39,12 +39,8 @@ def test_unknown_plan_is_named():
         _extension._EXT.itc_step(10 ** 9, x, x, None, x, x, x.t(), x.t(), None, None, 1.0, 0.4)
 
 
-@pytest.mark.skipif(not (HAS_STEP and torch.cuda.is_available()), reason="needs a GPU")
-@pytest.mark.parametrize("dtype, temp_kind, retrieval", [(torch.bfloat16, "tensor", False),
-                                                          (torch.float32, "float", True)])
-def test_cpp_step_matches_the_python_path_on_cuda(monkeypatch, dtype, temp_kind, retrieval):
-    """Same bits (loss, gradients, sims) from both paths: the C++ step launches the same kernels."""
-    import albef_fast
+def _cpp_on(monkeypatch):
+    """ALBEF_FAST_LAUNCH=cpp for this test; returns the list of whether each call went through C++."""
     from albef_fast import itc_op
     from albef_fast.kernels import cpp_launch, itc
 
@@ -57,16 +53,35 @@ def test_cpp_step_matches_the_python_path_on_cuda(monkeypatch, dtype, temp_kind,
 
     monkeypatch.setattr(itc, "CPP", cpp_launch)
     monkeypatch.setitem(itc_op.CPP_STEPS, "triton", counted_step)
+    return taken
+
+
+def _cuda_inputs(dtype, retrieval, b=64, q=4096, d=256):
+    """Features [B, D], [D, Q] queue views as ALBEF stores them, ids or None."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    b, q, d = 64, 4096, 256
 
     def feat(n):
         return torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=-1).to(dtype)
 
-    img, txt, img_m, txt_m = feat(b), feat(b), feat(b), feat(b)
-    img_q, txt_q = feat(q).t(), feat(q).t()
+    feats = [feat(b) for _ in range(4)]
+    queues = [feat(q).t(), feat(q).t()]
     idx = torch.randint(0, 50, (b,), device="cuda", generator=g) if retrieval else None
     idq = torch.randint(0, 50, (q,), device="cuda", generator=g) if retrieval else None
+    return feats, queues, idx, idq
+
+
+NEEDS_GPU = pytest.mark.skipif(not (HAS_STEP and torch.cuda.is_available()), reason="needs a GPU")
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("dtype, temp_kind, retrieval", [(torch.bfloat16, "tensor", False),
+                                                          (torch.float32, "float", True)])
+def test_cpp_step_matches_the_python_path_on_cuda(monkeypatch, dtype, temp_kind, retrieval):
+    """Same bits (loss, gradients, sims) from both paths: the C++ step launches the same kernels."""
+    import albef_fast
+
+    taken = _cpp_on(monkeypatch)
+    (img, txt, img_m, txt_m), (img_q, txt_q), idx, idq = _cuda_inputs(dtype, retrieval)
 
     def run():
         a, t = img.detach().requires_grad_(True), txt.detach().requires_grad_(True)
@@ -81,4 +96,34 @@ def test_cpp_step_matches_the_python_path_on_cuda(monkeypatch, dtype, temp_kind,
     cpp = run()
     assert taken == [False, True]  # the first call's plan was new; the second went through C++
     for x, y in zip(python, cpp):
+        assert torch.equal(x, y)
+
+
+@NEEDS_GPU
+def test_cpp_step_replays_from_a_cuda_graph(monkeypatch):
+    """Captured (launches on the capture stream, allocations from its pool), a replay gives the
+    eager C++ step's bits."""
+    import albef_fast
+    from albef_fast.bench.cases import graphed
+
+    taken = _cpp_on(monkeypatch)
+    (img, txt, img_m, txt_m), (img_q, txt_q), _, _ = _cuda_inputs(torch.bfloat16, False, q=8192)
+    a, t = img.detach().requires_grad_(True), txt.detach().requires_grad_(True)
+    temp = torch.tensor(0.07, device="cuda", requires_grad=True)
+    last = []
+
+    def step():
+        out = albef_fast.itc_loss(a, t, img_m, txt_m, img_q, txt_q, temp, 0.4, return_details=True,
+                                  backend="triton")
+        out.loss.backward()
+        last[:] = [out.loss, out.sim_i2t_batch, out.kl_t2i]
+
+    step()  # records the plan
+    step()
+    eager = [x.clone() for x in last]
+    replay = graphed(step, torch.device("cuda"))
+    replay()
+    torch.cuda.synchronize()
+    assert taken[0] is False and all(taken[1:])  # warm-up and capture went through C++
+    for x, y in zip(eager, last):
         assert torch.equal(x, y)
