@@ -119,7 +119,6 @@ void forget_plans() {
 
 struct Slots {
   const at::Tensor* inputs;
-  size_t n_inputs;
   const at::Tensor* outputs;
   char* workspace;
   std::array<double, 2> floats;  // temp_value, alpha
@@ -257,7 +256,7 @@ struct ItcStep : public torch::autograd::Function<ItcStep> {
                                            text_queue, has_temp ? temp : at::Tensor(), (*ids)[0], (*ids)[1]};
     const at::Tensor workspace = at::empty({plan->workspace_floats}, image_feat.options().dtype(at::kFloat));
     const auto outputs = new_outputs(*plan, image_feat);
-    const Slots slots{inputs, kNumInputs, outputs.data(), static_cast<char*>(workspace.data_ptr()),
+    const Slots slots{inputs, outputs.data(), static_cast<char*>(workspace.data_ptr()),
                       {temp_value, alpha}};
     for (const auto& launch : plan->forward) run(*plan, launch, slots);
     ctx->save_for_backward({outputs[2], outputs[3], outputs[4], outputs[5]});
@@ -293,7 +292,7 @@ struct ItcStep : public torch::autograd::Function<ItcStep> {
     const at::Tensor inputs[4] = {saved[0], saved[1], saved[2], g};
     at::Tensor outputs[3] = {at::empty_like(saved[0]), at::empty_like(saved[1]), at::Tensor()};
     if (temp_dtype >= 0) outputs[2] = at::empty({}, saved[2].options().dtype(static_cast<at::ScalarType>(temp_dtype)));
-    run(plan, *plan.backward, Slots{inputs, 4, outputs, nullptr, {0.0, 0.0}});
+    run(plan, *plan.backward, Slots{inputs, outputs, nullptr, {0.0, 0.0}});
     out[0] = outputs[0];
     out[1] = outputs[1];
     out[2] = outputs[2];
