@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -84,6 +84,12 @@ def resolve_backend(backend: Optional[str], precision: Optional[str], feat: torc
     return backend, precision
 
 
+# The usual call checked, keyed and launched in C++ (csrc/itc_entry.cpp), set by albef_fast.kernels
+# with ALBEF_FAST_LAUNCH=cpp: itc_loss's arguments -> its result (ITCOutput's fields as a tuple), or
+# None: the Python path below (any other call, and each new one's first time through the C++ step).
+CPP_ENTRY: Optional[Callable[..., object]] = None
+
+
 def itc_loss(
     image_feat: torch.Tensor,
     text_feat: torch.Tensor,
@@ -112,6 +118,11 @@ def itc_loss(
     precision: fp32 product precision, "highest" | "high" (TF32) | "medium" (bf16), None = torch's.
     Returns the 0-dim loss, or an ITCOutput when return_details.
     """
+    if CPP_ENTRY is not None and not torch.compiler.is_compiling():
+        out = CPP_ENTRY(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha, idx,
+                        idx_queue, return_details, backend, precision)
+        if out is not None:
+            return ITCOutput._make(out) if return_details else out
     _validate.itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
                          alpha, idx, idx_queue, backend, precision)
     backend, precision = resolve_backend(backend, precision, image_feat)

@@ -10,7 +10,9 @@ the host time to issue one step (no synchronization, mean over 200) of:
   albef_fast[aten-bwd]  the same with its backward as three aten products (kernels/itc_backward.py
                  replaces them with one launch on the Triton path)
   albef_fast[cpp]  the same issued from C++ (kernels/cpp_launch.py, ALBEF_FAST_LAUNCH=cpp; turned on
-                 for this row alone; needs the extension)
+                 for this row alone; needs the extension), itc_loss's Python before it kept
+  albef_fast[cpp+entry]  the same with itc_loss's usual call checked and keyed in C++ too
+                 (csrc/itc_entry.cpp): what ALBEF_FAST_LAUNCH=cpp runs
   prelude        itc_loss's Python before its op (validation, backend and flags), the op a stub:
                  what a C++ call path would still pay in Python
   function-floor a Python autograd.Function with albef_fast's inputs and outputs and no kernels
@@ -72,29 +74,32 @@ def _steps(case: ITCCase):
             if fused_backward is not None:
                 itc_op.FUSED_BACKWARDS["triton"] = fused_backward
 
-    def fused_cpp():
-        from albef_fast.kernels import cpp_launch, itc
+    def fused_cpp(entry: bool):
+        def step():
+            from albef_fast.kernels import cpp_launch, itc
 
-        saved = itc.CPP, itc_op.CPP_STEPS.get("triton")
-        itc.CPP, itc_op.CPP_STEPS["triton"] = cpp_launch, cpp_launch.step
-        try:
-            fused()
-        finally:
-            itc.CPP = saved[0]
-            if saved[1] is None:
-                itc_op.CPP_STEPS.pop("triton", None)
-            else:
-                itc_op.CPP_STEPS["triton"] = saved[1]
+            saved = itc.CPP, itc_op.CPP_STEPS.get("triton"), functional.CPP_ENTRY
+            itc.CPP, itc_op.CPP_STEPS["triton"] = cpp_launch, cpp_launch.step
+            functional.CPP_ENTRY = cpp_launch.entry() if entry else None
+            try:
+                fused()
+            finally:
+                itc.CPP, functional.CPP_ENTRY = saved[0], saved[2]
+                if saved[1] is None:
+                    itc_op.CPP_STEPS.pop("triton", None)
+                else:
+                    itc_op.CPP_STEPS["triton"] = saved[1]
+        return step
 
     def prelude():
         outputs = (case.temp.detach(),) * 8
-        apply = functional.itc_apply
-        functional.itc_apply = lambda *inputs: outputs
+        apply, entry = functional.itc_apply, functional.CPP_ENTRY
+        functional.itc_apply, functional.CPP_ENTRY = (lambda *inputs: outputs), None
         try:
             a, b = leaves()
             albef_fast.itc_loss(a, b, *rest, case.temp, 0.4)
         finally:
-            functional.itc_apply = apply
+            functional.itc_apply, functional.CPP_ENTRY = apply, entry
 
     def function_floor():
         a, b = leaves()
@@ -117,7 +122,7 @@ def _steps(case: ITCCase):
     steps = {"eager": eager, "albef_fast": fused, "albef_fast[aten-bwd]": fused_aten_backward,
              "prelude": prelude, "function-floor": function_floor}
     if _extension.has_ops() and hasattr(_extension._EXT, "itc_step") and case.device.type == "cuda":
-        steps["albef_fast[cpp]"] = fused_cpp
+        steps.update({"albef_fast[cpp]": fused_cpp(False), "albef_fast[cpp+entry]": fused_cpp(True)})
     if _extension.has_ops():
         steps.update({"cpp-floor": cpp_floor(3), "cpp-floor[0 launches]": cpp_floor(0)})
     return dict(steps, **{"aten-floor": aten_floor, "engine-floor": engine_floor})

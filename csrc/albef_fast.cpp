@@ -1,9 +1,11 @@
 // The albef_fast._C extension module: op schemas (TORCH_LIBRARY) and build information (pybind11).
 // Implementations are registered per dispatch key in ema.cpp / enqueue.cpp (CPU) and cuda/*.cu;
 // host_floor.cpp registers its measurement op at the Autograd key (all devices); itc_launch.cpp
-// adds the C++ call path of the fused ITC step to the Python module (not an op: eager only).
+// adds the C++ call path of the fused ITC step to the Python module (not an op: eager only), and
+// itc_entry.cpp itc_loss's usual call in front of it.
 #include <torch/extension.h>
 
+#include "itc_entry.h"
 #include "itc_launch.h"
 
 #include <string>
@@ -36,5 +38,6 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "albef_fast C++ ops: torch.ops.albef_fast.ema_update_ and enqueue_, and the C++ ITC step";
   albef_fast::bind_itc_launch(m);
+  albef_fast::bind_itc_entry(m);
   m.def("build_info", &build_info, "How the extension was built ({'cuda': bool, 'torch': version})");
 }

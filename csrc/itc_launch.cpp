@@ -16,6 +16,8 @@
 // With CPU tensors nothing is launched: the resolved parameters are recorded for the tests.
 #include "itc_launch.h"
 
+#include "itc_entry.h"
+
 #include <torch/autograd.h>
 
 #include <array>
@@ -111,8 +113,11 @@ int64_t register_plan(int64_t device_type, int64_t device_index, int64_t b, int6
 }
 
 void forget_plans() {
-  const std::lock_guard<std::mutex> lock(plans_mutex);
-  plans.clear();
+  {
+    const std::lock_guard<std::mutex> lock(plans_mutex);
+    plans.clear();
+  }
+  forget_entries();
 }
 
 // ---- launching ----
@@ -321,10 +326,19 @@ struct ItcStep : public torch::autograd::Function<ItcStep> {
   }
 };
 
-// None when the inputs' alignment is not what the plan's kernels were compiled for (the caller
-// then takes the Python path, which compiles and launches the right variant): checked first,
-// nothing is allocated or launched before it.
-std::optional<variable_list> step(int64_t plan_id, const at::Tensor& image_feat, const at::Tensor& text_feat,
+py::list take_recorded() {
+  const std::lock_guard<std::mutex> lock(recorded_mutex);
+  py::list out = recorded != nullptr ? *recorded : py::list();
+  delete recorded;
+  recorded = nullptr;
+  return out;
+}
+
+}  // namespace
+
+// nullopt when the inputs' alignment is not what the plan's kernels were compiled for (the caller
+// then takes the Python path, which compiles and launches the right variant): checked first.
+std::optional<variable_list> itc_step(int64_t plan_id, const at::Tensor& image_feat, const at::Tensor& text_feat,
                                   const std::optional<at::Tensor>& temp, const at::Tensor& image_feat_m,
                                   const at::Tensor& text_feat_m, const at::Tensor& image_queue,
                                   const at::Tensor& text_queue, const std::optional<at::Tensor>& idx,
@@ -344,20 +358,10 @@ std::optional<variable_list> step(int64_t plan_id, const at::Tensor& image_feat,
                         image_queue, text_queue, &ids, temp.has_value(), temp_value, alpha, plan_id);
 }
 
-py::list take_recorded() {
-  const std::lock_guard<std::mutex> lock(recorded_mutex);
-  py::list out = recorded != nullptr ? *recorded : py::list();
-  delete recorded;
-  recorded = nullptr;
-  return out;
-}
-
-}  // namespace
-
 void bind_itc_launch(py::module_& m) {
   m.def("itc_register_plan", &register_plan, "Register a plan's launches (kernels/cpp_launch.py); returns its id");
   m.def("itc_forget_plans", &forget_plans, "Drop every registered plan");
-  m.def("itc_step", &step, "The fused ITC step of a registered plan, with autograd; None: inputs misaligned");
+  m.def("itc_step", &itc_step, "The fused ITC step of a registered plan, with autograd; None: inputs misaligned");
   m.def("itc_take_recorded", &take_recorded, "The launches made with CPU tensors since the last call (tests)");
 }
 

@@ -29,7 +29,7 @@ import torch
 
 from . import itc, itc_backward, launch
 
-__all__ = ["enabled", "forget", "record_plan", "step"]
+__all__ = ["enabled", "entry", "forget", "record_plan", "step"]
 
 # parameter kinds and sources, as csrc/itc_launch.cpp reads them
 INPUT, WORKSPACE, OUTPUT, NULL, I32, I64, F32 = range(7)
@@ -67,8 +67,18 @@ def step(inputs) -> Optional[Sequence[torch.Tensor]]:
     if plan is None or plan.cpp is None or plan.cpp < 0:
         return None
     temp_v = 1.0 if temp_t is not None else float(t)
-    return _ext().itc_step(plan.cpp, feats[0], feats[1], temp_t, feats[2], feats[3], image_queue, text_queue,
-                           idx_v, idq_v, temp_v, float(alpha))
+    outputs = _ext().itc_step(plan.cpp, feats[0], feats[1], temp_t, feats[2], feats[3], image_queue, text_queue,
+                              idx_v, idq_v, temp_v, float(alpha))
+    if outputs is not None:
+        _ext().itc_entry_learn(plan.cpp, feats[0], image_queue)  # itc_loss's call, if usual: here from now on
+    return outputs
+
+
+def entry():
+    """The extension's itc_loss_entry (csrc/itc_entry.cpp): itc_loss's usual call checked and keyed
+    in C++ and, once the Python path has run its C++ step (which `step` tells the entry), launched
+    from there with no Python in between."""
+    return _ext().itc_loss_entry
 
 
 def record_plan(plan, call, records, workspace: Tuple[int, int], outputs) -> int:

@@ -1,9 +1,11 @@
-"""The fused step issued from C++ (ALBEF_FAST_LAUNCH=cpp: csrc/itc_launch.cpp, kernels/cpp_launch.py).
+"""The fused step issued from C++ (ALBEF_FAST_LAUNCH=cpp: csrc/itc_launch.cpp, kernels/cpp_launch.py)
+and itc_loss's usual call in C++ in front of it (csrc/itc_entry.cpp).
 
 tests/cpp_launch_check.py runs in a child process without TRITON_INTERPRET: a fake driver compiles
 the kernels for sm_90, the Python path's launches are recorded by the driver and the C++ step's by
-the extension (CPU tensors), and each launch's parameters must agree. On a GPU the CUDA test below
-compares the two paths' results bit for bit.
+the extension (CPU tensors), and each launch's parameters must agree. tests/cpp_entry_check.py
+checks the same way that the C++ entry launches what the Python path launches for each call it
+takes, and takes no other. On a GPU the CUDA tests below compare the paths' results bit for bit.
 """
 import pathlib
 
@@ -16,6 +18,7 @@ pytest.importorskip("triton")
 from tests.helpers import run_fake_driver_check  # noqa: E402
 
 CHECK = pathlib.Path(__file__).resolve().parent / "cpp_launch_check.py"
+ENTRY_CHECK = pathlib.Path(__file__).resolve().parent / "cpp_entry_check.py"
 HAS_STEP = _extension.has_ops() and hasattr(_extension._EXT, "itc_step")
 
 
@@ -23,6 +26,12 @@ HAS_STEP = _extension.has_ops() and hasattr(_extension._EXT, "itc_step")
 def test_cpp_step_passes_the_python_paths_parameters():
     result = run_fake_driver_check(CHECK)
     assert result == {"cases": 4, "launches": 12}
+
+
+@pytest.mark.skipif(not HAS_STEP, reason="C++ extension not built")
+def test_cpp_entry_takes_only_calls_the_python_path_has_taken():
+    result = run_fake_driver_check(ENTRY_CHECK)
+    assert result == {"variations": 15, "declined": 11}
 
 
 def test_cpp_step_is_opt_in(monkeypatch):
@@ -40,20 +49,28 @@ def test_unknown_plan_is_named():
 
 
 def _cpp_on(monkeypatch):
-    """ALBEF_FAST_LAUNCH=cpp for this test; returns the list of whether each call went through C++."""
-    from albef_fast import itc_op
+    """ALBEF_FAST_LAUNCH=cpp for this test. Returns (taken, hits): whether each call of the C++ step
+    (from the Python path) launched, and how many itc_loss calls the C++ entry took whole."""
+    from albef_fast import functional, itc_op
     from albef_fast.kernels import cpp_launch, itc
 
-    taken = []
+    taken, hits = [], []
+    entry = cpp_launch.entry()
 
     def counted_step(inputs):
         outputs = cpp_launch.step(inputs)
         taken.append(outputs is not None)
         return outputs
 
+    def counted_entry(*args):
+        out = entry(*args)
+        hits.extend([] if out is None else [1])
+        return out
+
     monkeypatch.setattr(itc, "CPP", cpp_launch)
     monkeypatch.setitem(itc_op.CPP_STEPS, "triton", counted_step)
-    return taken
+    monkeypatch.setattr(functional, "CPP_ENTRY", counted_entry)
+    return taken, hits
 
 
 def _cuda_inputs(dtype, retrieval, b=64, q=4096, d=256):
@@ -77,10 +94,11 @@ NEEDS_GPU = pytest.mark.skipif(not (HAS_STEP and torch.cuda.is_available()), rea
 @pytest.mark.parametrize("dtype, temp_kind, retrieval", [(torch.bfloat16, "tensor", False),
                                                           (torch.float32, "float", True)])
 def test_cpp_step_matches_the_python_path_on_cuda(monkeypatch, dtype, temp_kind, retrieval):
-    """Same bits (loss, gradients, sims) from both paths: the C++ step launches the same kernels."""
+    """Same bits (loss, gradients, sims) from the three paths: the Python path, the C++ step, the
+    C++ entry (which takes no retrieval calls: the C++ step again)."""
     import albef_fast
 
-    taken = _cpp_on(monkeypatch)
+    taken, hits = _cpp_on(monkeypatch)
     (img, txt, img_m, txt_m), (img_q, txt_q), idx, idq = _cuda_inputs(dtype, retrieval)
 
     def run():
@@ -94,9 +112,11 @@ def test_cpp_step_matches_the_python_path_on_cuda(monkeypatch, dtype, temp_kind,
 
     python = run()  # records and registers the plan
     cpp = run()
-    assert taken == [False, True]  # the first call's plan was new; the second went through C++
-    for x, y in zip(python, cpp):
-        assert torch.equal(x, y)
+    entry = run()
+    # the first call's plan was new; the second went through the C++ step, the third through the entry
+    assert (taken, hits) == (([False, True, True], []) if retrieval else ([False, True], [1]))
+    for x, y, z in zip(python, cpp, entry):
+        assert torch.equal(x, y) and torch.equal(x, z)
 
 
 @NEEDS_GPU
@@ -106,7 +126,7 @@ def test_cpp_step_replays_from_a_cuda_graph(monkeypatch):
     import albef_fast
     from albef_fast.bench.cases import graphed
 
-    taken = _cpp_on(monkeypatch)
+    taken, hits = _cpp_on(monkeypatch)
     (img, txt, img_m, txt_m), (img_q, txt_q), _, _ = _cuda_inputs(torch.bfloat16, False, q=8192)
     a, t = img.detach().requires_grad_(True), txt.detach().requires_grad_(True)
     temp = torch.tensor(0.07, device="cuda", requires_grad=True)
@@ -119,11 +139,12 @@ def test_cpp_step_replays_from_a_cuda_graph(monkeypatch):
         last[:] = [out.loss, out.sim_i2t_batch, out.kl_t2i]
 
     step()  # records the plan
-    step()
+    step()  # the C++ step, teaching the entry
+    step()  # the entry
     eager = [x.clone() for x in last]
     replay = graphed(step, torch.device("cuda"))
     replay()
     torch.cuda.synchronize()
-    assert taken[0] is False and all(taken[1:])  # warm-up and capture went through C++
+    assert taken == [False, True] and len(hits) >= 3  # warm-up and capture went through the entry
     for x, y in zip(eager, last):
         assert torch.equal(x, y)
