@@ -5,7 +5,8 @@
 // machine's CPU: itc_loss's checks, the backend and precision choice, the plan key.
 //
 // How: a call of the usual form (six plain tensors, features of one layout and queues of one
-// layout, a positive temperature, a float alpha in [0, 1], no ids) gets a key made of everything
+// layout, a positive temperature, a float alpha in [0, 1], integer ids [B] or [B, 1] with [Q] or
+// [1, Q], or none) gets a key made of everything
 // the Python path's choices depend on: shapes, strides, dtypes, device, the flags, the backend and
 // precision arguments, torch's float32 matmul precision and the ALBEF_FAST_* / TRITON_INTERPRET
 // environment. The key names the C++ plan the Python path used for such a call. On a miss, the
@@ -48,11 +49,14 @@ struct EntryKey {
   bool teacher = false, grad = false, details = false;
   int64_t backend = 0, precision = 0;  // itc_loss's arguments: 0 = None, else 1 + index in the lists below
   int64_t matmul_precision = 0;
+  // retrieval ids: none (all 0), or 1, the two dtypes, dims and strides (Python keys their flat views)
+  std::array<int64_t, 9> ids = {};
   std::string settings;
 
   auto tie() const {
     return std::tie(b, q, d, feat_stride, queue_strides[0], queue_strides[1], feat_dtype, queue_dtype, temp_dtype,
-                    device_type, device_index, teacher, grad, details, backend, precision, matmul_precision, settings);
+                    device_type, device_index, teacher, grad, details, backend, precision, matmul_precision, ids,
+                    settings);
   }
   bool operator==(const EntryKey& other) const { return tie() == other.tie(); }
 };
@@ -62,6 +66,7 @@ struct Call {
   EntryKey key;
   const at::Tensor* tensors[6];  // image, text, image_m, text_m, image_queue, text_queue
   const at::Tensor* temp = nullptr;
+  const at::Tensor* ids[2] = {nullptr, nullptr};  // idx, idx_queue
   double temp_value = 1.0, alpha = 0.0;
 };
 
@@ -140,6 +145,21 @@ bool usual_temperature(PyObject* obj, Call& call) {
   return !t.is_cpu() || t.item<double>() > 0.0;
 }
 
+// none, or integer idx [B] / [B, 1] and idx_queue [Q] / [1, Q] on the features' device
+bool usual_ids(PyObject* idx_obj, PyObject* idq_obj, Call& call) {
+  if (idx_obj == Py_None && idq_obj == Py_None) return true;
+  call.ids[0] = idx_obj == Py_None ? nullptr : plain_tensor(idx_obj);
+  call.ids[1] = idq_obj == Py_None ? nullptr : plain_tensor(idq_obj);
+  if (call.ids[0] == nullptr || call.ids[1] == nullptr) return false;
+  const at::Tensor &idx = *call.ids[0], &idq = *call.ids[1];
+  const int64_t b = call.tensors[0]->size(0), q = call.tensors[4]->size(1);
+  const bool idx_ok = idx.dim() == 1 ? idx.size(0) == b : idx.dim() == 2 && idx.size(0) == b && idx.size(1) == 1;
+  const bool idq_ok = idq.dim() == 1 ? idq.size(0) == q : idq.dim() == 2 && idq.size(0) == 1 && idq.size(1) == q;
+  const auto device = call.tensors[0]->device();
+  return idx_ok && idq_ok && at::isIntegralType(idx.scalar_type(), false) &&
+         at::isIntegralType(idq.scalar_type(), false) && idx.device() == device && idq.device() == device;
+}
+
 // The environment entries the Python path reads (a superset: every ALBEF_FAST_* and TRITON_INTERPRET)
 std::string environment_settings() {
   std::string settings;
@@ -170,6 +190,11 @@ void fill_key(Call& call) {
   key.grad = at::GradMode::is_enabled() && (image.requires_grad() || call.tensors[1]->requires_grad() ||
                                             (call.temp && call.temp->requires_grad()));
   key.matmul_precision = static_cast<int64_t>(at::globalContext().float32MatmulPrecision());
+  if (call.ids[0] != nullptr) {
+    const at::Tensor &idx = *call.ids[0], &idq = *call.ids[1];
+    key.ids = {1, static_cast<int64_t>(idx.scalar_type()), static_cast<int64_t>(idq.scalar_type()), idx.dim(),
+               idq.dim(), idx.stride(0), idx.stride(-1), idq.stride(0), idq.stride(-1)};
+  }
   key.settings = environment_settings();
 }
 
@@ -183,7 +208,7 @@ bool parse(PyObject* const* args, Call& call) {
   PyObject *alpha = args[7], *details = args[10];
   call.key.details = details == Py_True;
   if (!usual_tensors(call) || !usual_temperature(args[6], call) || !PyFloat_CheckExact(alpha) ||
-      args[8] != Py_None || args[9] != Py_None || (details != Py_True && details != Py_False)) {
+      !usual_ids(args[8], args[9], call) || (details != Py_True && details != Py_False)) {
     return false;
   }
   call.alpha = PyFloat_AS_DOUBLE(alpha);
@@ -254,7 +279,12 @@ PyObject* itc_loss_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
     Py_RETURN_NONE;
   }
   const std::optional<at::Tensor> temp = call.temp ? std::optional<at::Tensor>(*call.temp) : std::nullopt;
-  const auto outputs = itc_step(plan_id, *t[0], *t[1], temp, *t[2], *t[3], *t[4], *t[5], std::nullopt, std::nullopt,
+  std::optional<at::Tensor> idx, idx_queue;  // flat, as the Python path passes them
+  if (call.ids[0] != nullptr) {
+    idx = call.ids[0]->reshape({-1});
+    idx_queue = call.ids[1]->reshape({-1});
+  }
+  const auto outputs = itc_step(plan_id, *t[0], *t[1], temp, *t[2], *t[3], *t[4], *t[5], idx, idx_queue,
                                 call.temp ? 1.0 : call.temp_value, call.alpha);
   if (!outputs.has_value()) Py_RETURN_NONE;  // misaligned inputs: the Python path compiles their variant
   return wrap(*outputs, call.key.details);

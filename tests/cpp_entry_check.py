@@ -107,6 +107,9 @@ def _check_variations():
     _hit(args, {"precision": "medium"})
     _hit(_usual(b=5, q=33, d=24), {})  # shapes
     _hit(_usual(dtype=torch.float32), {"precision": "high"})
+    ids = {"idx": torch.arange(8) % 3, "idx_queue": (torch.arange(40) % 3).view(1, 40)}  # ALBEF's [1, Q] queue
+    _hit(args, ids)
+    _hit(args, {"idx": ids["idx"].view(8, 1).int(), "idx_queue": ids["idx_queue"]})  # [B, 1] int32
     fp32 = _usual(dtype=torch.float32)
     before = torch.get_float32_matmul_precision()
     for precision in ("high", "highest"):
@@ -121,7 +124,7 @@ def _check_variations():
     finally:
         del os.environ["ALBEF_FAST_WAVES"]
     _hit(args, {}, learned=True)  # the first key again
-    return 15
+    return 17
 
 
 def _check_backward():
@@ -155,7 +158,11 @@ def _check_declined():
     cases = [
         (feats_t + args[4:], {}, None),
         (args[:7] + [0], {}, None),  # an int alpha
-        (args, {"idx": torch.arange(8), "idx_queue": torch.arange(40)}, None),
+        (args, {"idx": torch.arange(8) % 2 == 0, "idx_queue": torch.arange(40) % 2 == 0}, None),  # bool ids
+        (args, {"idx": torch.arange(8).view(2, 4), "idx_queue": torch.arange(40)}, (ValueError, "idx")),
+        (args, {"idx": torch.arange(8)}, (ValueError, "idx_queue")),
+        (args, {"idx": torch.arange(7), "idx_queue": torch.arange(40)}, (ValueError, "idx")),
+        (args, {"idx": torch.arange(8.0), "idx_queue": torch.arange(40)}, (TypeError, "idx")),
         (args, {"backend": "torch"}, None),
         (args[:6] + [-0.07, 0.4], {}, (ValueError, "temp")),
         (args[:6] + [torch.tensor(-0.07), 0.4], {}, (ValueError, "temp")),
