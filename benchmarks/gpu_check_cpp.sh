@@ -8,11 +8,14 @@
 # same process) with the Python launches and then with ALBEF_FAST_LAUNCH=cpp; host_floor.py at
 # B = 64 (albef_fast, albef_fast[cpp], albef_fast[cpp+entry], the Python prelude, the Python and
 # C++ floors); the merge
-# kernel's device time at B = 64 with its default tiles and ALBEF_FAST_MERGE=8,16,32.
-#   bash benchmarks/gpu_check_cpp.sh OUTDIR          (run with timeout_s >= 420)
+# kernel's device time at B = 64 with its default tiles and ALBEF_FAST_MERGE=8,16,32; last, TF32
+# (f16s) at B = 64 per config: the tuned one against the two-state 32-row ones (0 spills, sm_90a
+# AOT) and 1 wave (TF32's 8x at B = 64 is device bound).
+#   bash benchmarks/gpu_check_cpp.sh OUTDIR          (run with timeout_s >= 510)
 # Stage limits: 40 install + 150 tests (the build runs beside them, up to 200) + 60 + 2 x 45 + 30
-# + 2 x 25 = 420 s at most. OUTDIR: device.txt install.log tests.txt tests.tar.gz bench.txt
-# itc_<gpu>.csv host_floor.txt profile.txt. GPU_CHECK_SMOKE=1: the same steps on the CPU, smaller.
+# + 2 x 25 + 75 = 495 s at most. OUTDIR: device.txt install.log tests.txt tests.tar.gz bench.txt
+# itc_<gpu>.csv host_floor.txt profile.txt triton_configs_<gpu>.csv table.txt.
+# GPU_CHECK_SMOKE=1: the same steps on the CPU, smaller.
 set -uo pipefail
 OUT=${1:?usage: gpu_check_cpp.sh OUTDIR}
 NAME=gpu_check_cpp
@@ -26,6 +29,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   BENCH=(--device cpu --queue 256 --dim 32 --batch 8 --reps 2 --precision fp32 --providers eager,albef_fast)
   FLOOR=(--device cpu --queue 256 --batch 8 --precision fp32)
   PROFILE=(--help)  # needs a GPU: the smoke test checks only that the script starts
+  TABLE=(--help)
 else
   TESTS=(--workers 14 tests/test_itc_loss.py tests/test_triton.py tests/test_itc_backward.py
          -k "not f16 and not tf32 and not converted")
@@ -34,6 +38,8 @@ else
   BENCH=(--device cuda --batch 64 --precision bf16,tf32 --providers eager,albef_fast,eager[graph],albef_fast[graph])
   FLOOR=(--device cuda --batch 64 --precision bf16,tf32)
   PROFILE=(--batch 64 --precision bf16,tf32)
+  TABLE=(--out "$OUT" --batch 64 --precision f16s --waves 1 --jobs 3
+         --configs "64,32,256,1,0,4,3;32,64,256,0,0,8,2;32,64,256,0,0,8,3")
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 fi
 $PY -c "import pytest_timeout" 2>/dev/null && TESTS=(--timeout 90 "${TESTS[@]}")
@@ -66,4 +72,7 @@ stamp "host floor at B = 64: launched | host issue per step"
 stage 30 $PY benchmarks/host_floor.py "${FLOOR[@]}" 2>&1 | tee "$OUT/host_floor.txt"
 
 merge_profile "${PROFILE[@]}"
+
+stamp "TF32 (f16s) at B = 64 per config: launched | graph replay, eager in the same process"
+stage 75 $PY benchmarks/triton_configs.py "${TABLE[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/table.txt" | tail -12
 stamp "done"
