@@ -7,8 +7,9 @@ _itc_split_fwd_kernel   grid (row blocks, key splits, 2 directions x D blocks). 
     u_m . k from the same loaded tile) in base 2 (log2(e) / T folded into one scale), and keeps
     online-softmax states: running max, Z, A = sum 2^(s - max) k over its D block, plus the
     hard-target sum H = sum [id_j == id_r] k and count for retrieval targets.
-_itc_merge_fwd_kernel   grid (row blocks, D blocks, 2 directions). Combines the splits in a fixed
-    order (deterministic: no atomics): G = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H / n,
+_itc_merge_fwd_kernel   grid (row blocks, D blocks, 2 directions). Combines the splits in one
+    pass, in a fixed order (deterministic: no atomics), rescaling as the split kernel's online
+    softmax does: G = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H / n,
     dq = G / (2 T B) (of the mean of the two directions' losses), and partial dot products of
     u = q / T with the key means over its D block.
 _itc_finish_fwd_kernel  grid (1,). Sums the partials in order and gives the means of the loss,
@@ -580,62 +581,32 @@ def _load_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, kind, direction
 
 
 @triton.jit
-def _split_rows(base, s0, rows, B, NUM_SPLITS, CHUNK: tl.constexpr):
-    """Offsets [CHUNK, BLOCK_M] of (split s0 + c, row) in a [..., S, B] array, and their mask."""
-    sp = s0 + tl.arange(0, CHUNK)
-    return base + sp[:, None] * B + rows[None, :], (sp[:, None] < NUM_SPLITS) & (rows[None, :] < B)
+def _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, stat_offs, acc_offs, ok, mask, ACC: tl.constexpr):
+    """One kind's states of CHUNK splits: max and Z [CHUNK, BLOCK_M] (-inf and 0 past the last
+    split) and, if ACC, the key sums [CHUNK, BLOCK_M, BLOCK_D] (else zeros, unused)."""
+    m_sp = tl.load(ws_max_ptr + stat_offs, mask=ok, other=float("-inf"))
+    z_sp = tl.load(ws_z_ptr + stat_offs, mask=ok, other=0.0)
+    if ACC:
+        a = tl.load(ws_acc_ptr + acc_offs, mask=mask, other=0.0)
+    else:
+        a = tl.zeros(acc_offs.shape, tl.float32)
+    return m_sp, z_sp, a
 
 
 @triton.jit
-def _merge_scalars(ws_max_ptr, ws_z_ptr, base_s, base_m, rows, B, NUM_SPLITS, TEACHER: tl.constexpr,
-                   CHUNK: tl.constexpr):
-    """Global max and Z over the splits of the student (stats at base_s) and, if TEACHER, of the
-    teacher (base_m; else the student's are returned for it): (mx_s, z_s, mx_m, z_m). CHUNK splits
-    per load, both kinds in the same loops: at B = 64 the merge is a chain of dependent rounds of
-    loads (~66 splits), and the teacher's loads go out with the student's instead of after them."""
-    row_ok = rows < B
-    mx_s = tl.full([rows.shape[0]], float("-inf"), tl.float32)
-    mx_m = tl.full([rows.shape[0]], float("-inf"), tl.float32)
-    for s0 in range(0, NUM_SPLITS, CHUNK):
-        offs, ok = _split_rows(base_s, s0, rows, B, NUM_SPLITS, CHUNK)
-        mx_s = tl.maximum(mx_s, tl.max(tl.load(ws_max_ptr + offs, mask=ok, other=float("-inf")), 0))
-        if TEACHER:
-            offs_m = offs + (base_m - base_s)
-            mx_m = tl.maximum(mx_m, tl.max(tl.load(ws_max_ptr + offs_m, mask=ok, other=float("-inf")), 0))
-    mx_s = tl.where(row_ok, mx_s, 0.0)  # finite everywhere: no inf - inf below
-    mx_m = tl.where(row_ok, mx_m, 0.0)
-    z_s = tl.zeros([rows.shape[0]], tl.float32)
-    z_m = tl.zeros([rows.shape[0]], tl.float32)
-    for s0 in range(0, NUM_SPLITS, CHUNK):
-        offs, ok = _split_rows(base_s, s0, rows, B, NUM_SPLITS, CHUNK)
-        m_sp = tl.load(ws_max_ptr + offs, mask=ok, other=float("-inf"))
-        z_s += tl.sum(tl.load(ws_z_ptr + offs, mask=ok, other=0.0) * tl.exp2(m_sp - mx_s[None, :]), 0)
-        if TEACHER:
-            offs_m = offs + (base_m - base_s)
-            m_sp_m = tl.load(ws_max_ptr + offs_m, mask=ok, other=float("-inf"))
-            z_m += tl.sum(tl.load(ws_z_ptr + offs_m, mask=ok, other=0.0) * tl.exp2(m_sp_m - mx_m[None, :]), 0)
-    z_s = tl.where(row_ok, z_s, 1.0)
-    if TEACHER:
-        return mx_s, z_s, mx_m, tl.where(row_ok, z_m, 1.0)
-    return mx_s, z_s, mx_s, z_s
-
-
-@triton.jit
-def _sum_splits(ws_acc_ptr, acc_base, weight_ptr, max_base, rows, d_offs, mx, z, B, D, NUM_SPLITS,
-                WEIGHTED: tl.constexpr, CHUNK: tl.constexpr):
-    """sum over splits of [BLOCK_M, BLOCK_D] blocks of ws_acc, weighted by 2^(m_split - max) / Z
-    if WEIGHTED (E_p[k] for that D block; 0 for a split that saw no keys, m = -inf), else plain."""
-    out = tl.zeros([rows.shape[0], d_offs.shape[0]], tl.float32)
-    for s0 in range(0, NUM_SPLITS, CHUNK):
-        offs, ok = _split_rows(acc_base, s0, rows, B, NUM_SPLITS, CHUNK)
-        mask = ok[:, :, None] & (d_offs[None, None, :] < D)
-        a = tl.load(ws_acc_ptr + offs[:, :, None] * D + d_offs[None, None, :], mask=mask, other=0.0)
-        if WEIGHTED:
-            m_offs, _ = _split_rows(max_base, s0, rows, B, NUM_SPLITS, CHUNK)
-            w = tl.exp2(tl.load(weight_ptr + m_offs, mask=ok, other=float("-inf")) - mx[None, :]) / z[None, :]
-            a = a * w[:, :, None]
-        out += tl.sum(a, 0)
-    return out
+def _merge_states(mx, z, out, m_sp, z_sp, a, ACC: tl.constexpr):
+    """CHUNK splits' states (_split_states) into a running merged one: max, Z and (ACC) the key
+    sums weighted by 2^(m_split - max), rescaled as the max grows (the split kernel's online
+    softmax, over splits). A split with no keys (m = -inf) weighs 0; while every split so far
+    had none, the state stays empty."""
+    new_mx = tl.maximum(mx, tl.max(m_sp, 0))
+    base = tl.where(new_mx == float("-inf"), 0.0, new_mx)  # no -inf - -inf
+    rescale = tl.exp2(mx - base)
+    w = tl.exp2(m_sp - base[None, :])
+    z = z * rescale + tl.sum(z_sp * w, 0)
+    if ACC:
+        out = out * rescale[:, None] + tl.sum(a * w[:, :, None], 0)
+    return new_mx, z, out
 
 
 @triton.jit
@@ -666,24 +637,49 @@ def _itc_merge_fwd_kernel(
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < B
     mask = row_ok[:, None] & (d_offs[None, :] < D)
-    n_kinds = GRAD + HAS_TEACHER + RETRIEVAL
-    stat = direction * 2 * NUM_SPLITS * B
-    acc0 = direction * n_kinds * NUM_SPLITS * B
+    stat = direction * 2 * NUM_SPLITS * B  # ws_max, ws_z [2, 2, S, B]: student, then teacher
+    acc0 = direction * (GRAD + HAS_TEACHER + RETRIEVAL) * NUM_SPLITS * B  # ws_acc [2, n_sums, S, B, D]
 
-    mx_s, z_s, mx_m, z_m = _merge_scalars(ws_max_ptr, ws_z_ptr, stat, stat + NUM_SPLITS * B, rows, B, NUM_SPLITS,
-                                          HAS_TEACHER, CHUNK)
-    u = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
-    if GRAD:
-        g = _sum_splits(ws_acc_ptr, acc0, ws_max_ptr, stat, rows, d_offs, mx_s, z_s, B, D, NUM_SPLITS, True, CHUNK)
+    # One pass over the splits for every state (at B = 64 the merge is a chain of dependent rounds
+    # of loads over ~66 splits: the max, Z and key-sum loops one after the other took 4 times the rounds)
+    mx_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    z_s = tl.zeros([BLOCK_M], tl.float32)
+    g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    mx_m, z_m, pm, h, count = mx_s, z_s, g, g, z_s
+    for s0 in range(0, NUM_SPLITS, CHUNK):
+        sp = s0 + tl.arange(0, CHUNK)
+        sr = sp[:, None] * B + rows[None, :]  # (split, row) of a [S, B] array
+        ok = (sp[:, None] < NUM_SPLITS) & row_ok[None, :]
+        acc_offs = sr[:, :, None] * D + d_offs[None, None, :]
+        acc_mask = ok[:, :, None] & (d_offs[None, None, :] < D)
+        # every load of the round before any reduction: the reductions synchronize the warps, and
+        # no load is issued past such a barrier (sm_90 SASS)
+        m_sp, z_sp, a_s = _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr + acc0 * D, stat + sr, acc_offs, ok,
+                                        acc_mask, GRAD)
+        if HAS_TEACHER:
+            m_sp_m, z_sp_m, a_m = _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr + (acc0 + GRAD * NUM_SPLITS * B) * D,
+                                                stat + NUM_SPLITS * B + sr, acc_offs, ok, acc_mask, True)
+        if RETRIEVAL:  # plain sums: hard-target key sums and their counts
+            c_sp = tl.load(ws_count_ptr + direction * NUM_SPLITS * B + sr, mask=ok, other=0.0)
+            h_ptr = ws_acc_ptr + (acc0 + (GRAD + HAS_TEACHER) * NUM_SPLITS * B) * D
+            a_h = tl.load(h_ptr + acc_offs, mask=acc_mask, other=0.0)
+        mx_s, z_s, g = _merge_states(mx_s, z_s, g, m_sp, z_sp, a_s, GRAD)
+        if HAS_TEACHER:
+            mx_m, z_m, pm = _merge_states(mx_m, z_m, pm, m_sp_m, z_sp_m, a_m, True)
+        if RETRIEVAL:
+            count += tl.sum(c_sp, 0)
+            h += tl.sum(a_h, 0)
+    mx_s = tl.where(row_ok, mx_s, 0.0)  # rows past B: finite, and Z = 1
+    z_s = tl.where(row_ok, z_s, 1.0)
+    g = g / z_s[:, None]
+    if HAS_TEACHER:
+        mx_m = tl.where(row_ok, mx_m, 0.0)
+        z_m = tl.where(row_ok, z_m, 1.0)
+        pm = pm / z_m[:, None]
     else:
-        g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        mx_m, z_m = mx_s, z_s
+    u = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
     if RETRIEVAL:
-        count = tl.zeros([BLOCK_M], tl.float32)
-        for s0 in range(0, NUM_SPLITS, CHUNK):
-            offs, ok = _split_rows(direction * NUM_SPLITS * B, s0, rows, B, NUM_SPLITS, CHUNK)
-            count += tl.sum(tl.load(ws_count_ptr + offs, mask=ok, other=0.0), 0)
-        h_base = acc0 + (GRAD + HAS_TEACHER) * NUM_SPLITS * B
-        h = _sum_splits(ws_acc_ptr, h_base, ws_max_ptr, stat, rows, d_offs, mx_s, z_s, B, D, NUM_SPLITS, False, CHUNK)
         h = h / tl.where(row_ok, count, 1.0)[:, None]
     else:
         h = _load_rows(kb_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32)
@@ -691,8 +687,6 @@ def _itc_merge_fwd_kernel(
     part = part_ptr + ((direction * tl.num_programs(1) + pid_d) * 4) * B + rows
     tl.store(part, tl.sum(u * h, 1), mask=row_ok)
     if HAS_TEACHER:
-        pm = _sum_splits(ws_acc_ptr, acc0 + GRAD * NUM_SPLITS * B, ws_max_ptr, stat + NUM_SPLITS * B, rows, d_offs,
-                         mx_m, z_m, B, D, NUM_SPLITS, True, CHUNK)
         g -= alpha * pm
         u_m = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
         tl.store(part + B, tl.sum(u * pm, 1), mask=row_ok)
