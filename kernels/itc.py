@@ -704,31 +704,35 @@ def _itc_merge_fwd_kernel(
 
 @triton.jit
 def _finish_direction(part_ptr, lse_ptr, direction, temp, B, NUM_DBLOCKS, alpha, HAS_TEACHER: tl.constexpr,
-                      BLOCK_B: tl.constexpr):
-    """Means over the rows of one direction: (loss, d loss / d T, ce, kl), summing the D-block
-    partials in order."""
+                      BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr):
+    """Means over the rows of one direction: (loss, d loss / d T, ce, kl). Each block of rows loads
+    the partials of all its D blocks at once ([DBLOCKS, BLOCK_B] tiles, DBLOCKS >= NUM_DBLOCKS):
+    one round of loads, not one per D block (at B = 64 the D-block loop was 16 dependent rounds
+    a direction)."""
     sum_loss = tl.zeros([BLOCK_B], tl.float32)  # per-lane sums, reduced once at the end
     sum_dt = tl.zeros([BLOCK_B], tl.float32)
     sum_ce = tl.zeros([BLOCK_B], tl.float32)
     sum_kl = tl.zeros([BLOCK_B], tl.float32)
+    db = tl.arange(0, DBLOCKS)
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B)
         ok = rows < B
-        h_s = tl.zeros([BLOCK_B], tl.float32)
-        c_m = tl.zeros([BLOCK_B], tl.float32)
-        d_m = tl.zeros([BLOCK_B], tl.float32)
-        u_g = tl.zeros([BLOCK_B], tl.float32)
-        for db in range(NUM_DBLOCKS):
-            part = part_ptr + ((direction * NUM_DBLOCKS + db) * 4) * B + rows
-            h_s += tl.load(part, mask=ok, other=0.0)
-            if HAS_TEACHER:
-                c_m += tl.load(part + B, mask=ok, other=0.0)
-                d_m += tl.load(part + 2 * B, mask=ok, other=0.0)
-            u_g += tl.load(part + 3 * B, mask=ok, other=0.0)
+        offs = ((direction * NUM_DBLOCKS + db[:, None]) * 4) * B + rows[None, :]
+        mask = (db[:, None] < NUM_DBLOCKS) & ok[None, :]
+        # every load before the reductions (no load is issued past their barriers)
+        h_s = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        u_g = tl.load(part_ptr + offs + 3 * B, mask=mask, other=0.0)
         lse_s = tl.load(lse_ptr + direction * 2 * B + rows, mask=ok, other=0.0)
+        if HAS_TEACHER:
+            c_m = tl.load(part_ptr + offs + B, mask=mask, other=0.0)
+            d_m = tl.load(part_ptr + offs + 2 * B, mask=mask, other=0.0)
+            lse_m = tl.load(lse_ptr + (direction * 2 + 1) * B + rows, mask=ok, other=0.0)
+        h_s = tl.sum(h_s, 0)
+        u_g = tl.sum(u_g, 0)
         loss = lse_s - (1.0 - alpha) * h_s
         if HAS_TEACHER:
-            lse_m = tl.load(lse_ptr + (direction * 2 + 1) * B + rows, mask=ok, other=0.0)
+            c_m = tl.sum(c_m, 0)
+            d_m = tl.sum(d_m, 0)
             loss -= alpha * c_m
             sum_kl += tl.where(ok, d_m - lse_m - c_m + lse_s, 0.0)
         sum_loss += tl.where(ok, loss, 0.0)
@@ -744,15 +748,16 @@ def _itc_finish_fwd_kernel(
     # shapes and scalars
     B, NUM_DBLOCKS, temp_value, alpha,
     # constexpr flags
-    HAS_TEACHER: tl.constexpr, TEMP_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, TEMP_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr,
 ):
     """The scalars of both directions (grid (1,)): loss (their mean), losses [2],
-    grad_temp = d loss / d T, grad_temp_dirs [2] = d loss_dir / d T, terms [4] = (ce, ce, kl, kl)."""
+    grad_temp = d loss / d T, grad_temp_dirs [2] = d loss_dir / d T, terms [4] = (ce, ce, kl, kl).
+    DBLOCKS: NUM_DBLOCKS (the merge's D blocks) rounded up to a power of two."""
     temp = _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
     loss_0, dt_0, ce_0, kl_0 = _finish_direction(part_ptr, lse_ptr, 0, temp, B, NUM_DBLOCKS, alpha, HAS_TEACHER,
-                                                 BLOCK_B)
+                                                 BLOCK_B, DBLOCKS)
     loss_1, dt_1, ce_1, kl_1 = _finish_direction(part_ptr, lse_ptr, 1, temp, B, NUM_DBLOCKS, alpha, HAS_TEACHER,
-                                                 BLOCK_B)
+                                                 BLOCK_B, DBLOCKS)
     tl.store(loss_ptr, (loss_0 + loss_1) * 0.5)
     tl.store(grad_temp_ptr, (dt_0 + dt_1) * 0.5)
     tl.store(losses_ptr, loss_0)
@@ -1119,9 +1124,11 @@ class _Plan:
         self.merge = _LAUNCH["merge"].prepare(
             (_cdiv(b, merge_m), merge_d_blocks, 2), (*feat_strides, b, d, splits),
             dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk), _FOUR_WARPS)
+        dblocks = _next_pow2(merge_d_blocks)  # the finish loads 4 [dblocks, BLOCK_B] tiles of <= 2048 values
         self.finish = _LAUNCH["finish"].prepare(
             (1,), (b, merge_d_blocks),
-            dict(HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_dtype is not None, BLOCK_B=min(1024, _next_pow2(b))),
+            dict(HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_dtype is not None,
+                 BLOCK_B=min(_next_pow2(b), max(16, 2048 // dblocks)), DBLOCKS=dblocks),
             _FOUR_WARPS)
 
     def workspace(self, device) -> "_Workspace":

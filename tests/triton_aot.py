@@ -116,7 +116,7 @@ def compile_all(flags):
     split = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], num_warps=8)
     merge = _compile(itc._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=64, CHUNK=8), flags["TYPE"], num_warps=4)
     finish = _compile(itc._itc_finish_fwd_kernel, dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=True,
-                                                       BLOCK_B=64), flags["TYPE"], num_warps=4)
+                                                       BLOCK_B=64, DBLOCKS=16), flags["TYPE"], num_warps=4)
     scale = _compile(itc_backward._itc_scale_bwd_kernel, dict(BLOCK=1024, HAS_TEMP=True), flags["TYPE"], num_warps=4)
     kernels = [("split", split), ("merge", merge), ("finish", finish), ("scale", scale)]
     if flags.get("PRESCALED"):
