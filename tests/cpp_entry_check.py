@@ -9,7 +9,7 @@ miss (the Python path runs and teaches the entry its plan), then hit (no Python 
 same launches: the same inputs in the same places, the same ints and floats. Every part of the
 key is varied once; calls of another form, and invalid calls sharing a learned key, must never
 hit, and the invalid ones still raise the Python path's named errors; torch.compile traces past
-the entry. Run by
+the entry; ITCLoss steps go through it. Run by
 tests/test_cpp_launch.py in a child process.
 """
 import json
@@ -186,6 +186,21 @@ def _check_compile():
     assert compiled(*args).shape == () and SLOW_CALLS == [1]
 
 
+def _check_module():
+    """ITCLoss (return_details, its [1, Q] idx_queue with use_idx): from the third step on, the
+    entry takes the whole loss; the queues change in place between steps, the key does not."""
+    for use_idx in (False, True):
+        module = albef_fast.ITCLoss(embed_dim=32, queue_size=40, use_idx=use_idx)
+        slow = []
+        for _ in range(4):
+            feats = [torch.randn(8, 32).requires_grad_(k < 2) for k in range(4)]
+            del SLOW_CALLS[:]
+            out = module(*feats, idx=torch.arange(8) % 3 if use_idx else None)
+            slow.append(len(SLOW_CALLS))
+            out.loss.backward()
+        assert slow == [1, 1, 0, 0] and module.temp.grad is not None, (use_idx, slow)
+
+
 def _check_forget():
     """Dropping the plans drops what the entry learned: the next call takes the Python path."""
     args = _usual()
@@ -203,6 +218,7 @@ def main():
     _check_backward()
     declined = _check_declined()
     _check_compile()
+    _check_module()
     _check_forget()
     print(json.dumps({"variations": variations, "declined": declined}))
 
