@@ -1,6 +1,6 @@
 """itc_loss's usual call in C++ (csrc/itc_entry.cpp) against the Python path, with no GPU.
 
-    python tests/cpp_entry_check.py   ->  one JSON line: {"hits": H, "variations": V, "declined": N}
+    python tests/cpp_entry_check.py   ->  one JSON line: {"variations": V, "declined": N}
 
 Set up as tests/cpp_launch_check.py (a fake driver compiling for sm_90, CPU tensors whose C++
 launches the extension records). For each call: with the entry off, the Python path (after its
