@@ -9,11 +9,13 @@
 # B = 64 (albef_fast, albef_fast[cpp], albef_fast[cpp+entry], the Python prelude, the Python and
 # C++ floors); the merge
 # kernel's device time at B = 64 with its default tiles and ALBEF_FAST_MERGE=8,16,32; last, TF32
-# (f16s) at B = 64 per config: the tuned one against the two-state 32-row ones (0 spills, sm_90a
-# AOT) and 1 wave (TF32's 8x at B = 64 is device bound).
-#   bash benchmarks/gpu_check_cpp.sh OUTDIR          (run with timeout_s >= 510)
+# (f16s) at B = 64 per config (TF32's 8x at B = 64 is device bound): the tuned one with session
+# 12's staged query rows and without them (ALBEF_FAST_STAGE_ROWS=0: the same bits, so the same
+# errors), the 16-key 4-warp ones the staging leaves with 0-12 B of spills at 2 programs per SM,
+# the two-state 32-row one (0 spills), and the two fastest at 1 wave (sm_90a AOT, Triton 3.6).
+#   bash benchmarks/gpu_check_cpp.sh OUTDIR          (run with timeout_s >= 525)
 # Stage limits: 40 install + 150 tests (the build runs beside them, up to 200) + 60 + 2 x 45 + 30
-# + 2 x 25 + 75 = 495 s at most. OUTDIR: device.txt install.log tests.txt tests.tar.gz bench.txt
+# + 2 x 25 + 90 = 510 s at most. OUTDIR: device.txt install.log tests.txt tests.tar.gz bench.txt
 # itc_<gpu>.csv host_floor.txt profile.txt triton_configs_<gpu>.csv table.txt.
 # GPU_CHECK_SMOKE=1: the same steps on the CPU, smaller.
 set -uo pipefail
@@ -38,8 +40,8 @@ else
   BENCH=(--device cuda --batch 64 --precision bf16,tf32 --providers eager,albef_fast,eager[graph],albef_fast[graph])
   FLOOR=(--device cuda --batch 64 --precision bf16,tf32)
   PROFILE=(--batch 64 --precision bf16,tf32)
-  TABLE=(--out "$OUT" --batch 64 --precision f16s --waves 1 --jobs 3
-         --configs "64,32,256,1,0,4,3;32,64,256,0,0,8,2;32,64,256,0,0,8,3")
+  TABLE=(--out "$OUT" --batch 64 --precision f16s --waves 1 --jobs 5
+         --configs "64,32,256,1,0,4,3;64,32,256,1,0,4,3@ALBEF_FAST_STAGE_ROWS=0;64,16,256,1,0,4,4;64,16,256,1,0,4,4,0,1;32,64,256,0,0,8,2")
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 fi
 $PY -c "import pytest_timeout" 2>/dev/null && TESTS=(--timeout 90 "${TESTS[@]}")
@@ -74,5 +76,5 @@ stage 30 $PY benchmarks/host_floor.py "${FLOOR[@]}" 2>&1 | tee "$OUT/host_floor.
 merge_profile "${PROFILE[@]}"
 
 stamp "TF32 (f16s) at B = 64 per config: launched | graph replay, eager in the same process"
-stage 75 $PY benchmarks/triton_configs.py "${TABLE[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/table.txt" | tail -12
+stage 90 $PY benchmarks/triton_configs.py "${TABLE[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/table.txt" | tail -12
 stamp "done"

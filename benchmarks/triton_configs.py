@@ -7,7 +7,9 @@ fwd+bwd with each config forced (ALBEF_FAST_CONFIG), checks each result against 
 tolerance rule of SPEC section 5: error <= 2 x eager's in the same precision + 1e-5), then times
 the fastest configs again at other split counts (ALBEF_FAST_WAVES). Configs are compiled first in
 parallel worker processes (Triton's on-disk cache), so the serial timing loop pays no compiles.
-Writes OUTDIR/triton_configs_<gpu>.csv and prints the table, fastest first.
+Writes OUTDIR/triton_configs_<gpu>.csv and prints the table, fastest first. A --configs entry
+"spec@NAME=VALUE[@NAME=VALUE]" times the spec with those settings too (an A/B of a setting in the
+same table, e.g. "64,32,256,1,0,4,3@ALBEF_FAST_STAGE_ROWS=0"); such rows never become tuned entries.
 """
 from __future__ import annotations
 
@@ -48,6 +50,13 @@ VARIANT_SPECS = ["32,64,256,0,1,8,2", "32,64,256,0,0,8,2", "64,32,256,1,0,8,2", 
 TUNED_PRECISIONS = ("bf16", "f16s", "f16p", "tf32", "f16x3", "f16x3p")  # the table's keys (kernels/itc_configs.py:TUNED)
 
 
+def _entry(entry: str) -> Tuple[str, Dict[str, str]]:
+    """(ALBEF_FAST_CONFIG spec, settings) of a --configs entry "spec[@NAME=VALUE...]"."""
+    spec, *settings = entry.split("@")
+    env = dict(s.split("=", 1) for s in settings)
+    return spec, dict(env, ALBEF_FAST_CONFIG=spec)
+
+
 def _specs_for(precision: str, specs: List[str]) -> List[str]:
     """The configs timed for a precision: all for fp32 tiles with tensor-core products (tf32,
     f16s, f16x3); all but the transposed-logits ones (a fix for fp32 tiles, LOGITS_T = 9th field)
@@ -55,8 +64,8 @@ def _specs_for(precision: str, specs: List[str]) -> List[str]:
     if precision in ("tf32", "f16s", "f16p", "f16x3", "f16x3p"):
         return specs
     if precision == "bf16":
-        return [s for s in specs if s.split(",")[8:9] != ["1"]]
-    return [s for s in specs if s in VARIANT_SPECS]
+        return [s for s in specs if _entry(s)[0].split(",")[8:9] != ["1"]]
+    return [s for s in specs if _entry(s)[0] in VARIANT_SPECS]
 
 
 def _parse():
@@ -146,7 +155,7 @@ def _torch_backend(*a):
 
 def _warm(spec: str, args) -> Dict[str, str]:
     """Worker: compile one config for every case (on-disk cache); precision -> error text."""
-    os.environ["ALBEF_FAST_CONFIG"] = spec
+    os.environ.update(_entry(spec)[1])
     errors = {}
     for precision in args.precision.split(","):
         if spec not in _specs_for(precision, [spec]):
@@ -240,13 +249,13 @@ def _case_rows(args, precision: str, b: int, specs: List[str], failed, gpu: str)
             if (spec, precision) in failed:
                 rows.append(dict(base, config=spec, waves=2, ms=float("nan"), ok=failed[(spec, precision)]))
                 continue
-            with _env({"ALBEF_FAST_CONFIG": spec}):
+            with _env(_entry(spec)[1]):
                 timed.append(_row(base, spec, 2, eager, lambda: _measure(_albef_fast, case, ref, eager_err, reps)))
         # the two with the least device time (graph replay: at B = 64 launched times are the host's)
         fastest = sorted((r for r in timed if r["ok"] is True), key=lambda r: r["ms_graph"])[:2]
         for r in fastest:
             for waves in (w for w in args.waves.split(",") if w):
-                with _env({"ALBEF_FAST_CONFIG": r["config"], "ALBEF_FAST_WAVES": waves}):
+                with _env(dict(_entry(r["config"])[1], ALBEF_FAST_WAVES=waves)):
                     timed.append(_row(base, r["config"], waves, eager,
                                       lambda: _measure(_albef_fast, case, ref, eager_err, reps)))
         rows += timed
@@ -278,8 +287,9 @@ def _tuned(rows) -> Dict[str, list]:
     and f16x3 (fp32-class fp16 products); not the variants tf32t / fp32 / fp32x3)."""
     best: Dict[Tuple[str, int], dict] = {}
     for r in rows:
-        if "," not in r["config"] or r["ok"] is not True or r["precision"] not in TUNED_PRECISIONS:
-            continue  # eager / torch-backend rows, failures, and the variants of PRECISIONS
+        if ("," not in r["config"] or "@" in r["config"] or r["ok"] is not True
+                or r["precision"] not in TUNED_PRECISIONS):
+            continue  # eager / torch-backend rows, settings' A/B rows, failures, the variants of PRECISIONS
         key = (r["precision"], r["B"])
         if key not in best or r["ms_graph"] < best[key]["ms_graph"]:  # device time decides
             best[key] = r

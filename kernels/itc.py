@@ -342,6 +342,37 @@ def _key_sum(acc, w, k_t, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr
     return out
 
 
+@triton.jit
+def _staged_rows(ws_acc_ptr, q, qm, direction, kind, pid_s, pid_m, rows, d_offs, B, D, NUM_SPLITS,
+                 DOT_DTYPE: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr,
+                 TEACHER: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The query operands q, qm [BLOCK_M, D] (fp16 values, _query_tiles) written to global memory
+    and read back: a plain load lets the logits product take them from shared memory, as it
+    takes bf16 rows, where a computed operand stays in registers (Triton 3.6 reloads it there
+    for each key tile: 64 registers a thread at 64 rows, 4 warps, and 516 B of spills for f16s's
+    B = 64 config; sm_90a AOT). Same bits either way. The rows go to the start of this program's
+    own key-sum slices of ws_acc (layout: _store_states, GRAD), which it overwrites at its end:
+    q into its main state's slot (kind), qm into the teacher's (TEACHER). One barrier in between."""
+    n_kinds = 1 + HAS_TEACHER + RETRIEVAL
+    local = (rows - pid_m * BLOCK_M)[:, None] * D + d_offs[None, :]  # fp16 [BLOCK_M, D] of the row block
+    mask = (rows[:, None] < B) & (d_offs[None, :] < D)
+    block = pid_m * BLOCK_M * D  # the row block's first fp32 element in a [B, D] slice
+    main = (ws_acc_ptr + ((direction * n_kinds + kind) * NUM_SPLITS + pid_s) * B * D + block).to(
+        tl.pointer_type(tl.float16))
+    tl.store(main + local, q.to(tl.float16), mask=mask)
+    if TEACHER:
+        second = (ws_acc_ptr + ((direction * n_kinds + 1) * NUM_SPLITS + pid_s) * B * D + block).to(
+            tl.pointer_type(tl.float16))
+        tl.store(second + local, qm.to(tl.float16), mask=mask)
+    tl.debug_barrier()  # the block's stores visible to all its threads before the loads
+    q = tl.load(main + local, mask=mask, other=0.0).to(DOT_DTYPE)
+    if TEACHER:
+        qm = tl.load(second + local, mask=mask, other=0.0).to(DOT_DTYPE)
+    else:
+        qm = q
+    return q, qm
+
+
 def _kind_heuristics(args):
     """KIND_AXIS (a config choice): student and teacher states in separate programs of one launch
     (GRID_KINDS = 2; each program keeps one state, so half the accumulators) or both in one."""
@@ -367,9 +398,9 @@ def _itc_split_fwd_kernel(
     # constexpr flags
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr, RESUME: tl.constexpr,
-    TILE_SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    KIND_AXIS: tl.constexpr, KT_LOAD: tl.constexpr, LOGITS_T: tl.constexpr, NUM_DK: tl.constexpr,
-    GRID_KINDS: tl.constexpr, TEACHER: tl.constexpr,
+    TILE_SUMS: tl.constexpr, STAGE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, KIND_AXIS: tl.constexpr, KT_LOAD: tl.constexpr, LOGITS_T: tl.constexpr,
+    NUM_DK: tl.constexpr, GRID_KINDS: tl.constexpr, TEACHER: tl.constexpr,
 ):
     """Per-split online-softmax states of one (kind, row block, key split, direction, D block).
 
@@ -386,6 +417,8 @@ def _itc_split_fwd_kernel(
     the key tiles [T0, T1) of a chunk (kc holds that chunk); RESUME (chunks after the first)
     continues from the states the previous launch left in the workspace. Else kc, ks, qc, qs,
     KC_STRIDE, T0 and T1 are unused. TILE_SUMS: the key sums rounded once per tile (_key_sum).
+    STAGE_ROWS ("f16s" with GRAD and D in one block): the scaled query rows pass through
+    ws_acc (_staged_rows).
     Writes, with R = number of key sums kept (student if GRAD, teacher, hard) and S = NUM_SPLITS:
     ws_max, ws_z [2, 2, S, B] (student / teacher), ws_acc [2, R, S, B, D], ws_count [2, S, B],
     sim [2, B, B] (student logits against the in-batch keys; split 0, D block 0 only).
@@ -432,6 +465,9 @@ def _itc_split_fwd_kernel(
     else:
         q_one, qm_one, q_up_one, qm_up_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D,
                                                           TEACHER, DOT_DTYPE, INPUT_PRECISION)
+        if STAGE_ROWS and GRAD and (NUM_DK == 1) and (INPUT_PRECISION == "f16s"):
+            q_one, qm_one = _staged_rows(ws_acc_ptr, q_one, qm_one, direction, kind, pid_s, pid_m, rows, d_acc, B, D,
+                                         NUM_SPLITS, DOT_DTYPE, HAS_TEACHER, RETRIEVAL, TEACHER, BLOCK_M)
     up_run = tl.full([], 1.0, tl.float32)  # scaled fp16 modes: the latest key-sum operand's scale
 
     batch_tiles = tl.cdiv(B, BLOCK_N)
@@ -952,6 +988,12 @@ def _tile_sums(input_precision: str) -> bool:
     return input_precision == "f16x3" and os.environ.get("ALBEF_FAST_TILE_SUMS", "1") != "0"
 
 
+def _stage_rows(input_precision: str) -> bool:
+    """The split kernel's STAGE_ROWS (_staged_rows): for f16s unless ALBEF_FAST_STAGE_ROWS=0
+    (the kernel applies it with GRAD and D in one block only)."""
+    return input_precision == "f16s" and os.environ.get("ALBEF_FAST_STAGE_ROWS", "1") != "0"
+
+
 # "high" with fp32 features from this batch size on: f16p unless ALBEF_FAST_TF32 names a mode.
 # H100, B = 512: 0.85-0.88 ms launched against f16s's 1.03-1.07 (device time 0.60 against 1.02);
 # B = 64: 1.01 ms against 0.50 (its chunks' launches, host bound); between them not measured.
@@ -1070,7 +1112,7 @@ def _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, id
 # tiles per conversion chunk (default: _converted_bytes)
 _SETTINGS = ("ALBEF_FAST_CONFIG", "ALBEF_FAST_WAVES", "ALBEF_FAST_AUTOTUNE", "ALBEF_FAST_TUNED", "ALBEF_FAST_SPLITS",
              "ALBEF_FAST_TF32", "ALBEF_FAST_FP32_DOT", "ALBEF_FAST_CHUNK_TILES", "ALBEF_FAST_TILE_SUMS",
-             "ALBEF_FAST_MERGE")
+             "ALBEF_FAST_MERGE", "ALBEF_FAST_STAGE_ROWS")
 
 
 def _settings():
@@ -1108,7 +1150,7 @@ class _Plan:
         id_strides = ids[2:] if retrieval else (1, 1)
         split_ints = (*feat_strides, *queue_strides, *id_strides, b, q, d, splits)
         split_flags = dict(flags, DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision,
-                           TILE_SUMS=_tile_sums(input_precision))
+                           TILE_SUMS=_tile_sums(input_precision), STAGE_ROWS=_stage_rows(input_precision))
         plain = dict(split_flags, PRESCALED=False, RESUME=False)
         self.converted_sizes = None
         if config is None:  # autotune over candidates(): through the autotuner at each call

@@ -311,6 +311,27 @@ def test_f16x3_key_sums_rounded_per_tile(monkeypatch, retrieval):
     assert itc._Plan(key).splits[0][1].constexprs["TILE_SUMS"] is True  # what the launches get
 
 
+@pytest.mark.parametrize("b", [7, 20])
+@pytest.mark.parametrize("config", ["16,16,32,1,0,1", "16,16,32,0,0,1,2,0,1"])
+@pytest.mark.parametrize("alpha,retrieval", [(0.4, True), (0.0, False)])
+def test_f16s_staged_rows_give_the_same_bits(monkeypatch, b, config, alpha, retrieval):
+    """f16s's scaled query rows pass through the programs' own key-sum slices of the workspace
+    (kernels/itc.py:_staged_rows, the default) or stay in registers (ALBEF_FAST_STAGE_ROWS=0):
+    the same operands, so every output bit for bit; one state per program or both (transposed
+    logits), with and without the teacher and retrieval, one row block (B = 7) or two (B = 20,
+    the second partial), three splits: each program's rows and final key sums share its slices."""
+    x = make_inputs(b, 41, 24, torch.float32, DEVICE, retrieval=retrieval)
+    env = {"ALBEF_FAST_SPLITS": "3", "ALBEF_FAST_CONFIG": config, "ALBEF_FAST_TF32": "f16s"}
+    staged = _outputs(monkeypatch, x, alpha, "high", dict(env, ALBEF_FAST_STAGE_ROWS="1"))
+    registers = _outputs(monkeypatch, x, alpha, "high", dict(env, ALBEF_FAST_STAGE_ROWS="0"))
+    _same_bits_or_rule(staged, registers, registers, same_bits=True)
+    key = (b, 41, 24, torch.float32, torch.float32, (24, 1), (41, 1), torch.device("cpu"), alpha > 0, True, "high",
+           None, None, itc._settings())
+    assert itc._Plan(key).splits[0][1].constexprs["STAGE_ROWS"] is False  # ALBEF_FAST_STAGE_ROWS=0 here
+    monkeypatch.delenv("ALBEF_FAST_STAGE_ROWS")
+    assert itc._stage_rows("f16s") is True and itc._stage_rows("f16x3") is False
+
+
 def test_f16_products_are_chosen_by_the_setting(monkeypatch):
     """TF32-class products: fp16 products by default (fp32 tiles holding fp16 values under the
     interpreter, whose fp16 dot is not exact), rounded TF32 with ALBEF_FAST_TF32=tf32rn; fp32

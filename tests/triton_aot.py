@@ -86,6 +86,9 @@ REPORT = {  # --report: every autotune config of these
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
     "tf32": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float32, PREC="tf32rn", TYPE="*fp32"),
     "f16s": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32"),
+    # the query rows kept in registers (ALBEF_FAST_STAGE_ROWS=0; kernels/itc.py:_staged_rows)
+    "f16s-registers": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s",
+                           TYPE="*fp32", STAGE_ROWS=False),
     "f16x3": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32"),
     "f16p": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
                  PRESCALED=True, RESUME=True),  # a chunk after the first (the states loaded first)
@@ -106,6 +109,7 @@ def _split_constexprs(flags, config):
     return dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True,
                 DOT_DTYPE=flags["DOT"], INPUT_PRECISION=flags["PREC"], PRESCALED=flags.get("PRESCALED", False),
                 RESUME=flags.get("RESUME", False), TILE_SUMS=flags.get("TILE_SUMS", False),
+                STAGE_ROWS=flags.get("STAGE_ROWS", flags["PREC"] == "f16s"),
                 NUM_DK=-(-256 // kw["BLOCK_D"]), **kw, **heur)
 
 
@@ -140,6 +144,15 @@ def _ptxas_report(kernel):
     return regs, int(spills.group(1)), int(spills.group(2))
 
 
+def ctas_per_sm(regs, shared, num_warps):
+    """Resident programs per SM on sm_90 (H100/H200): 64K registers (allocated per warp in units
+    of 256, i.e. per thread in units of 8), 228 KB of shared memory (1 KB reserved per program),
+    64 warps, 32 programs."""
+    by_regs = 65536 // (-(-regs // 8) * 8 * 32 * num_warps)
+    by_shared = (228 * 1024) // (shared + 1024)
+    return min(by_regs, by_shared, 64 // num_warps, 32)
+
+
 def report(names=()):
     """Registers and spills of the split kernel for every autotune config (sm_90a)."""
     for name, flags in ((n, REPORT[n]) for n in (names or REPORT)):
@@ -152,6 +165,7 @@ def report(names=()):
             print(json.dumps({"flags": name, "config": {**config.kwargs, "warps": config.num_warps,
                                                         "stages": config.num_stages, "maxnreg": config.maxnreg},
                               "regs": regs, "spill_st": st, "spill_ld": ld, "shared": k.metadata.shared,
+                              "ctas_per_sm": ctas_per_sm(regs, k.metadata.shared, config.num_warps),
                               "mma": sass_mma, "async_loads": pipelined}), flush=True)
 
 
