@@ -263,11 +263,15 @@ def _case_rows(args, precision: str, b: int, specs: List[str], failed, gpu: str)
 
 
 def _row(base: dict, config: str, waves, eager: dict, measure) -> dict:
-    """A table row of one measurement; a config that fails at run time gets its error as `ok`."""
+    """A table row of one measurement; a config that fails at run time gets its error as `ok`.
+    Printed at once too (a stage limit that cuts the block short keeps what was measured)."""
     try:
         r = measure()
     except Exception as exc:  # noqa: BLE001
+        print(f"  measured {config} waves {waves}: failed: {_error_text(exc)}", flush=True)
         return dict(base, config=config, waves=waves, ms=float("nan"), ok=_error_text(exc))
+    print(f"  measured {config} waves {waves}: {r['ms']:.4f} | {r['ms_graph']:.4f} ms, err {r['err_grad']:.1e}, "
+          f"ok={r['ok']}", flush=True)
     return dict(base, config=config, waves=waves, speedup=eager["ms"] / r["ms"],
                 speedup_graph=eager["ms_graph"] / r["ms_graph"], **r)
 
