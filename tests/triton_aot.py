@@ -154,7 +154,8 @@ def ctas_per_sm(regs, shared, num_warps):
 
 
 def report(names=()):
-    """Registers and spills of the split kernel for every autotune config (sm_90a)."""
+    """Registers, spills, shared memory and resident programs per SM (ctas_per_sm) of the split
+    kernel for every autotune config (sm_90a; ALBEF_FAST_CONFIGS picks others)."""
     for name, flags in ((n, REPORT[n]) for n in (names or REPORT)):
         for config in itc_configs.candidates():
             k = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], config.num_warps,
