@@ -356,13 +356,10 @@ def _staged_rows(ws_acc_ptr, q, qm, direction, kind, pid_s, pid_m, rows, d_offs,
     n_kinds = 1 + HAS_TEACHER + RETRIEVAL
     local = (rows - pid_m * BLOCK_M)[:, None] * D + d_offs[None, :]  # fp16 [BLOCK_M, D] of the row block
     mask = (rows[:, None] < B) & (d_offs[None, :] < D)
-    block = pid_m * BLOCK_M * D  # the row block's first fp32 element in a [B, D] slice
-    main = (ws_acc_ptr + ((direction * n_kinds + kind) * NUM_SPLITS + pid_s) * B * D + block).to(
-        tl.pointer_type(tl.float16))
+    main = _row_block_f16(ws_acc_ptr, (direction * n_kinds + kind) * NUM_SPLITS + pid_s, pid_m, B, D, BLOCK_M)
     tl.store(main + local, q.to(tl.float16), mask=mask)
     if TEACHER:
-        second = (ws_acc_ptr + ((direction * n_kinds + 1) * NUM_SPLITS + pid_s) * B * D + block).to(
-            tl.pointer_type(tl.float16))
+        second = _row_block_f16(ws_acc_ptr, (direction * n_kinds + 1) * NUM_SPLITS + pid_s, pid_m, B, D, BLOCK_M)
         tl.store(second + local, qm.to(tl.float16), mask=mask)
     tl.debug_barrier()  # the block's stores visible to all its threads before the loads
     q = tl.load(main + local, mask=mask, other=0.0).to(DOT_DTYPE)
@@ -371,6 +368,12 @@ def _staged_rows(ws_acc_ptr, q, qm, direction, kind, pid_s, pid_m, rows, d_offs,
     else:
         qm = q
     return q, qm
+
+
+@triton.jit
+def _row_block_f16(ws_acc_ptr, slice_index, pid_m, B, D, BLOCK_M: tl.constexpr):
+    """An fp16 pointer to row block pid_m of ws_acc's [B, D] fp32 slice slice_index."""
+    return (ws_acc_ptr + (slice_index * B + pid_m * BLOCK_M) * D).to(tl.pointer_type(tl.float16))
 
 
 def _kind_heuristics(args):
