@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fp32 "highest" on the Triton path with f16x3 products, their key sums rounded once per tile
-# (kernels/itc.py:_key_sum, TILE_SUMS; H100 run 1 of session 8: with the products chained into
+# (kernels/itc_split.py:_key_sum, TILE_SUMS; H100 run 1 of session 8: with the products chained into
 # one accumulator f16x3 / f16x3p missed the error rule at B = 512 on dT alone, 2.3e-5 vs fp64),
 # then the side-by-side table of issue 3 on one card.
 #   bash benchmarks/gpu_check_f16x3.sh OUTDIR          (run with timeout_s >= 440)

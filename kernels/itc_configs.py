@@ -1,9 +1,9 @@
-"""Configs of the Triton split kernel (kernels/itc.py): the candidates, the table measured on a
+"""Configs of the Triton split kernel (kernels/itc_split.py): the candidates, the table measured on a
 GPU, and the choice for one call (read from the environment at each call, so that a benchmark or
 a test can switch configs in one process).
 
 A config spec is "BLOCK_M,BLOCK_N,BLOCK_D,KIND_AXIS,KT_LOAD,num_warps[,num_stages[,maxnreg[,LOGITS_T]]]"
-(maxnreg 0: no cap; LOGITS_T: the logits computed transposed, kernels/itc.py:_logits_product).
+(maxnreg 0: no cap; LOGITS_T: the logits computed transposed, kernels/itc_split.py:_logits_product).
 """
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def make_config(block_m, block_n, block_d, kind_axis, kt_load, num_warps, num_st
     """KIND_AXIS: student and teacher in separate programs; KT_LOAD: the [BLOCK_N, BLOCK_D] key
     tile of the key-sum product loaded as such instead of transposed from the logits' tile;
     maxnreg (0: none) caps registers per thread, e.g. 128 for two 8-warp programs per SM;
-    LOGITS_T: the logits product computed transposed (for TF32 wgmma, see kernels/itc.py)."""
+    LOGITS_T: the logits product computed transposed (for TF32 wgmma, see kernels/itc_split.py:_logits_product)."""
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "KIND_AXIS": kind_axis, "KT_LOAD": kt_load,
             "LOGITS_T": logits_t}
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg or None)

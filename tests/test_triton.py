@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from albef_fast.kernels import itc  # noqa: E402
+from albef_fast.kernels import itc, itc_operands  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -289,7 +289,7 @@ def test_f16x3_products_keep_fp32_error(monkeypatch, config, alpha, retrieval, f
 
 @pytest.mark.parametrize("retrieval", [False, True])
 def test_f16x3_key_sums_rounded_per_tile(monkeypatch, retrieval):
-    """f16x3's key sums (kernels/itc.py:_key_sum): each key tile's three products into a fresh
+    """f16x3's key sums (kernels/itc_split.py:_key_sum): each key tile's three products into a fresh
     tile added to the running sum (TILE_SUMS, the default), or chained into it
     (ALBEF_FAST_TILE_SUMS=0). On a GPU the chain's truncating additions put dT 2.3e-5 from fp64
     at B = 512 (H100); under the interpreter the products are exact, so the two forms differ
@@ -316,7 +316,7 @@ def test_f16x3_key_sums_rounded_per_tile(monkeypatch, retrieval):
 @pytest.mark.parametrize("alpha,retrieval", [(0.4, True), (0.0, False)])
 def test_f16s_staged_rows_give_the_same_bits(monkeypatch, b, config, alpha, retrieval):
     """f16s's scaled query rows pass through the programs' own key-sum slices of the workspace
-    (kernels/itc.py:_staged_rows, the default) or stay in registers (ALBEF_FAST_STAGE_ROWS=0):
+    (kernels/itc_split.py:_staged_rows, the default) or stay in registers (ALBEF_FAST_STAGE_ROWS=0):
     the same operands, so every output bit for bit; one state per program or both (transposed
     logits), with and without the teacher and retrieval, one row block (B = 7) or two (B = 20,
     the second partial), three splits: each program's rows and final key sums share its slices."""
@@ -528,7 +528,7 @@ def test_forward_without_gradients_gives_the_same_values(alpha, retrieval):
 @triton.jit
 def _round_tf32_kernel(x_ptr, out_ptr, N: tl.constexpr):
     offs = tl.arange(0, N)
-    tl.store(out_ptr + offs, itc._round_tf32(tl.load(x_ptr + offs)))
+    tl.store(out_ptr + offs, itc_operands._round_tf32(tl.load(x_ptr + offs)))
 
 
 def test_round_tf32_is_nearest_ties_away():

@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels import itc, itc_backward, itc_configs  # noqa: E402
+from kernels import itc_backward, itc_configs, itc_convert, itc_merge, itc_split  # noqa: E402
 
 SCALARS = {"B", "Q", "D", "N", "NUM_SPLITS", "NUM_DBLOCKS", "KC_STRIDE", "T0", "T1", "NT"}
 FEATURE_PTRS = {"grad_image_ptr", "grad_text_ptr", "out_image_ptr", "out_text_ptr"}  # the backward's [B, D]
@@ -86,7 +86,7 @@ REPORT = {  # --report: every autotune config of these
     "bf16": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.bfloat16, PREC="ieee", TYPE="*bf16"),
     "tf32": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float32, PREC="tf32rn", TYPE="*fp32"),
     "f16s": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32"),
-    # the query rows kept in registers (ALBEF_FAST_STAGE_ROWS=0; kernels/itc.py:_staged_rows)
+    # the query rows kept in registers (ALBEF_FAST_STAGE_ROWS=0; kernels/itc_split.py:_staged_rows)
     "f16s-registers": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s",
                            TYPE="*fp32", STAGE_ROWS=False),
     "f16x3": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32"),
@@ -94,7 +94,7 @@ REPORT = {  # --report: every autotune config of these
                  PRESCALED=True, RESUME=True),  # a chunk after the first (the states loaded first)
     "f16x3p": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32",
                    PRESCALED=True, RESUME=True),
-    # the key sums rounded once per tile (kernels/itc.py:_key_sum), f16x3's default
+    # the key sums rounded once per tile (kernels/itc_split.py:_key_sum), f16x3's default
     "f16x3-tile": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32",
                        TILE_SUMS=True),
     "f16x3p-tile": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32",
@@ -105,7 +105,7 @@ REPORT = {  # --report: every autotune config of these
 def _split_constexprs(flags, config):
     kw = dict(config.kwargs)
     args = dict(kw, HAS_TEACHER=flags["HAS_TEACHER"], D=256)
-    heur = itc._kind_heuristics(args)
+    heur = itc_split._kind_heuristics(args)
     return dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True,
                 DOT_DTYPE=flags["DOT"], INPUT_PRECISION=flags["PREC"], PRESCALED=flags.get("PRESCALED", False),
                 RESUME=flags.get("RESUME", False), TILE_SUMS=flags.get("TILE_SUMS", False),
@@ -117,15 +117,15 @@ def compile_all(flags):
     common = dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True)
     config = itc_configs.make_config(64, 64, flags.get("BLOCK_D", 64), flags.get("KIND_AXIS", 0), flags.get("KT_LOAD", 0),
                                      8, logits_t=flags.get("LOGITS_T", 0))
-    split = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], num_warps=8)
-    merge = _compile(itc._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=64, CHUNK=8), flags["TYPE"], num_warps=4)
-    finish = _compile(itc._itc_finish_fwd_kernel, dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=True,
+    split = _compile(itc_split._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], num_warps=8)
+    merge = _compile(itc_merge._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=64, CHUNK=8), flags["TYPE"], num_warps=4)
+    finish = _compile(itc_merge._itc_finish_fwd_kernel, dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=True,
                                                        BLOCK_B=64, DBLOCKS=16), flags["TYPE"], num_warps=4)
     scale = _compile(itc_backward._itc_scale_bwd_kernel, dict(BLOCK=1024, HAS_TEMP=True), flags["TYPE"], num_warps=4)
     kernels = [("split", split), ("merge", merge), ("finish", finish), ("scale", scale)]
     if flags.get("PRESCALED"):
         keys_meta = dict(BLOCK_N=64, BLOCK_D=256, NUM_DK=1, ROWS=16, PAIRS=flags["PREC"] == "f16x3")
-        kernels.append(("keys", _compile(itc._itc_keys_fwd_kernel, keys_meta, flags["TYPE"], num_warps=4)))
+        kernels.append(("keys", _compile(itc_convert._itc_keys_fwd_kernel, keys_meta, flags["TYPE"], num_warps=4)))
     return {name: (k.metadata.shared, len(k.asm["cubin"])) for name, k in kernels}
 
 
@@ -158,7 +158,7 @@ def report(names=()):
     kernel for every autotune config (sm_90a; ALBEF_FAST_CONFIGS picks others)."""
     for name, flags in ((n, REPORT[n]) for n in (names or REPORT)):
         for config in itc_configs.candidates():
-            k = _compile(itc._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], config.num_warps,
+            k = _compile(itc_split._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], config.num_warps,
                          config.num_stages, config.maxnreg)
             regs, st, ld = _ptxas_report(k)
             sass_mma = "HGMMA" if "wgmma" in k.asm["ptx"] else "HMMA" if "mma.sync" in k.asm["ptx"] else "none"

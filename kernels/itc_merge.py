@@ -1,0 +1,199 @@
+"""The merge and finish kernels: the split kernel's per-split states (kernels/itc_split.py, its
+workspace layout) combined in a fixed order into dq, the log-partition functions and the row
+partial dots (merge), then the loss, dT and the ce / kl terms (finish). No atomics: the same
+inputs give the same bits.
+"""
+import triton
+import triton.language as tl
+
+from .itc_operands import _direction_ptrs, _load_rows, _temperature
+
+
+@triton.jit
+def _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, stat_offs, acc_offs, ok, mask, ACC: tl.constexpr):
+    """One kind's states of CHUNK splits: max and Z [CHUNK, BLOCK_M] (-inf and 0 past the last
+    split) and, if ACC, the key sums [CHUNK, BLOCK_M, BLOCK_D] (else zeros, unused)."""
+    m_sp = tl.load(ws_max_ptr + stat_offs, mask=ok, other=float("-inf"))
+    z_sp = tl.load(ws_z_ptr + stat_offs, mask=ok, other=0.0)
+    if ACC:
+        a = tl.load(ws_acc_ptr + acc_offs, mask=mask, other=0.0)
+    else:
+        a = tl.zeros(acc_offs.shape, tl.float32)
+    return m_sp, z_sp, a
+
+
+@triton.jit
+def _merge_states(mx, z, out, m_sp, z_sp, a, ACC: tl.constexpr):
+    """CHUNK splits' states (_split_states) into a running merged one: max, Z and (ACC) the key
+    sums weighted by 2^(m_split - max), rescaled as the max grows (the split kernel's online
+    softmax, over splits). A split with no keys (m = -inf) weighs 0; while every split so far
+    had none, the state stays empty."""
+    new_mx = tl.maximum(mx, tl.max(m_sp, 0))
+    base = tl.where(new_mx == float("-inf"), 0.0, new_mx)  # no -inf - -inf
+    rescale = tl.exp2(mx - base)
+    w = tl.exp2(m_sp - base[None, :])
+    z = z * rescale + tl.sum(z_sp * w, 0)
+    if ACC:
+        out = out * rescale[:, None] + tl.sum(a * w[:, :, None], 0)
+    return new_mx, z, out
+
+
+@triton.jit
+def _itc_merge_fwd_kernel(
+    # pointers
+    img_ptr, txt_ptr, img_m_ptr, txt_m_ptr, temp_ptr, ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr,
+    dq_img_ptr, dq_txt_ptr, part_ptr, lse_ptr,
+    # strides
+    stride_fb, stride_fd,
+    # shapes and scalars
+    B, D, NUM_SPLITS, temp_value, alpha,
+    # constexpr flags
+    GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Combine the splits of one (row block, D block, direction), CHUNK splits at a time (a fixed
+    order: the same bits every run).
+
+    Writes dq [B, D] (feature dtype, d loss / d q of the mean loss: 1 / (2 B)) for its D block, the
+    partial row dots part [2, D blocks, 4, B] = (u . H / n, u . P_m, u_m . P_m, u . G) over its
+    D block (P_m = A_m / Z_m), and from D block 0 the log-partition functions lse [2, 2, B].
+    """
+    pid_m, pid_d, direction = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_ptr, qm_ptr, kb_ptr = _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr)
+    dq_ptr = tl.where(direction == 0, dq_img_ptr, dq_txt_ptr)
+    inv_t = 1.0 / _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < B
+    mask = row_ok[:, None] & (d_offs[None, :] < D)
+    stat = direction * 2 * NUM_SPLITS * B  # ws_max, ws_z [2, 2, S, B]: student, then teacher
+    acc0 = direction * (GRAD + HAS_TEACHER + RETRIEVAL) * NUM_SPLITS * B  # ws_acc [2, n_sums, S, B, D]
+
+    # One pass over the splits for every state (at B = 64 the merge is a chain of dependent rounds
+    # of loads over ~66 splits: the max, Z and key-sum loops one after the other took 4 times the rounds)
+    mx_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    z_s = tl.zeros([BLOCK_M], tl.float32)
+    g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    mx_m, z_m, pm, h, count = mx_s, z_s, g, g, z_s
+    for s0 in range(0, NUM_SPLITS, CHUNK):
+        sp = s0 + tl.arange(0, CHUNK)
+        sr = sp[:, None] * B + rows[None, :]  # (split, row) of a [S, B] array
+        ok = (sp[:, None] < NUM_SPLITS) & row_ok[None, :]
+        acc_offs = sr[:, :, None] * D + d_offs[None, None, :]
+        acc_mask = ok[:, :, None] & (d_offs[None, None, :] < D)
+        # every load of the round before any reduction: the reductions synchronize the warps, and
+        # no load is issued past such a barrier (sm_90 SASS)
+        m_sp, z_sp, a_s = _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr + acc0 * D, stat + sr, acc_offs, ok,
+                                        acc_mask, GRAD)
+        if HAS_TEACHER:
+            m_sp_m, z_sp_m, a_m = _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr + (acc0 + GRAD * NUM_SPLITS * B) * D,
+                                                stat + NUM_SPLITS * B + sr, acc_offs, ok, acc_mask, True)
+        if RETRIEVAL:  # plain sums: hard-target key sums and their counts
+            c_sp = tl.load(ws_count_ptr + direction * NUM_SPLITS * B + sr, mask=ok, other=0.0)
+            h_ptr = ws_acc_ptr + (acc0 + (GRAD + HAS_TEACHER) * NUM_SPLITS * B) * D
+            a_h = tl.load(h_ptr + acc_offs, mask=acc_mask, other=0.0)
+        mx_s, z_s, g = _merge_states(mx_s, z_s, g, m_sp, z_sp, a_s, GRAD)
+        if HAS_TEACHER:
+            mx_m, z_m, pm = _merge_states(mx_m, z_m, pm, m_sp_m, z_sp_m, a_m, True)
+        if RETRIEVAL:
+            count += tl.sum(c_sp, 0)
+            h += tl.sum(a_h, 0)
+    mx_s = tl.where(row_ok, mx_s, 0.0)  # rows past B: finite, and Z = 1
+    z_s = tl.where(row_ok, z_s, 1.0)
+    g = g / z_s[:, None]
+    if HAS_TEACHER:
+        mx_m = tl.where(row_ok, mx_m, 0.0)
+        z_m = tl.where(row_ok, z_m, 1.0)
+        pm = pm / z_m[:, None]
+    else:
+        mx_m, z_m = mx_s, z_s
+    u = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
+    if RETRIEVAL:
+        h = h / tl.where(row_ok, count, 1.0)[:, None]
+    else:
+        h = _load_rows(kb_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32)
+    g -= (1.0 - alpha) * h
+    part = part_ptr + ((direction * tl.num_programs(1) + pid_d) * 4) * B + rows
+    tl.store(part, tl.sum(u * h, 1), mask=row_ok)
+    if HAS_TEACHER:
+        g -= alpha * pm
+        u_m = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
+        tl.store(part + B, tl.sum(u * pm, 1), mask=row_ok)
+        tl.store(part + 2 * B, tl.sum(u_m * pm, 1), mask=row_ok)
+    if not GRAD:  # no gradient asked for: dq and dT are zeros
+        g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    tl.store(part + 3 * B, tl.sum(u * g, 1), mask=row_ok)
+    # dq of the mean of the two directions' losses: 1 / (2 B)
+    tl.store(dq_ptr + rows[:, None] * D + d_offs[None, :], (g * (inv_t * 0.5 / B)).to(dq_ptr.dtype.element_ty),
+             mask=mask)
+    if pid_d == 0:
+        tl.store(lse_ptr + direction * 2 * B + rows, (mx_s + tl.log2(z_s)) * 0.6931471805599453, mask=row_ok)
+        tl.store(lse_ptr + (direction * 2 + 1) * B + rows, (mx_m + tl.log2(z_m)) * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _finish_direction(part_ptr, lse_ptr, direction, temp, B, NUM_DBLOCKS, alpha, HAS_TEACHER: tl.constexpr,
+                      BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr):
+    """Means over the rows of one direction: (loss, d loss / d T, ce, kl). Each block of rows loads
+    the partials of all its D blocks at once ([DBLOCKS, BLOCK_B] tiles, DBLOCKS >= NUM_DBLOCKS):
+    one round of loads, not one per D block (at B = 64 the D-block loop was 16 dependent rounds
+    a direction)."""
+    sum_loss = tl.zeros([BLOCK_B], tl.float32)  # per-lane sums, reduced once at the end
+    sum_dt = tl.zeros([BLOCK_B], tl.float32)
+    sum_ce = tl.zeros([BLOCK_B], tl.float32)
+    sum_kl = tl.zeros([BLOCK_B], tl.float32)
+    db = tl.arange(0, DBLOCKS)
+    for r0 in range(0, B, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B)
+        ok = rows < B
+        offs = ((direction * NUM_DBLOCKS + db[:, None]) * 4) * B + rows[None, :]
+        mask = (db[:, None] < NUM_DBLOCKS) & ok[None, :]
+        # every load before the reductions (no load is issued past their barriers)
+        h_s = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        u_g = tl.load(part_ptr + offs + 3 * B, mask=mask, other=0.0)
+        lse_s = tl.load(lse_ptr + direction * 2 * B + rows, mask=ok, other=0.0)
+        if HAS_TEACHER:
+            c_m = tl.load(part_ptr + offs + B, mask=mask, other=0.0)
+            d_m = tl.load(part_ptr + offs + 2 * B, mask=mask, other=0.0)
+            lse_m = tl.load(lse_ptr + (direction * 2 + 1) * B + rows, mask=ok, other=0.0)
+        h_s = tl.sum(h_s, 0)
+        u_g = tl.sum(u_g, 0)
+        loss = lse_s - (1.0 - alpha) * h_s
+        if HAS_TEACHER:
+            c_m = tl.sum(c_m, 0)
+            d_m = tl.sum(d_m, 0)
+            loss -= alpha * c_m
+            sum_kl += tl.where(ok, d_m - lse_m - c_m + lse_s, 0.0)
+        sum_loss += tl.where(ok, loss, 0.0)
+        sum_dt += tl.where(ok, -u_g / temp, 0.0)
+        sum_ce += tl.where(ok, lse_s - h_s, 0.0)
+    return tl.sum(sum_loss, 0) / B, tl.sum(sum_dt, 0) / B, tl.sum(sum_ce, 0) / B, tl.sum(sum_kl, 0) / B
+
+
+@triton.jit
+def _itc_finish_fwd_kernel(
+    # pointers
+    part_ptr, lse_ptr, temp_ptr, loss_ptr, losses_ptr, grad_temp_ptr, grad_temp_dirs_ptr, terms_ptr,
+    # shapes and scalars
+    B, NUM_DBLOCKS, temp_value, alpha,
+    # constexpr flags
+    HAS_TEACHER: tl.constexpr, TEMP_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr,
+):
+    """The scalars of both directions (grid (1,)): loss (their mean), losses [2],
+    grad_temp = d loss / d T, grad_temp_dirs [2] = d loss_dir / d T, terms [4] = (ce, ce, kl, kl).
+    DBLOCKS: NUM_DBLOCKS (the merge's D blocks) rounded up to a power of two."""
+    temp = _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
+    loss_0, dt_0, ce_0, kl_0 = _finish_direction(part_ptr, lse_ptr, 0, temp, B, NUM_DBLOCKS, alpha, HAS_TEACHER,
+                                                 BLOCK_B, DBLOCKS)
+    loss_1, dt_1, ce_1, kl_1 = _finish_direction(part_ptr, lse_ptr, 1, temp, B, NUM_DBLOCKS, alpha, HAS_TEACHER,
+                                                 BLOCK_B, DBLOCKS)
+    tl.store(loss_ptr, (loss_0 + loss_1) * 0.5)
+    tl.store(grad_temp_ptr, (dt_0 + dt_1) * 0.5)
+    tl.store(losses_ptr, loss_0)
+    tl.store(losses_ptr + 1, loss_1)
+    tl.store(grad_temp_dirs_ptr, dt_0)
+    tl.store(grad_temp_dirs_ptr + 1, dt_1)
+    tl.store(terms_ptr, ce_0)
+    tl.store(terms_ptr + 1, ce_1)
+    tl.store(terms_ptr + 2, kl_0)
+    tl.store(terms_ptr + 3, kl_1)
