@@ -1,6 +1,8 @@
 """Compile the Triton kernels ahead of time for a Hopper GPU (sm_90), with no GPU present.
 
     python tests/triton_aot.py   ->  one JSON line per flag set: kernel -> (shared bytes, cubin bytes)
+    python tests/triton_aot.py --hashes   ->  kernel -> ptx_hash (compare before / after a refactor)
+    python tests/triton_aot.py --report [flags ...]   ->  registers, spills, programs per SM per config
 
 Run by tests/test_triton_compile.py in a process without TRITON_INTERPRET (under the
 interpreter, @triton.jit builds no compiler path).
@@ -113,7 +115,7 @@ def _split_constexprs(flags, config):
                 NUM_DK=-(-256 // kw["BLOCK_D"]), **kw, **heur)
 
 
-def compile_all(flags):
+def compile_all(flags, summary=None):
     common = dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True)
     config = itc_configs.make_config(64, 64, flags.get("BLOCK_D", 64), flags.get("KIND_AXIS", 0), flags.get("KT_LOAD", 0),
                                      8, logits_t=flags.get("LOGITS_T", 0))
@@ -126,7 +128,22 @@ def compile_all(flags):
     if flags.get("PRESCALED"):
         keys_meta = dict(BLOCK_N=64, BLOCK_D=256, NUM_DK=1, ROWS=16, PAIRS=flags["PREC"] == "f16x3")
         kernels.append(("keys", _compile(itc_convert._itc_keys_fwd_kernel, keys_meta, flags["TYPE"], num_warps=4)))
-    return {name: (k.metadata.shared, len(k.asm["cubin"])) for name, k in kernels}
+    return {name: (summary or _sizes)(k) for name, k in kernels}
+
+
+def _sizes(kernel):
+    return kernel.metadata.shared, len(kernel.asm["cubin"])
+
+
+def ptx_hash(kernel):
+    """A fingerprint of the kernel's code: its PTX without the debug lines (.loc / .file name the
+    source file and line, which moving code changes). Equal before and after a refactor: the
+    same code for the GPU."""
+    import hashlib
+    import re
+    ptx = kernel.asm["ptx"].split(".section\t.debug")[0]
+    return hashlib.sha1("\n".join(line for line in ptx.split("\n")
+                                   if not re.match(r"\s*(\.loc|\.file|//)", line)).encode()).hexdigest()[:12]
 
 
 def _ptxas_report(kernel):
@@ -174,6 +191,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--report"]:  # [--report [flags ...]]
         report(sys.argv[2:])
         sys.exit()
-    names = sys.argv[1:] or list(FLAGS)
+    hashes = sys.argv[1:2] == ["--hashes"]  # [--hashes] [flags ...]: ptx_hash of each kernel instead of sizes
+    names = sys.argv[1 + hashes:] or list(FLAGS)
     for name in names:
-        print(json.dumps({"flags": name, **compile_all(FLAGS[name])}), flush=True)
+        print(json.dumps({"flags": name, **compile_all(FLAGS[name], ptx_hash if hashes else None)}), flush=True)
