@@ -14,11 +14,14 @@
 # errors), the 16-key 4-warp ones the staging leaves with 0-12 B of spills at 2 programs per SM,
 # the two-state ones (both kinds from one read of each key tile, where one-state programs read
 # it twice): 32 rows (0 spills) and 64 rows on 8 warps (64 B), and the two fastest at 1 wave
-# (sm_90a AOT, Triton 3.6).
-#   bash benchmarks/gpu_check_cpp.sh OUTDIR          (run with timeout_s >= 525)
+# (sm_90a AOT, Triton 3.6). Before that table, session 13's probe of the queue reads alone
+# (benchmarks/queue_read_probe.py: the split kernel's tiles and grid, no work per tile): set
+# against the split kernel's device time in profile.txt, it says whether f16s at B = 64 is bound
+# by its reads of the [D, Q] queues or by its own work per tile.
+#   bash benchmarks/gpu_check_cpp.sh OUTDIR          (run with timeout_s >= 545)
 # Stage limits: 40 install + 150 tests (the build runs beside them, up to 200) + 60 + 2 x 45 + 30
-# + 2 x 25 + 90 = 510 s at most. OUTDIR: device.txt install.log tests.txt tests.tar.gz bench.txt
-# itc_<gpu>.csv host_floor.txt profile.txt triton_configs_<gpu>.csv table.txt.
+# + 2 x 25 + 20 + 90 = 530 s at most. OUTDIR: device.txt install.log tests.txt tests.tar.gz
+# bench.txt itc_<gpu>.csv host_floor.txt profile.txt probe.txt triton_configs_<gpu>.csv table.txt.
 # GPU_CHECK_SMOKE=1: the same steps on the CPU, smaller.
 set -uo pipefail
 OUT=${1:?usage: gpu_check_cpp.sh OUTDIR}
@@ -33,6 +36,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   BENCH=(--device cpu --queue 256 --dim 32 --batch 8 --reps 2 --precision fp32 --providers eager,albef_fast)
   FLOOR=(--device cpu --queue 256 --batch 8 --precision fp32)
   PROFILE=(--help)  # needs a GPU: the smoke test checks only that the script starts
+  PROBE=(--device cpu --queue 256 --dim 32)
   TABLE=(--help)
 else
   TESTS=(--workers 14 tests/test_itc_loss.py tests/test_triton.py tests/test_itc_backward.py
@@ -42,6 +46,7 @@ else
   BENCH=(--device cuda --batch 64 --precision bf16,tf32 --providers eager,albef_fast,eager[graph],albef_fast[graph])
   FLOOR=(--device cuda --batch 64 --precision bf16,tf32)
   PROFILE=(--batch 64 --precision bf16,tf32)
+  PROBE=(--device cuda)
   TABLE=(--out "$OUT" --batch 64 --precision f16s --waves 1 --jobs 6
          --configs "64,32,256,1,0,4,3;64,32,256,1,0,4,3@ALBEF_FAST_STAGE_ROWS=0;64,16,256,1,0,4,4;64,16,256,1,0,4,4,0,1;32,64,256,0,0,8,2;64,16,256,0,0,8,4,0,1")
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -76,6 +81,9 @@ stamp "host floor at B = 64: launched | host issue per step"
 stage 30 $PY benchmarks/host_floor.py "${FLOOR[@]}" 2>&1 | tee "$OUT/host_floor.txt"
 
 merge_profile "${PROFILE[@]}"
+
+stamp "the queues' reads alone, in the split kernel's tiles (against its device time in profile.txt)"
+stage 20 $PY benchmarks/queue_read_probe.py "${PROBE[@]}" 2>&1 | grep -v -i warn | tee "$OUT/probe.txt"
 
 stamp "TF32 (f16s) at B = 64 per config: launched | graph replay, eager in the same process"
 stage 90 $PY benchmarks/triton_configs.py "${TABLE[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/table.txt" | tail -12
