@@ -12,8 +12,12 @@ second, beside the card's copy bandwidth (albef_fast.bench.measure.ceilings). A 
 takes about as long as its reads here is bound by this access pattern; one that takes much
 longer, by its own chain of work per tile (benchmarks/NOTES.md, session 13).
 
-A case is "dtype,BLOCK_N,reads,warps,stages": reads 2 = the student / teacher pair per split, 1 =
-one program per split; the split count gives WAVES programs per SM either way.
+A case is "dtype,BLOCK_N,reads,warps,stages[,interleaved]": reads 2 = the student / teacher pair
+per split, 1 = one program per split; the split count gives WAVES programs per SM either way.
+interleaved 1: split s takes tiles s, s + S, s + 2 S, ... instead of a contiguous range, so that
+the programs running at once read neighbouring tiles (128 B runs side by side in each row of the
+queue) rather than ranges ~4 KB apart: if that reads faster, the split kernel could take its tiles
+so (any fixed assignment is as deterministic).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-CASES = "fp32,32,2,4,3;fp32,32,1,4,3;fp32,64,2,8,3;bf16,32,2,4,4"
+CASES = "fp32,32,2,4,3;fp32,32,1,4,3;fp32,32,2,4,3,1;fp32,64,2,8,3;bf16,32,2,4,4"
 
 
 @triton.jit
@@ -35,17 +39,22 @@ def _queue_read_kernel(
     stride_qd, stride_qj, Q, D, NUM_SPLITS,
     # constexpr
     READS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
     """grid (READS, NUM_SPLITS, 2 directions): out[pid] = max of its tiles of one queue [D, Q]."""
     read, pid_s, direction = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     queue_ptr = tl.where(direction == 0, txt_queue_ptr, img_queue_ptr)
     tiles = tl.cdiv(Q, BLOCK_N)
     per_split = tl.cdiv(tiles, NUM_SPLITS)
-    t_begin = pid_s * per_split
-    t_end = tl.minimum(t_begin + per_split, tiles)
+    if INTERLEAVED:  # tiles pid_s, pid_s + S, ...
+        t_begin, t_end = 0, tl.cdiv(tiles - pid_s, NUM_SPLITS)
+    else:  # the split kernel's: a contiguous range
+        t_begin = pid_s * per_split
+        t_end = tl.minimum(t_begin + per_split, tiles)
     d = tl.arange(0, BLOCK_D)
     acc = tl.full([BLOCK_D, BLOCK_N], float("-inf"), tl.float32)
-    for t in tl.range(t_begin, t_end, num_stages=STAGES):  # loads in flight, as the split kernel's
+    for i in tl.range(t_begin, t_end, num_stages=STAGES):  # loads in flight, as the split kernel's
+        t = pid_s + i * NUM_SPLITS if INTERLEAVED else i
         j = t * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (d[:, None] < D) & (j[None, :] < Q)
         tile = tl.load(queue_ptr + d[:, None] * stride_qd + j[None, :] * stride_qj, mask=mask, other=float("-inf"))
@@ -54,18 +63,20 @@ def _queue_read_kernel(
 
 
 def parse_case(spec: str):
-    dtype, block_n, reads, warps, stages = spec.split(",")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], int(block_n), int(reads), int(warps), int(stages)
+    dtype, block_n, reads, warps, stages, *interleaved = spec.split(",")
+    return ({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], int(block_n), int(reads), int(warps), int(stages),
+            bool(int(interleaved[0])) if interleaved else False)
 
 
 def read_max(img_queue: torch.Tensor, txt_queue: torch.Tensor, block_n: int, reads: int, splits: int,
-             warps: int = 4, stages: int = 2) -> torch.Tensor:
+             warps: int = 4, stages: int = 2, interleaved: bool = False) -> torch.Tensor:
     """out [2, splits, reads]: the max of each program's tiles (direction 0 reads txt_queue, as i2t does)."""
     d, q = img_queue.shape
     out = torch.empty((2, splits, reads), device=img_queue.device, dtype=torch.float32)
     _queue_read_kernel[(reads, splits, 2)](img_queue, txt_queue, out, img_queue.stride(0), img_queue.stride(1), q, d,
                                            splits, READS=reads, BLOCK_N=block_n,
-                                           BLOCK_D=triton.next_power_of_2(d), STAGES=stages, num_warps=warps,
+                                           BLOCK_D=triton.next_power_of_2(d), STAGES=stages, INTERLEAVED=interleaved,
+                                           num_warps=warps,
                                            num_stages=stages)
     return out
 
@@ -87,15 +98,16 @@ def main(argv=None) -> None:
     ms = time_ms(lambda: [queue.amax() for queue in queues], dev, reps=20)[0]  # contiguous reads, torch's reduction
     _row("torch amax, both fp32 queues", None, ms, 2 * queues[0].numel() * 4)
     for spec in args.cases.split(";"):
-        dtype, block_n, reads, warps, stages = parse_case(spec)
+        dtype, block_n, reads, warps, stages, interleaved = parse_case(spec)
         img_queue = torch.randn(args.dim, args.queue, device=dev).to(dtype)
         txt_queue = torch.randn(args.dim, args.queue, device=dev).to(dtype)
         splits = max(1, math.ceil(args.waves * sms / (2 * reads)))
-        out = read_max(img_queue, txt_queue, block_n, reads, splits, warps, stages)
+        out = read_max(img_queue, txt_queue, block_n, reads, splits, warps, stages, interleaved)
         expected = torch.stack([txt_queue.float().amax(), img_queue.float().amax()])
         if not torch.equal(out.amax(dim=(1, 2)), expected):
             raise SystemExit(f"{spec}: the probe's max {out.amax(dim=(1, 2)).tolist()} != {expected.tolist()}")
-        ms = time_ms(lambda: read_max(img_queue, txt_queue, block_n, reads, splits, warps, stages), dev, reps=20)[0]
+        ms = time_ms(lambda: read_max(img_queue, txt_queue, block_n, reads, splits, warps, stages, interleaved), dev,
+                     reps=20)[0]
         _row(spec, splits, ms, 2 * reads * img_queue.numel() * img_queue.element_size())
 
 
