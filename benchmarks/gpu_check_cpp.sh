@@ -13,14 +13,15 @@
 # 12's staged query rows and without them (ALBEF_FAST_STAGE_ROWS=0: the same bits, so the same
 # errors), the 16-key 4-warp ones the staging leaves with 0-12 B of spills at 2 programs per SM,
 # the two-state ones (both kinds from one read of each key tile, where one-state programs read
-# it twice): 32 rows (0 spills) and 64 rows on 8 warps (64 B), and the two fastest at 1 wave
-# (sm_90a AOT, Triton 3.6). Before that table, session 13's probe of the queue reads alone
+# it twice): 32 rows (0 spills) and 64 rows on 8 warps (64 B), the tuned one with interleaved
+# tiles (ALBEF_FAST_INTERLEAVE=1, session 13: split s takes tiles s, s + S, ...), and the two
+# fastest at 1 wave (sm_90a AOT, Triton 3.6). Before that table, session 13's probe of the queue reads alone
 # (benchmarks/queue_read_probe.py: the split kernel's tiles and grid, no work per tile): set
 # against the split kernel's device time in profile.txt, it says whether f16s at B = 64 is bound
 # by its reads of the [D, Q] queues or by its own work per tile.
-#   bash benchmarks/gpu_check_cpp.sh OUTDIR          (run with timeout_s >= 545)
+#   bash benchmarks/gpu_check_cpp.sh OUTDIR          (run with timeout_s >= 555)
 # Stage limits: 40 install + 150 tests (the build runs beside them, up to 200) + 60 + 2 x 45 + 30
-# + 2 x 25 + 20 + 90 = 530 s at most. OUTDIR: device.txt install.log tests.txt tests.tar.gz
+# + 2 x 25 + 20 + 100 = 540 s at most. OUTDIR: device.txt install.log tests.txt tests.tar.gz
 # bench.txt itc_<gpu>.csv host_floor.txt profile.txt probe.txt triton_configs_<gpu>.csv table.txt.
 # GPU_CHECK_SMOKE=1: the same steps on the CPU, smaller.
 set -uo pipefail
@@ -48,7 +49,7 @@ else
   PROFILE=(--batch 64 --precision bf16,tf32)
   PROBE=(--device cuda)
   TABLE=(--out "$OUT" --batch 64 --precision f16s --waves 1 --jobs 6
-         --configs "64,32,256,1,0,4,3;64,32,256,1,0,4,3@ALBEF_FAST_STAGE_ROWS=0;64,16,256,1,0,4,4;64,16,256,1,0,4,4,0,1;32,64,256,0,0,8,2;64,16,256,0,0,8,4,0,1")
+         --configs "64,32,256,1,0,4,3;64,32,256,1,0,4,3@ALBEF_FAST_STAGE_ROWS=0;64,32,256,1,0,4,3@ALBEF_FAST_INTERLEAVE=1;64,16,256,1,0,4,4;64,16,256,1,0,4,4,0,1;32,64,256,0,0,8,2;64,16,256,0,0,8,4,0,1")
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 fi
 $PY -c "import pytest_timeout" 2>/dev/null && TESTS=(--timeout 90 "${TESTS[@]}")
@@ -86,5 +87,5 @@ stamp "the queues' reads alone, in the split kernel's tiles (against its device 
 stage 20 $PY benchmarks/queue_read_probe.py "${PROBE[@]}" 2>&1 | grep -v -i warn | tee "$OUT/probe.txt"
 
 stamp "TF32 (f16s) at B = 64 per config: launched | graph replay, eager in the same process"
-stage 90 $PY benchmarks/triton_configs.py "${TABLE[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/table.txt" | tail -12
+stage 100 $PY benchmarks/triton_configs.py "${TABLE[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/table.txt" | tail -12
 stamp "done"

@@ -147,6 +147,11 @@ def _tile_sums(input_precision: str) -> bool:
     return input_precision == "f16x3" and os.environ.get("ALBEF_FAST_TILE_SUMS", "1") != "0"
 
 
+def _interleave() -> bool:
+    """The split kernel's INTERLEAVE: with ALBEF_FAST_INTERLEAVE=1 (off by default, untimed)."""
+    return os.environ.get("ALBEF_FAST_INTERLEAVE", "0") == "1"
+
+
 def _stage_rows(input_precision: str) -> bool:
     """The split kernel's STAGE_ROWS (_staged_rows): for f16s unless ALBEF_FAST_STAGE_ROWS=0
     (the kernel applies it with GRAD and D in one block only)."""
@@ -271,7 +276,7 @@ def _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, id
 # tiles per conversion chunk (default: _converted_bytes)
 _SETTINGS = ("ALBEF_FAST_CONFIG", "ALBEF_FAST_WAVES", "ALBEF_FAST_AUTOTUNE", "ALBEF_FAST_TUNED", "ALBEF_FAST_SPLITS",
              "ALBEF_FAST_TF32", "ALBEF_FAST_FP32_DOT", "ALBEF_FAST_CHUNK_TILES", "ALBEF_FAST_TILE_SUMS",
-             "ALBEF_FAST_MERGE", "ALBEF_FAST_STAGE_ROWS")
+             "ALBEF_FAST_MERGE", "ALBEF_FAST_STAGE_ROWS", "ALBEF_FAST_INTERLEAVE")
 
 
 def _settings():
@@ -309,7 +314,8 @@ class _Plan:
         id_strides = ids[2:] if retrieval else (1, 1)
         split_ints = (*feat_strides, *queue_strides, *id_strides, b, q, d, splits)
         split_flags = dict(flags, DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision,
-                           TILE_SUMS=_tile_sums(input_precision), STAGE_ROWS=_stage_rows(input_precision))
+                           TILE_SUMS=_tile_sums(input_precision), STAGE_ROWS=_stage_rows(input_precision),
+                           INTERLEAVE=_interleave())
         plain = dict(split_flags, PRESCALED=False, RESUME=False)
         self.converted_sizes = None
         if config is None:  # autotune over candidates(): through the autotuner at each call

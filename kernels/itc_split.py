@@ -207,7 +207,8 @@ def _itc_split_fwd_kernel(
     # constexpr flags
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr, RESUME: tl.constexpr,
-    TILE_SUMS: tl.constexpr, STAGE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TILE_SUMS: tl.constexpr, STAGE_ROWS: tl.constexpr, INTERLEAVE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, KIND_AXIS: tl.constexpr, KT_LOAD: tl.constexpr, LOGITS_T: tl.constexpr,
     NUM_DK: tl.constexpr, GRID_KINDS: tl.constexpr, TEACHER: tl.constexpr,
 ):
@@ -227,7 +228,9 @@ def _itc_split_fwd_kernel(
     continues from the states the previous launch left in the workspace. Else kc, ks, qc, qs,
     KC_STRIDE, T0 and T1 are unused. TILE_SUMS: the key sums rounded once per tile (_key_sum).
     STAGE_ROWS ("f16s" with GRAD and D in one block): the scaled query rows pass through
-    ws_acc (_staged_rows).
+    ws_acc (_staged_rows). INTERLEAVE: split s takes the tiles s, s + S, s + 2 S, ... of the tile
+    space instead of a contiguous range (ALBEF_FAST_INTERLEAVE=1, untimed: which reads the
+    queues faster is benchmarks/queue_read_probe.py's question).
     Writes, with R = number of key sums kept (student if GRAD, teacher, hard) and S = NUM_SPLITS:
     ws_max, ws_z [2, 2, S, B] (student / teacher), ws_acc [2, R, S, B, D], ws_count [2, S, B],
     sim [2, B, B] (student logits against the in-batch keys; split 0, D block 0 only).
@@ -284,9 +287,13 @@ def _itc_split_fwd_kernel(
         t_first, t_last = T0, T1
     else:
         t_first, t_last = 0, batch_tiles + tl.cdiv(Q, BLOCK_N)
-    tiles_per_split = tl.cdiv(t_last - t_first, NUM_SPLITS)
-    t_begin = t_first + pid_s * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, t_last)
+    if INTERLEAVE:  # split s takes tiles s, s + S, ...: the programs running at once read neighbours
+        t_begin, t_end, t_step = t_first + pid_s, t_last, NUM_SPLITS
+    else:  # a contiguous range of tiles
+        tiles_per_split = tl.cdiv(t_last - t_first, NUM_SPLITS)
+        t_begin = t_first + pid_s * tiles_per_split
+        t_end = tl.minimum(t_begin + tiles_per_split, t_last)
+        t_step = 1
     for phase in tl.static_range(2):
         # phase 0: in-batch keys [B, D] (row layout); phase 1: the queue [D, Q]; one tile space.
         if phase == 0:
@@ -294,8 +301,12 @@ def _itc_split_fwd_kernel(
             lo, hi, shift = t_begin, tl.minimum(t_end, batch_tiles), 0
         else:
             k_base, s_kd, s_kj, n_keys, id_base, s_id = queue_ptr, stride_qd, stride_qj, Q, idx_queue_ptr, stride_idq
-            lo, hi, shift = tl.maximum(t_begin, batch_tiles), t_end, batch_tiles
-        for t in range(lo, hi):
+            if INTERLEAVE:  # this split's first tile past the in-batch ones
+                lo = t_begin + tl.cdiv(tl.maximum(batch_tiles - t_begin, 0), NUM_SPLITS) * NUM_SPLITS
+            else:
+                lo = tl.maximum(t_begin, batch_tiles)
+            hi, shift = t_end, batch_tiles
+        for t in range(lo, hi, t_step):
             j = (t - shift) * BLOCK_N + cols
             if NUM_DK == 1:  # the query tiles stay loaded (q_one, qm_one); one key tile serves all
                 if PRESCALED:

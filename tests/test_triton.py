@@ -332,6 +332,36 @@ def test_f16s_staged_rows_give_the_same_bits(monkeypatch, b, config, alpha, retr
     assert itc._stage_rows("f16s") is True and itc._stage_rows("f16x3") is False
 
 
+@pytest.mark.parametrize("b", [7, 20])  # one in-batch tile of 16 keys, or two
+@pytest.mark.parametrize("splits", ["2", "5"])  # 5: more splits than tiles (4-6 in all), some with none
+@pytest.mark.parametrize("precision,alpha,retrieval", [("highest", 0.4, True), ("high", 0.0, False)])
+def test_interleaved_tiles_match(monkeypatch, b, splits, precision, alpha, retrieval):
+    """ALBEF_FAST_INTERLEAVE=1: split s takes the key tiles s, s + S, ... (in-batch ones, then the
+    queue's) instead of a contiguous range: every tile in one split, so the same values summed in
+    another order (close; the sim blocks, one tile's products each, bit for bit), within the rule
+    against fp64, and the same bits run to run."""
+    x = make_inputs(b, 41, 24, torch.float32, DEVICE, retrieval=retrieval)
+    env = {"ALBEF_FAST_SPLITS": splits, "ALBEF_FAST_CONFIG": "16,16,32,1,0,1"}
+    contiguous = _outputs(monkeypatch, x, alpha, precision, dict(env, ALBEF_FAST_INTERLEAVE="0"))
+    interleaved = _outputs(monkeypatch, x, alpha, precision, dict(env, ALBEF_FAST_INTERLEAVE="1"))
+    # f16s ("high") rounds each key's softmax weight to 11 bits against the running max, which
+    # the tile order moves: 4e-5 apart here; f16x3 ("highest") keeps 22 bits
+    tol = 1e-5 if precision == "highest" else 2e-4
+    for name, got, expected in zip(list(albef_fast.ITCOutput._fields) + ["grad"], interleaved, contiguous):
+        if name.startswith("sim"):
+            assert torch.equal(got, expected), name
+        assert max_err(got, expected) <= tol * max(1.0, expected.abs().max().item()), name
+    again = _outputs(monkeypatch, x, alpha, precision, dict(env, ALBEF_FAST_INTERLEAVE="1"))
+    assert all(torch.equal(g, a) for g, a in zip(interleaved, again))
+    if precision == "highest" or CUDA:  # on the CPU eager "high" is fp32: the TF32 path fails the rule there
+        _check_rule(x, alpha, precision=precision)
+    key = (b, 41, 24, torch.float32, torch.float32, (24, 1), (41, 1), torch.device("cpu"), True, True, precision,
+           None, None, itc._settings())
+    assert itc._Plan(key).splits[0][1].constexprs["INTERLEAVE"] is True  # what the launches get
+    monkeypatch.delenv("ALBEF_FAST_INTERLEAVE")
+    assert itc._interleave() is False
+
+
 def test_f16_products_are_chosen_by_the_setting(monkeypatch):
     """TF32-class products: fp16 products by default (fp32 tiles holding fp16 values under the
     interpreter, whose fp16 dot is not exact), rounded TF32 with ALBEF_FAST_TF32=tf32rn; fp32

@@ -91,6 +91,9 @@ REPORT = {  # --report: every autotune config of these
     # the query rows kept in registers (ALBEF_FAST_STAGE_ROWS=0; kernels/itc_split.py:_staged_rows)
     "f16s-registers": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s",
                            TYPE="*fp32", STAGE_ROWS=False),
+    # split s takes the tiles s, s + S, ... (ALBEF_FAST_INTERLEAVE=1)
+    "f16s-interleaved": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s",
+                             TYPE="*fp32", INTERLEAVE=True),
     "f16x3": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16x3", TYPE="*fp32"),
     "f16p": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
                  PRESCALED=True, RESUME=True),  # a chunk after the first (the states loaded first)
@@ -111,7 +114,7 @@ def _split_constexprs(flags, config):
     return dict(GRAD=flags["GRAD"], HAS_TEACHER=flags["HAS_TEACHER"], RETRIEVAL=flags["RETRIEVAL"], TEMP_FROM_PTR=True,
                 DOT_DTYPE=flags["DOT"], INPUT_PRECISION=flags["PREC"], PRESCALED=flags.get("PRESCALED", False),
                 RESUME=flags.get("RESUME", False), TILE_SUMS=flags.get("TILE_SUMS", False),
-                STAGE_ROWS=flags.get("STAGE_ROWS", flags["PREC"] == "f16s"),
+                STAGE_ROWS=flags.get("STAGE_ROWS", flags["PREC"] == "f16s"), INTERLEAVE=flags.get("INTERLEAVE", False),
                 NUM_DK=-(-256 // kw["BLOCK_D"]), **kw, **heur)
 
 
