@@ -208,9 +208,8 @@ def _itc_split_fwd_kernel(
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr, RESUME: tl.constexpr,
     TILE_SUMS: tl.constexpr, STAGE_ROWS: tl.constexpr, INTERLEAVE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, KIND_AXIS: tl.constexpr, KT_LOAD: tl.constexpr, LOGITS_T: tl.constexpr,
-    NUM_DK: tl.constexpr, GRID_KINDS: tl.constexpr, TEACHER: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KIND_AXIS: tl.constexpr, KT_LOAD: tl.constexpr,
+    LOGITS_T: tl.constexpr, NUM_DK: tl.constexpr, GRID_KINDS: tl.constexpr, TEACHER: tl.constexpr,
 ):
     """Per-split online-softmax states of one (kind, row block, key split, direction, D block).
 
