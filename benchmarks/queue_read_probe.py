@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from albef_fast.kernels.itc_operands import _load_keys
+
 CASES = "fp32,32,2,4,3;fp32,32,1,4,3;fp32,32,2,4,3,1;fp32,64,2,8,3;bf16,32,2,4,4"
 
 
@@ -56,9 +58,8 @@ def _queue_read_kernel(
     for i in tl.range(t_begin, t_end, num_stages=STAGES):  # loads in flight, as the split kernel's
         t = pid_s + i * NUM_SPLITS if INTERLEAVED else i
         j = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (d[:, None] < D) & (j[None, :] < Q)
-        tile = tl.load(queue_ptr + d[:, None] * stride_qd + j[None, :] * stride_qj, mask=mask, other=float("-inf"))
-        acc = tl.maximum(acc, tile.to(tl.float32))
+        tile = _load_keys(queue_ptr, stride_qd, stride_qj, d, j, D, Q)  # the split kernel's tile load
+        acc = tl.maximum(acc, tl.where((d[:, None] < D) & (j[None, :] < Q), tile.to(tl.float32), float("-inf")))
     tl.store(out_ptr + (direction * NUM_SPLITS + pid_s) * READS + read, tl.max(tl.max(acc, 1), 0))
 
 
