@@ -4,7 +4,9 @@
 # Installs the Python package (the extension builds in the background for the EMA / enqueue
 # rows), then: ITC fwd+bwd for B 64..1024 x fp32 / TF32 / bf16, eager and albef_fast, each also
 # replayed from a CUDA graph (device time without the host's launch cost); the per-kernel profile;
-# EMA and enqueue. Stage limits add up to 185 s: run with timeout_s >= 200.
+# EMA and enqueue (the ITC rows with the Python launches: the extension is still building).
+# Stage limits add up to 185 s: run with timeout_s >= 200. OUTDIR receives results.tar.gz and
+# console.txt (benchmarks/gpu_common.sh).
 set -uo pipefail
 OUT=${1:?usage: gpu_bench.sh OUTDIR}
 NAME=gpu_bench

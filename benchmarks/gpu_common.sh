@@ -1,17 +1,40 @@
-# Shared by the benchmarks/gpu_*.sh scripts, sourced after setting NAME and OUT: makes OUT, moves to
-# the repository root, sets PY ($PYTHON or python3) and unbuffered Python output, and defines stamp
-# (a line with the seconds since the start), stage LIMIT CMD... (CMD under a time limit, saying so
-# when it runs out) and install_package LIMIT (the Python package without the C++ extension; the
+# Shared by the benchmarks/gpu_*.sh scripts, sourced after setting NAME and OUT.
+#
+# Results: the scripts write into a scratch folder (OUT, reset here) and every `stamp` packs it
+# into OUTDIR/results.tar.gz (console.txt: everything the script printed; the stage files beside
+# it), so that OUTDIR holds two files whenever the run stops: the device tool brings back at most
+# 8 files from its $OUT (H200 session 6 got 2 of 14 test logs), and a run killed at its time limit
+# runs no exit trap. OUTDIR/console.txt is the console as of the last stamp.
+#
+# Defines: PY ($PYTHON or python3, unbuffered), stamp MSG (a line with the seconds since the
+# start; packs), stage LIMIT CMD... (CMD under a time limit, saying so when it runs out),
+# fits LIMIT (whether a stage of LIMIT seconds ends before GPU_CHECK_DEADLINE seconds from the
+# start; unset: always), install_package LIMIT (the Python package without the C++ extension; the
 # script stops if that fails), build_extension_bg JOBS (the extension, in place, in the
 # background: its pid in BUILD) and merge_profile ARGS... (benchmarks/profile_step.py ARGS with
 # the merge kernel's default tiles and with ALBEF_FAST_MERGE=8,16,32, into OUT/profile.txt).
-mkdir -p "$OUT"
+DEST=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+OUT=${TMPDIR:-/tmp}/$NAME.results
+rm -rf "$OUT" && mkdir -p "$OUT"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/console.txt") 2>&1
 t0=$(date +%s)
-stamp() { echo "[$NAME +$(( $(date +%s) - t0 ))s] $*"; }
+pack() {
+  # GNU tar exits 1 when a file changed while read (console.txt grows): the archive is still whole
+  tar --warning=no-file-changed -czf "$DEST/results.tmp" -C "$OUT" . 2>/dev/null
+  [ $? -le 1 ] && mv -f "$DEST/results.tmp" "$DEST/results.tar.gz"
+  cp "$OUT/console.txt" "$DEST/console.txt" 2>/dev/null
+  return 0
+}
+stamp() { echo "[$NAME +$(( $(date +%s) - t0 ))s] $*"; pack; }
 stage() { local limit=$1; shift; timeout "$limit" "$@"; local rc=$?; [ $rc = 124 ] && stamp "TIMED OUT after ${limit}s"; return $rc; }
+fits() {
+  local end=$(( $(date +%s) - t0 + $1 ))
+  [ -z "${GPU_CHECK_DEADLINE:-}" ] || [ "$end" -le "$GPU_CHECK_DEADLINE" ] && return 0
+  stamp "skipped (a ${1}s stage would end past GPU_CHECK_DEADLINE=${GPU_CHECK_DEADLINE}s): $2"; return 1
+}
 install_package() {
   stamp "install: the Python package"
   if ! ALBEF_FAST_NO_EXTENSION=1 stage "$1" $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then

@@ -91,11 +91,12 @@ NEEDS_GPU = pytest.mark.skipif(not (HAS_STEP and torch.cuda.is_available()), rea
 
 
 @NEEDS_GPU
-@pytest.mark.parametrize("dtype, temp_kind, retrieval", [(torch.bfloat16, "tensor", False),
-                                                          (torch.float32, "float", True)])
-def test_cpp_step_matches_the_python_path_on_cuda(monkeypatch, dtype, temp_kind, retrieval):
+@pytest.mark.parametrize("dtype, temp_kind, retrieval, precision", [(torch.bfloat16, "tensor", False, None),
+                                                                     (torch.float32, "float", True, None),
+                                                                     (torch.float32, "tensor", False, "high")])
+def test_cpp_step_matches_the_python_path_on_cuda(monkeypatch, dtype, temp_kind, retrieval, precision):
     """Same bits (loss, gradients, sims) from the three paths: the Python path, the C++ step, the
-    C++ entry."""
+    C++ entry; bf16, fp32 "highest" (f16x3) and "high" (f16s: the TF32 rows of the benchmark)."""
     import albef_fast
 
     taken, hits = _cpp_on(monkeypatch)
@@ -105,7 +106,7 @@ def test_cpp_step_matches_the_python_path_on_cuda(monkeypatch, dtype, temp_kind,
         a, t = img.detach().requires_grad_(True), txt.detach().requires_grad_(True)
         temp = torch.tensor(0.07, device="cuda", requires_grad=True) if temp_kind == "tensor" else 0.07
         out = albef_fast.itc_loss(a, t, img_m, txt_m, img_q, txt_q, temp, 0.4, idx=idx, idx_queue=idq,
-                                  return_details=True, backend="triton")
+                                  return_details=True, backend="triton", precision=precision)
         (out.loss * -2.0).backward()
         grads = [a.grad, t.grad] + ([temp.grad] if temp_kind == "tensor" else [])
         return [out.loss, out.sim_i2t_batch, out.ce_i2t, out.kl_t2i] + grads
