@@ -15,12 +15,13 @@
 # + 60 + 70 + 20 + 50 = 355 s.
 # GPU_CHECK_EXPLORE=1 appends the measurements still owed (benchmarks/NOTES.md, "What next"), in
 # order, each skipped unless it ends before GPU_CHECK_DEADLINE seconds: the per-kernel device time
-# at B = 64 with the merge's default tiles and ALBEF_FAST_MERGE=8,16,32 (profile.txt); B = 64 with
-# the Python launches against the C++ path, launched and graph-replayed (bench_b64.txt); the
+# at B = 64 with the merge's default tiles and ALBEF_FAST_MERGE=8,16,32 (profile.txt); the
 # queues' reads alone in the split kernel's tiles (probe.txt: set against the split kernel's time
 # in profile.txt); TF32 (f16s) at B = 64 per config (table.txt: the tuned one, without staged
-# rows, with interleaved tiles, 16-key and two-state ones); the host floor (host_floor.txt); TF32
-# at B = 256 with f16s against f16p (bench_b256.txt: where _F16P_MIN_B belongs).
+# rows, with interleaved tiles, 16-key and two-state ones); B = 64 with the Python launches
+# against the C++ path, launched and graph-replayed (bench_b64.txt); the host floor
+# (host_floor.txt); TF32 at B = 256 with f16s against f16p (bench_b256.txt: where _F16P_MIN_B
+# belongs). The exported ALBEF_FAST_LAUNCH holds for them all.
 # GPU_CHECK_TABLE=1 first times every candidate Triton config (benchmarks/triton_configs.py, up
 # to 200 s more; its TUNED json serves the rest of the run). GPU_CHECK_SMOKE=1 runs the same
 # steps on the CPU at tiny shapes (to test the script). OUTDIR receives results.tar.gz (device.txt
@@ -127,14 +128,6 @@ stage 50 $PY -m albef_fast.bench "${DEV[@]}" "${COMPILE[@]}" --mode fwd+bwd \
 if [ "${GPU_CHECK_EXPLORE:-0}" = 1 ]; then
   fits 50 "merge profile" && merge_profile "${PROFILE[@]}"
 
-  if fits 50 "B = 64, Python launches against the C++ path"; then
-    stamp "B = 64: Python launches against ALBEF_FAST_LAUNCH=$ALBEF_FAST_LAUNCH, launched and graph-replayed"
-    for launch in direct $([ "$ALBEF_FAST_LAUNCH" = cpp ] && echo cpp); do
-      ALBEF_FAST_LAUNCH=$launch stage 25 $PY -m albef_fast.bench "${B64[@]}" --mode fwd+bwd --label "[$launch]" \
-        --no-save 2>&1 | grep -v "it/s" | tee -a "$OUT/bench_b64.txt"
-    done
-  fi
-
   if fits 20 "queue read probe"; then
     stamp "the queues' reads alone, in the split kernel's tiles (against its device time in profile.txt)"
     stage 20 $PY benchmarks/queue_read_probe.py "${PROBE[@]}" 2>&1 | grep -v -i warn | tee "$OUT/probe.txt"
@@ -143,6 +136,14 @@ if [ "${GPU_CHECK_EXPLORE:-0}" = 1 ]; then
   if fits 100 "TF32 (f16s) per-config table at B = 64"; then
     stamp "TF32 (f16s) at B = 64 per config: launched | graph replay, eager in the same process"
     stage 100 $PY benchmarks/triton_configs.py "${F16S[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/table.txt" | tail -12
+  fi
+
+  if fits 50 "B = 64, Python launches against the C++ path"; then
+    stamp "B = 64: Python launches against ALBEF_FAST_LAUNCH=$ALBEF_FAST_LAUNCH, launched and graph-replayed"
+    for launch in direct $([ "$ALBEF_FAST_LAUNCH" = cpp ] && echo cpp); do
+      ALBEF_FAST_LAUNCH=$launch stage 25 $PY -m albef_fast.bench "${B64[@]}" --mode fwd+bwd --label "[$launch]" \
+        --no-save 2>&1 | grep -v "it/s" | tee -a "$OUT/bench_b64.txt"
+    done
   fi
 
   if fits 30 "host floor"; then
