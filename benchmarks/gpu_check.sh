@@ -34,7 +34,9 @@ source "$(dirname "$0")/gpu_common.sh"
 SMOKE=${GPU_CHECK_SMOKE:-0}
 TUNED=${TMPDIR:-/tmp}/albef_fast_tuned.json
 # the C++ call path's tests on CUDA (the fake-driver checks run in CI)
-CPP_TESTS=(tests/test_cpp_launch.py -k "on_cuda or from_a_cuda_graph")
+# (node ids, not -k: the state tests share the selection)
+CPP_TESTS=(tests/test_cpp_launch.py::test_cpp_step_matches_the_python_path_on_cuda
+           tests/test_cpp_launch.py::test_cpp_step_replays_from_a_cuda_graph)
 
 if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1
