@@ -17,11 +17,12 @@
 # order, each skipped unless it ends before GPU_CHECK_DEADLINE seconds: the per-kernel device time
 # at B = 64 with the merge's default tiles and ALBEF_FAST_MERGE=8,16,32 (profile.txt); the
 # queues' reads alone in the split kernel's tiles (probe.txt: set against the split kernel's time
-# in profile.txt); TF32 (f16s) at B = 64 per config (table.txt: the tuned one, without staged
-# rows, with interleaved tiles, 16-key and two-state ones); B = 64 with the Python launches
-# against the C++ path, launched and graph-replayed (bench_b64.txt); the host floor
-# (host_floor.txt); TF32 at B = 256 with f16s against f16p (bench_b256.txt: where _F16P_MIN_B
-# belongs). The exported ALBEF_FAST_LAUNCH holds for them all.
+# in profile.txt); Nsight Compute's counters of the split kernel, TF32 (f16s) and bf16, where ncu
+# is installed and can read them (ncu.txt); TF32 (f16s) at B = 64 per config (table.txt: the
+# tuned one, without staged rows, with interleaved tiles, 16-key and two-state ones); B = 64 with
+# the Python launches against the C++ path, launched and graph-replayed (bench_b64.txt); the host
+# floor (host_floor.txt); TF32 at B = 256 with f16s against f16p (bench_b256.txt: where
+# _F16P_MIN_B belongs). The exported ALBEF_FAST_LAUNCH holds for them all.
 # GPU_CHECK_TABLE=1 first times every candidate Triton config (benchmarks/triton_configs.py, up
 # to 200 s more; its TUNED json serves the rest of the run). GPU_CHECK_SMOKE=1 runs the same
 # steps on the CPU at tiny shapes (to test the script). OUTDIR receives results.tar.gz (device.txt
@@ -133,6 +134,17 @@ if [ "${GPU_CHECK_EXPLORE:-0}" = 1 ]; then
   if fits 20 "queue read probe"; then
     stamp "the queues' reads alone, in the split kernel's tiles (against its device time in profile.txt)"
     stage 20 $PY benchmarks/queue_read_probe.py "${PROBE[@]}" 2>&1 | grep -v -i warn | tee "$OUT/probe.txt"
+  fi
+
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -n "$NCU" ] && fits 90 "Nsight Compute of the split kernel"; then
+    stamp "Nsight Compute: the split kernel of one B = 64 step, TF32 (f16s) then bf16 (ncu.txt)"
+    for precision in tf32 bf16; do
+      stage 45 "$NCU" --clock-control none --profile-from-start off -k regex:_itc_split_fwd_kernel \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section WarpStateStats --section Occupancy --section LaunchStats \
+        $PY benchmarks/ncu_split.py --precision $precision 2>&1 | tee -a "$OUT/ncu.txt" | tail -5
+    done
   fi
 
   if fits 100 "TF32 (f16s) per-config table at B = 64"; then
