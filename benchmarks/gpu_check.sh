@@ -17,9 +17,9 @@
 # order, each skipped unless it ends before GPU_CHECK_DEADLINE seconds: the per-kernel device time
 # at B = 64 with the merge's default tiles and ALBEF_FAST_MERGE=8,16,32 (profile.txt); the
 # queues' reads alone in the split kernel's tiles (probe.txt: set against the split kernel's time
-# in profile.txt); Nsight Compute's counters of the split kernel, TF32 (f16s) and bf16, where ncu
-# is installed and can read them (ncu.txt); TF32 (f16s) at B = 64 per config (table.txt: the
-# tuned one, without staged rows, with interleaved tiles, 16-key and two-state ones); B = 64 with
+# in profile.txt); TF32 (f16s) at B = 64 per config (table.txt: the tuned one, without staged
+# rows, with interleaved tiles, 16-key and two-state ones); Nsight Compute's counters of the split
+# kernel, TF32 (f16s) and bf16, where ncu is installed and can read them (ncu.txt); B = 64 with
 # the Python launches against the C++ path, launched and graph-replayed (bench_b64.txt); the host
 # floor (host_floor.txt); TF32 at B = 256 with f16s against f16p (bench_b256.txt: where
 # _F16P_MIN_B belongs). The exported ALBEF_FAST_LAUNCH holds for them all.
@@ -136,6 +136,11 @@ if [ "${GPU_CHECK_EXPLORE:-0}" = 1 ]; then
     stage 20 $PY benchmarks/queue_read_probe.py "${PROBE[@]}" 2>&1 | grep -v -i warn | tee "$OUT/probe.txt"
   fi
 
+  if fits 100 "TF32 (f16s) per-config table at B = 64"; then
+    stamp "TF32 (f16s) at B = 64 per config: launched | graph replay, eager in the same process"
+    stage 100 $PY benchmarks/triton_configs.py "${F16S[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/table.txt" | tail -12
+  fi
+
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   if [ -n "$NCU" ] && fits 90 "Nsight Compute of the split kernel"; then
     stamp "Nsight Compute: the split kernel of one B = 64 step, TF32 (f16s) then bf16 (ncu.txt)"
@@ -145,11 +150,6 @@ if [ "${GPU_CHECK_EXPLORE:-0}" = 1 ]; then
         --section WarpStateStats --section Occupancy --section LaunchStats \
         $PY benchmarks/ncu_split.py --precision $precision 2>&1 | tee -a "$OUT/ncu.txt" | tail -5
     done
-  fi
-
-  if fits 100 "TF32 (f16s) per-config table at B = 64"; then
-    stamp "TF32 (f16s) at B = 64 per config: launched | graph replay, eager in the same process"
-    stage 100 $PY benchmarks/triton_configs.py "${F16S[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/table.txt" | tail -12
   fi
 
   if fits 50 "B = 64, Python launches against the C++ path"; then
