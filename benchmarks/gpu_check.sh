@@ -11,8 +11,8 @@
 # ALBEF_FAST_LAUNCH=cpp (rows labelled albef_fast[cpp]), else with the Python launches (the
 # default). Then the benchmark: ITC fwd and fwd+bwd, B 64..1024 x fp32 / TF32 / bf16, eager and
 # albef_fast (copy bandwidth and matmul peaks measured first), EMA and enqueue, and
-# torch.compile(reference) at B = 64 and 512. Stage limits: 45 + 110 + (the build past the tests)
-# + 60 + 70 + 20 + 50 = 355 s.
+# torch.compile(reference) at B = 64 and 512. Stage limits: 45 + 110 + (the build past the tests:
+# up to 190 more) + 60 + 70 + 20 + 50 = 355-545 s.
 # GPU_CHECK_EXPLORE=1 appends the measurements still owed (benchmarks/NOTES.md, "What next"), in
 # order, each skipped unless it ends before GPU_CHECK_DEADLINE seconds: the per-kernel device time
 # at B = 64 with the merge's default tiles and ALBEF_FAST_MERGE=8,16,32 (profile.txt); the
