@@ -11,7 +11,8 @@
 # ALBEF_FAST_LAUNCH=cpp (rows labelled albef_fast[cpp]), else with the Python launches (the
 # default). Then the benchmark: ITC fwd and fwd+bwd, B 64..1024 x fp32 / TF32 / bf16, eager and
 # albef_fast (copy bandwidth and matmul peaks measured first), EMA and enqueue, and
-# torch.compile(reference) at B = 64 and 512. Stage limits: 45 + 110 + (the build past the tests:
+# torch.compile(reference) at B = 64 and 512; then SPEC section 6's targets read off this run's
+# rows (albef_fast.bench.targets, targets.txt). Stage limits: 45 + 110 + (the build past the tests:
 # up to 190 more) + 60 + 70 + 20 + 50 = 355-545 s.
 # GPU_CHECK_EXPLORE=1 appends the measurements still owed (benchmarks/NOTES.md, "What next"), in
 # order, each skipped unless it ends before GPU_CHECK_DEADLINE seconds: the per-kernel device time
@@ -127,6 +128,9 @@ stamp "benchmark: torch.compile(reference) at B=64 and 512 (compiles are slow: l
 stage 50 $PY -m albef_fast.bench "${DEV[@]}" "${COMPILE[@]}" --mode fwd+bwd \
   --providers eager,compile,albef_fast --label "$LABEL" --out "$OUT" --no-plot 2>&1 | grep -v "it/s" \
   | tee -a "$OUT/bench.txt"
+
+stamp "SPEC section 6's targets on this run's rows (targets.txt)"
+$PY -m albef_fast.bench.targets "$OUT"/itc_*.csv 2>&1 | tee "$OUT/targets.txt"
 
 if [ "${GPU_CHECK_EXPLORE:-0}" = 1 ]; then
   fits 50 "merge profile" && merge_profile "${PROFILE[@]}"

@@ -20,3 +20,39 @@ def test_bench_cli_writes_csv_and_plot(tmp_path, capsys):
     fast = [r for r in rows if r["provider"] == "albef_fast"]
     assert all(float(r["speedup_vs_eager"]) > 0 for r in fast)
     assert png_path.stat().st_size > 1000
+
+
+def _row(date, provider, precision, b, ms, mib=16.0, suite="itc", mode="fwd+bwd", pct=10.0):
+    return dict(date=date, device="NVIDIA H200", suite=suite, provider=provider, mode=mode, precision=precision,
+                B=b, median_ms=ms, peak_extra_mib=mib, roofline_pct=pct)
+
+
+def test_targets_read_the_latest_side_by_side_rows(tmp_path, capsys):
+    """albef_fast.bench.targets: per (precision, B) the latest invocation with both eager and an
+    albef_fast provider (labels count, graph replays do not), the speed-up and memory limits of
+    SPEC section 6, the EMA's share of copy bandwidth and the enqueue's time."""
+    from albef_fast.bench import targets
+
+    path = str(tmp_path / "itc.csv")
+    report.append_csv([
+        _row("2026-01-01T00", "eager", "tf32", 64, 1.2), _row("2026-01-01T00", "albef_fast", "tf32", 64, 0.5),
+        _row("2026-01-02T00", "eager", "tf32", 64, 1.2), _row("2026-01-02T00", "albef_fast[cpp]", "tf32", 64, 0.14),
+        _row("2026-01-03T00", "albef_fast", "tf32", 64, 0.9),  # no eager in that invocation: not a pair
+        _row("2026-01-02T00", "eager", "bf16", 64, 1.1), _row("2026-01-02T00", "albef_fast[graph]", "bf16", 64, 0.09),
+        _row("2026-01-02T00", "eager", "bf16", 512, 3.0), _row("2026-01-02T00", "albef_fast", "bf16", 512, 0.5, mib=70.0),
+        _row("2026-01-02T00", "eager", "fp32", 512, 6.0), _row("2026-01-02T00", "albef_fast", "fp32", 512, 3.0),
+        _row("2026-01-02T00", "albef_fast", "fp32", 411, 0.66, suite="ema", mode="update", pct=91.0),
+        _row("2026-01-02T00", "albef_fast", "fp32", 64, 0.012, suite="enqueue", mode="step"),
+    ], path)
+    assert targets.main([path]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[2] + line.split()[3] if "itc" in line else line.split()[1]: line
+             for line in out.splitlines() if line.startswith("  ")}
+    assert lines["tf32B=64"].startswith("  MET") and "albef_fast[cpp] 0.140 ms: 8.57x" in lines["tf32B=64"]
+    assert "no eager + albef_fast" in lines["bf16B=64"]  # only a graph replay
+    assert lines["bf16B=512"].startswith("  not") and "6.00x" in lines["bf16B=512"]  # 70 MiB > 64
+    assert lines["fp32B=512"].startswith("  MET") and "2.00x" in lines["fp32B=512"]
+    assert lines["ema"].startswith("  MET") and lines["enqueue"].startswith("  not")
+    assert out.strip().endswith("3 of 8 met")
+    assert targets.main([path, "--since", "2026-01-03"]) == 0  # the later rows alone: no pair anywhere
+    assert capsys.readouterr().out.strip().endswith("0 of 8 met")
