@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("csv")
     p.add_argument("--since", default="", help="only rows whose date stamp is >= this (ISO prefix)")
     args = p.parse_args(argv)
-    rows = [r for r in csv.DictReader(open(args.csv)) if r["date"] >= args.since]
+    with open(args.csv, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["date"] >= args.since]
     devices = sorted({r["device"] for r in rows})
     lines = itc_lines(rows) + state_lines(rows)
     print(f"SPEC section 6 targets, {args.csv} ({', '.join(devices) or 'no rows'})")
