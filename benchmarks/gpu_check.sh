@@ -24,6 +24,11 @@
 # the Python launches against the C++ path, launched and graph-replayed (bench_b64.txt); the host
 # floor (host_floor.txt); TF32 at B = 256 with f16s against f16p (bench_b256.txt: where
 # _F16P_MIN_B belongs). The exported ALBEF_FAST_LAUNCH holds for them all.
+# GPU_CHECK_EXPLORE=NAME,... runs only the named ones of them: profile, probe, table, ncu, b64,
+# floor, b256, and ema_cache (the EMA with ALBEF_FAST_EMA_CACHE=stream against the default, in
+# ema_cache.txt; only when named). GPU_CHECK_ITC_TESTS=FILE runs the node ids listed in FILE
+# (one a line) as the ITC test stage instead of the whole selection; GPU_CHECK_COMPILE=0 skips
+# the torch.compile stage.
 # GPU_CHECK_TABLE=1 first times every candidate Triton config (benchmarks/triton_configs.py, up
 # to 200 s more; its TUNED json serves the rest of the run). GPU_CHECK_SMOKE=1 runs the same
 # steps on the CPU at tiny shapes (to test the script). OUTDIR receives results.tar.gz (device.txt
@@ -62,6 +67,7 @@ else
   # in H200 run 4)
   ITC_TESTS=(--workers 14 tests/test_triton.py tests/test_itc_backward.py tests/test_itc_loss.py
              tests/test_ops.py -k "not opcheck_state and not extension_reports")
+  [ -n "${GPU_CHECK_ITC_TESTS:-}" ] && ITC_TESTS=(--workers 14 $(cat "$GPU_CHECK_ITC_TESTS"))
   STATE_TESTS=(--workers 4 tests/test_cuda_state.py tests/test_ops.py::test_opcheck_state_ops
                tests/test_ops.py::test_extension_reports_its_build)
   CPP_EXPECTED=4  # tests/test_cpp_launch.py: 3 step-vs-Python cases and the graph replay
@@ -77,6 +83,13 @@ fi
 if $PY -c "import pytest_timeout" 2>/dev/null; then
   ITC_TESTS=(--timeout 90 "${ITC_TESTS[@]}"); STATE_TESTS=(--timeout 60 "${STATE_TESTS[@]}")
 fi
+
+# whether GPU_CHECK_EXPLORE asks for stage $1: "1" is every stage but ema_cache
+want() {
+  local list=",${GPU_CHECK_EXPLORE:-0},"
+  [ "$list" = ",1," ] && [ "$1" != ema_cache ] && return 0
+  [[ "$list" == *",$1,"* ]]
+}
 
 # ALBEF_FAST_LAUNCH for the benchmark: cpp if every C++-path test in the state stage's logs
 # passed (none skipped, failed or missing), else direct
@@ -124,29 +137,39 @@ stamp "benchmark: EMA and enqueue"
 stage 20 $PY -m albef_fast.bench "${DEV[@]}" --suite ema,enqueue --out "$OUT" 2>&1 | grep -v "it/s" \
   | tee -a "$OUT/bench.txt"
 
-stamp "benchmark: torch.compile(reference) at B=64 and 512 (compiles are slow: last)"
-stage 50 $PY -m albef_fast.bench "${DEV[@]}" "${COMPILE[@]}" --mode fwd+bwd \
-  --providers eager,compile,albef_fast --label "$LABEL" --out "$OUT" --no-plot 2>&1 | grep -v "it/s" \
-  | tee -a "$OUT/bench.txt"
+if [ "${GPU_CHECK_COMPILE:-1}" != 0 ]; then
+  stamp "benchmark: torch.compile(reference) at B=64 and 512 (compiles are slow: last)"
+  stage 50 $PY -m albef_fast.bench "${DEV[@]}" "${COMPILE[@]}" --mode fwd+bwd \
+    --providers eager,compile,albef_fast --label "$LABEL" --out "$OUT" --no-plot 2>&1 | grep -v "it/s" \
+    | tee -a "$OUT/bench.txt"
+fi
 
 stamp "SPEC section 6's targets on this run's rows (targets.txt)"
 $PY -m albef_fast.bench.targets "$OUT"/itc_*.csv 2>&1 | tee "$OUT/targets.txt"
 
-if [ "${GPU_CHECK_EXPLORE:-0}" = 1 ]; then
-  fits 50 "merge profile" && merge_profile "${PROFILE[@]}"
+if [ "${GPU_CHECK_EXPLORE:-0}" != 0 ]; then
+  if want ema_cache && fits 30 "EMA with the evict-first hint"; then
+    stamp "EMA: the default loads and stores against ALBEF_FAST_EMA_CACHE=stream (ema_cache.txt)"
+    for cache in default stream; do
+      ALBEF_FAST_EMA_CACHE=$cache stage 15 $PY -m albef_fast.bench "${DEV[@]}" --suite ema --no-save 2>&1 \
+        | grep -v "it/s" | sed "s/^/[$cache] /" | tee -a "$OUT/ema_cache.txt"
+    done
+  fi
 
-  if fits 20 "queue read probe"; then
+  want profile && fits 50 "merge profile" && merge_profile "${PROFILE[@]}"
+
+  if want probe && fits 20 "queue read probe"; then
     stamp "the queues' reads alone, in the split kernel's tiles (against its device time in profile.txt)"
     stage 20 $PY benchmarks/queue_read_probe.py "${PROBE[@]}" 2>&1 | grep -v -i warn | tee "$OUT/probe.txt"
   fi
 
-  if fits 100 "TF32 (f16s) per-config table at B = 64"; then
+  if want table && fits 100 "TF32 (f16s) per-config table at B = 64"; then
     stamp "TF32 (f16s) at B = 64 per config: launched | graph replay, eager in the same process"
     stage 100 $PY benchmarks/triton_configs.py "${F16S[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/table.txt" | tail -12
   fi
 
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  if [ -n "$NCU" ] && fits 90 "Nsight Compute of the split kernel"; then
+  if want ncu && [ -n "$NCU" ] && fits 90 "Nsight Compute of the split kernel"; then
     stamp "Nsight Compute: the split kernel of one B = 64 step, TF32 (f16s) then bf16 (ncu.txt)"
     for precision in tf32 bf16; do
       stage 45 "$NCU" --clock-control none --profile-from-start off -k regex:_itc_split_fwd_kernel \
@@ -156,7 +179,7 @@ if [ "${GPU_CHECK_EXPLORE:-0}" = 1 ]; then
     done
   fi
 
-  if fits 50 "B = 64, Python launches against the C++ path"; then
+  if want b64 && fits 50 "B = 64, Python launches against the C++ path"; then
     stamp "B = 64: Python launches against ALBEF_FAST_LAUNCH=$ALBEF_FAST_LAUNCH, launched and graph-replayed"
     for launch in direct $([ "$ALBEF_FAST_LAUNCH" = cpp ] && echo cpp); do
       ALBEF_FAST_LAUNCH=$launch stage 25 $PY -m albef_fast.bench "${B64[@]}" --mode fwd+bwd --label "[$launch]" \
@@ -164,12 +187,12 @@ if [ "${GPU_CHECK_EXPLORE:-0}" = 1 ]; then
     done
   fi
 
-  if fits 30 "host floor"; then
+  if want floor && fits 30 "host floor"; then
     stamp "host floor at B = 64: launched | host issue per step"
     stage 30 $PY benchmarks/host_floor.py "${FLOOR[@]}" 2>&1 | tee "$OUT/host_floor.txt"
   fi
 
-  if fits 60 "TF32 at B = 256, f16s against f16p"; then
+  if want b256 && fits 60 "TF32 at B = 256, f16s against f16p"; then
     stamp "TF32 at B = 256: f16s (the default below _F16P_MIN_B = 512) against f16p"
     for mode in f16s f16p; do
       ALBEF_FAST_TF32=$mode stage 30 $PY -m albef_fast.bench "${B256[@]}" --precision tf32 --mode fwd+bwd \

@@ -129,21 +129,28 @@ def test_cpp_step_replays_from_a_cuda_graph(monkeypatch):
 
     taken, hits = _cpp_on(monkeypatch)
     (img, txt, img_m, txt_m), (img_q, txt_q), _, _ = _cuda_inputs(torch.bfloat16, False, q=8192)
-    a, t = img.detach().requires_grad_(True), txt.detach().requires_grad_(True)
-    temp = torch.tensor(0.07, device="cuda", requires_grad=True)
     last = []
 
-    def step():
-        out = albef_fast.itc_loss(a, t, img_m, txt_m, img_q, txt_q, temp, 0.4, return_details=True,
-                                  backend="triton")
-        out.loss.backward()
-        last[:] = [out.loss, out.sim_i2t_batch, out.kl_t2i]
+    def stepper():
+        # fresh leaves, and only detached outputs kept: an autograd graph (and its AccumulateGrad
+        # nodes) kept alive from the default stream into the capture breaks it (H200, torch 2.11:
+        # "operation would make the legacy stream depend on a capturing blocking stream")
+        a, t = img.detach().requires_grad_(True), txt.detach().requires_grad_(True)
+        temp = torch.tensor(0.07, device="cuda", requires_grad=True)
 
+        def step():
+            out = albef_fast.itc_loss(a, t, img_m, txt_m, img_q, txt_q, temp, 0.4, return_details=True,
+                                      backend="triton")
+            out.loss.backward()
+            last[:] = [out.loss.detach(), out.sim_i2t_batch.detach(), out.kl_t2i.detach()]
+        return step
+
+    step = stepper()
     step()  # records the plan
     step()  # the C++ step, teaching the entry
     step()  # the entry
     eager = [x.clone() for x in last]
-    replay = graphed(step, torch.device("cuda"))
+    replay = graphed(stepper(), torch.device("cuda"))
     replay()
     torch.cuda.synchronize()
     assert taken == [False, True] and len(hits) >= 3  # warm-up and capture went through the entry

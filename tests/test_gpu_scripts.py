@@ -72,3 +72,23 @@ def test_cpp_path_only_when_every_bit_test_passed(tmp_path):
     extra = "tests/test_cpp_launch.py::test_cpp_step_is_opt_in ERROR\n"  # any C++-path failure counts
     assert _gate(tmp_path, [passed[0] + extra, passed[1]], 4) == "direct"
     assert _gate(tmp_path, passed, 0) == "direct"  # no GPU: nothing expected
+
+
+def _wanted(explore: str) -> set:
+    """The explore stages gpu_check.sh's `want` picks for GPU_CHECK_EXPLORE=explore."""
+    names = "profile probe table ncu b64 floor b256 ema_cache"
+    script = f"""
+        eval "$(sed -n '/^want()/,/^}}/p' benchmarks/gpu_check.sh)"
+        for n in {names}; do want $n && echo $n; done; true
+    """
+    out = _bash(script, ROOT, {"GPU_CHECK_EXPLORE": explore})
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
+def test_explore_stages_by_name():
+    every = {"profile", "probe", "table", "ncu", "b64", "floor", "b256"}
+    assert _wanted("1") == every  # ema_cache only when named
+    assert _wanted("b64,floor,ema_cache") == {"b64", "floor", "ema_cache"}
+    assert _wanted("floor") == {"floor"} and _wanted("0") == set()
+    assert _wanted("b6") == set()  # whole names only
