@@ -6,7 +6,7 @@ At ALBEF's per-GPU batch the fused step is host-bound (benchmarks/NOTES.md). Thi
 ALBEF's inputs on CUDA, the launched step time (do_bench median, as the benchmark tables) and
 the host time to issue one step (no synchronization, mean over 200) of:
   eager          ALBEF's ITC (albef_fast.reference)
-  albef_fast     the fused step
+  albef_fast     the fused step with the Python launches (ALBEF_FAST_LAUNCH=direct, set here)
   albef_fast[aten-bwd]  the same with its backward as three aten products (kernels/itc_backward.py
                  replaces them with one launch on the Triton path)
   albef_fast[cpp]  the same issued from C++ (kernels/cpp_launch.py, ALBEF_FAST_LAUNCH=cpp; turned on
@@ -28,9 +28,12 @@ extension (not with ALBEF_FAST_DISABLE_EXTENSION=1).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
+
+os.environ["ALBEF_FAST_LAUNCH"] = "direct"  # the albef_fast rows; the [cpp] rows turn the C++ step on themselves
 
 import albef_fast
 from albef_fast import _extension, functional, itc_op, reference

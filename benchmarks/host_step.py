@@ -9,7 +9,7 @@ compiles the kernels for sm_90 and turns launches into a recording call; tensors
 CPU, where the torch ops of the step are cheap stand-ins for their CUDA launches. Prints the
 minimum over repeats (the machine's noise only adds); on a shared 2-core VM whole processes still
 land 1.5-2x apart, so compare the best of several runs, same machine and Python only.
-ALBEF_FAST_LAUNCH=jit times Triton's own launch path instead of the direct one; ALBEF_FAST_LAUNCH=cpp
+ALBEF_FAST_LAUNCH=direct times the Python launches, =jit Triton's own launch path; unset (or cpp),
 the step issued from C++ (kernels/cpp_launch.py), whose launches the extension records instead
 (with CPU tensors: ~1-3 us a launch, against ~11 us for the fake driver's Python recording; the
 launch count says which path ran).
@@ -97,7 +97,7 @@ def main() -> None:
     launches = len(fake_driver.CALLS)
     cpp_launches = len(cpp_recorded())
     gc.disable()
-    print(f"host step B={args.batch} {args.dtype} launch={os.environ.get('ALBEF_FAST_LAUNCH', 'direct')}: "
+    print(f"host step B={args.batch} {args.dtype} launch={os.environ.get('ALBEF_FAST_LAUNCH', 'cpp')}: "
           f"{_min_us(step):.1f} us (min over repeats; {launches} Triton launches a step"
           f"{f', {cpp_launches} from C++' if cpp_launches else ''})")
     if args.parts:

@@ -1,6 +1,7 @@
 """Triton kernels of albef_fast (packaged as albef_fast.kernels); importing registers the
-"triton" backend of torch.ops.albef_fast.itc, its one-launch backward and, with
-ALBEF_FAST_LAUNCH=cpp, the step issued from C++ (cpp_launch) and itc_loss's usual call in C++."""
+"triton" backend of torch.ops.albef_fast.itc, its one-launch backward and, unless
+ALBEF_FAST_LAUNCH=direct (or jit), the step issued from C++ (cpp_launch) and itc_loss's usual call
+in C++."""
 from albef_fast import functional
 from albef_fast.itc_op import BACKEND_IMPLS, CPP_STEPS, FUSED_BACKWARDS
 

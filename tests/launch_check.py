@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+os.environ["ALBEF_FAST_LAUNCH"] = "direct"  # the Python launches are under test (the C++ step: cpp_launch_check)
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tests import fake_driver  # noqa: E402
 from tests.fake_driver import CALLS  # noqa: E402

@@ -1,6 +1,8 @@
 """The benchmark CLI runs end to end at a tiny shape and records CSV + PNG."""
 import csv
 
+import pytest
+
 from albef_fast.bench import __main__ as bench
 from albef_fast.bench import report
 
@@ -20,6 +22,29 @@ def test_bench_cli_writes_csv_and_plot(tmp_path, capsys):
     fast = [r for r in rows if r["provider"] == "albef_fast"]
     assert all(float(r["speedup_vs_eager"]) > 0 for r in fast)
     assert png_path.stat().st_size > 1000
+
+
+def test_rounds_time_the_providers_in_turn_and_keep_the_median_round(tmp_path, monkeypatch, capsys):
+    """--rounds 3: eager, albef_fast, eager, ... and each row is its provider's median round."""
+    calls, times = [], iter([(5.0, 4.0, 6.0), (1.0, 0.9, 1.1), (9.0, 8.0, 10.0), (3.0, 2.9, 3.1),
+                             (6.0, 5.5, 6.5), (1.5, 1.4, 1.6)])
+
+    def fake_time_ms(step, device, reps):
+        if "step_fn" not in step.__qualname__:  # the ceilings (copy bandwidth, matmul peak)
+            return 1.0, 1.0, 1.0
+        calls.append(step)
+        return next(times)
+
+    monkeypatch.setattr(bench.measure, "time_ms", fake_time_ms)
+    args = ["--device", "cpu", "--batch", "4", "--queue", "64", "--dim", "16", "--rounds", "3", "--no-save"]
+    assert bench.main(args) == 0
+    assert len(calls) == 6 and calls[0::2] == [calls[0]] * 3 and calls[1::2] == [calls[1]] * 3
+    assert calls[0] is not calls[1]
+    printed = capsys.readouterr().out
+    eager, fast = (line.split() for line in printed.splitlines() if line.strip().startswith("itc"))
+    assert float(eager[5]) == 6.0 and float(fast[5]) == 1.5 and float(fast[6]) == 4.0  # rounds: 5 9 6 | 1 3 1.5
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rounds", "0"])
 
 
 def _row(date, provider, precision, b, ms, mib=16.0, suite="itc", mode="fwd+bwd", pct=10.0):

@@ -34,10 +34,21 @@ def test_cpp_entry_takes_only_calls_the_python_path_has_taken():
     assert result == {"variations": 17, "declined": 15}
 
 
-def test_cpp_step_is_opt_in(monkeypatch):
-    from albef_fast.kernels import cpp_launch
+def test_cpp_step_is_the_default_unless_turned_off(monkeypatch):
+    """On where direct launches are (a compiled Triton) and the extension has the step; off with
+    ALBEF_FAST_LAUNCH=direct or jit."""
+    from albef_fast.kernels import cpp_launch, launch
 
+    monkeypatch.setattr(launch, "direct_launch_enabled", lambda: True)
     monkeypatch.delenv("ALBEF_FAST_LAUNCH", raising=False)
+    assert cpp_launch.enabled() == HAS_STEP
+    monkeypatch.setenv("ALBEF_FAST_LAUNCH", "cpp")
+    assert cpp_launch.enabled() == HAS_STEP
+    for off in ("direct", "jit"):
+        monkeypatch.setenv("ALBEF_FAST_LAUNCH", off)
+        assert not cpp_launch.enabled()
+    monkeypatch.delenv("ALBEF_FAST_LAUNCH")
+    monkeypatch.setattr(launch, "direct_launch_enabled", lambda: False)  # the interpreter
     assert not cpp_launch.enabled()
 
 

@@ -76,7 +76,7 @@ def test_cpp_path_only_when_every_bit_test_passed(tmp_path):
 
 def _wanted(explore: str) -> set:
     """The explore stages gpu_check.sh's `want` picks for GPU_CHECK_EXPLORE=explore."""
-    names = "profile probe table ncu b64 floor b256 ema_cache"
+    names = "profile probe table ncu b64 floor b256"
     script = f"""
         eval "$(sed -n '/^want()/,/^}}/p' benchmarks/gpu_check.sh)"
         for n in {names}; do want $n && echo $n; done; true
@@ -88,7 +88,7 @@ def _wanted(explore: str) -> set:
 
 def test_explore_stages_by_name():
     every = {"profile", "probe", "table", "ncu", "b64", "floor", "b256"}
-    assert _wanted("1") == every  # ema_cache only when named
-    assert _wanted("b64,floor,ema_cache") == {"b64", "floor", "ema_cache"}
+    assert _wanted("1") == every
+    assert _wanted("b64,floor,b256") == {"b64", "floor", "b256"}
     assert _wanted("floor") == {"floor"} and _wanted("0") == set()
     assert _wanted("b6") == set()  # whole names only

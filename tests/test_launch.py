@@ -36,6 +36,7 @@ def test_host_step_tool_runs():
     (split, merge, finish; the backward's one)."""
     tool = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "host_step.py"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ALBEF_FAST_LAUNCH")}
+    env["ALBEF_FAST_LAUNCH"] = "direct"  # the parts are the Python path's
     run = subprocess.run([sys.executable, str(tool), "--parts"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "4 Triton launches a step" in run.stdout and "backend (allocations and launches)" in run.stdout

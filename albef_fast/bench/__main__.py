@@ -50,12 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="eager,compile,albef_fast")
     p.add_argument("--suite", type=_names(SUITE_NAMES), default=["itc"], help=",".join(SUITE_NAMES))
     p.add_argument("--reps", type=int, default=10, help="timed repetitions on the CPU (default 10)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time the providers in turn this many times, each row the median round (default 1)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the CSV and PNG")
     p.add_argument("--tag", default="", help="suffix of the PNG's name (the CSV is shared)")
     p.add_argument("--label", default="", help="appended to albef_fast's provider name, e.g. for an A/B of a setting")
     p.add_argument("--no-plot", action="store_true", help="write the CSV rows but no PNG")
     p.add_argument("--no-save", action="store_true", help="print only; write no CSV or PNG")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if any(v.endswith("[graph]") for v in args.providers) and not device.startswith("cuda"):
         p.error("providers '...[graph]' replay CUDA graphs: they need --device cuda")
@@ -66,36 +70,48 @@ def run_itc(args, device: torch.device, progress) -> List[Dict]:
     rows = []
     batches = SWEEP if args.sweep else args.batch
     for precision in args.precision:
-        _, matmul = cases.PRECISIONS[precision]
         for b in batches:
             case = cases.ITCCase(b, args.queue, args.dim, precision, device)
             for mode in args.mode:
-                eager_ms = {}  # graph rows are compared with eager[graph], the others with eager
-                for provider in args.providers:
-                    progress.set_description(f"itc {provider} {mode} {precision} B={b}")
-                    with measure.matmul_precision(matmul):
-                        try:
-                            row = _measure_itc(case, provider, mode, device, args.reps)
-                        except RuntimeError as exc:  # e.g. a step that cannot be captured in a graph
-                            print(f"{provider} {precision} B={b}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
-                            progress.update(1)
-                            continue
-                    graph = provider.endswith("[graph]")
-                    if provider.startswith("eager"):
-                        eager_ms[graph] = row["median_ms"]
-                    row["speedup_vs_eager"] = eager_ms[graph] / row["median_ms"] if graph in eager_ms else ""
-                    if provider.startswith("albef_fast"):
-                        row["provider"] += args.label
-                    rows.append(row)
-                    progress.update(1)
+                rows += _compare(case, mode, args, device, progress)
             del case
     return rows
 
 
-def _measure_itc(case, provider, mode, device, reps) -> Dict:
-    step = cases.step_fn(case, provider, mode)
-    step()  # compile / autotune outside the timing
-    med, p20, p80 = measure.time_ms(step, device, reps=reps)
+def _compare(case, mode, args, device, progress) -> List[Dict]:
+    """One row per provider, its time the median of args.rounds timings taken in turn (eager,
+    albef_fast, eager, ...): where the host is the bottleneck and its speed drifts (the H200
+    machine's did by up to 2x between minutes), each provider meets the same drift."""
+    _, matmul = cases.PRECISIONS[case.precision]
+    with measure.matmul_precision(matmul):
+        steps = {}
+        for provider in args.providers:
+            try:
+                steps[provider] = cases.step_fn(case, provider, mode)
+                steps[provider]()  # compile / autotune outside the timing
+            except RuntimeError as exc:  # e.g. a step that cannot be captured in a graph
+                print(f"{provider} {case.precision} B={case.b}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+                steps.pop(provider, None)
+                progress.update(1)
+        timings = {provider: [] for provider in steps}
+        for _ in range(args.rounds):
+            for provider, step in steps.items():
+                progress.set_description(f"itc {provider} {mode} {case.precision} B={case.b}")
+                timings[provider].append(measure.time_ms(step, device, reps=args.reps))
+        rows = [_itc_row(case, provider, mode, device, steps[provider], timings[provider]) for provider in steps]
+    progress.update(len(rows))
+    eager_ms = {r["provider"].endswith("[graph]"): r["median_ms"] for r in rows if r["provider"].startswith("eager")}
+    for row in rows:  # graph rows are compared with eager[graph], the others with eager
+        graph = row["provider"].endswith("[graph]")
+        row["speedup_vs_eager"] = eager_ms[graph] / row["median_ms"] if graph in eager_ms else ""
+        if row["provider"].startswith("albef_fast"):
+            row["provider"] += args.label
+    return rows
+
+
+def _itc_row(case, provider, mode, device, step, timings) -> Dict:
+    """The row of the round with the median time (median, p20, p80 of that round)."""
+    med, p20, p80 = sorted(timings)[(len(timings) - 1) // 2]
     # a replayed graph allocates nothing (its pool was taken at capture): no peak to report
     peak = "" if provider.endswith("[graph]") else measure.peak_extra_mib(step, device)
     flops, nbytes = case.flops(mode), case.bytes()

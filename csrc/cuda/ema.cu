@@ -3,8 +3,6 @@
 // finds its tensor by binary search and streams it with 16-byte loads and stores when aligned.
 // fp32 uses __fmul_rn / __fadd_rn (and the file builds with --fmad=false): no FMA contraction,
 // so results are bit-identical to ALBEF's `p_m * m + p * (1. - m)`.
-// ALBEF_FAST_EMA_CACHE=stream (an experiment, read per launch): the 16-byte loads and stores
-// with the evict-first hint (ld/st.global.cs), since no element is touched twice.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,7 +10,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -49,20 +46,9 @@ __device__ __forceinline__ uint4 blend_vec(uint4 raw_m, const uint4 raw, A m, A 
   return raw_m;
 }
 
-template <bool kStream>
-__device__ __forceinline__ uint4 load16(const void* at) {
-  const uint4* p = reinterpret_cast<const uint4*>(at);
-  if constexpr (kStream) return __ldcs(p); else return *p;
-}
-template <bool kStream>
-__device__ __forceinline__ void store16(void* at, uint4 v) {
-  uint4* p = reinterpret_cast<uint4*>(at);
-  if constexpr (kStream) __stcs(p, v); else *p = v;
-}
-
 // Elements [begin, end) of one tensor. Aligned: kUnroll 16-byte loads of each operand in flight
 // per thread before any store (the stores may alias nothing, but the compiler cannot know).
-template <typename T, bool kStream>
+template <typename T>
 __device__ void ema_range(T* pm, const T* p, int64_t begin, int64_t end, bool aligned, double momentum) {
   using acc_t = at::opmath_type<T>;
   const acc_t m = static_cast<acc_t>(momentum), om = static_cast<acc_t>(1.0 - momentum);
@@ -75,16 +61,17 @@ __device__ void ema_range(T* pm, const T* p, int64_t begin, int64_t end, bool al
       uint4 raw_m[kUnroll], raw[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        raw_m[u] = load16<kStream>(pm + i + u * kStep);
-        raw[u] = load16<kStream>(p + i + u * kStep);
+        raw_m[u] = *reinterpret_cast<const uint4*>(pm + i + u * kStep);
+        raw[u] = *reinterpret_cast<const uint4*>(p + i + u * kStep);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        store16<kStream>(pm + i + u * kStep, blend_vec<T>(raw_m[u], raw[u], m, om));
+        *reinterpret_cast<uint4*>(pm + i + u * kStep) = blend_vec<T>(raw_m[u], raw[u], m, om);
       }
     }
     for (; i + kVec <= end; i += kStep) {
-      store16<kStream>(pm + i, blend_vec<T>(load16<kStream>(pm + i), load16<kStream>(p + i), m, om));
+      const uint4 raw_m = *reinterpret_cast<const uint4*>(pm + i);
+      *reinterpret_cast<uint4*>(pm + i) = blend_vec<T>(raw_m, *reinterpret_cast<const uint4*>(p + i), m, om);
     }
     begin = end - (end - begin) % kVec;  // the tail, element by element
   }
@@ -93,7 +80,7 @@ __device__ void ema_range(T* pm, const T* p, int64_t begin, int64_t end, bool al
   }
 }
 
-template <typename T, bool kStream>
+template <typename T>
 __global__ void ema_update_kernel(const EmaEntry* table, int entries, int64_t chunks, double momentum) {
   for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
     int lo = 0, hi = entries - 1;  // last entry whose first_chunk <= chunk
@@ -104,7 +91,7 @@ __global__ void ema_update_kernel(const EmaEntry* table, int entries, int64_t ch
     const EmaEntry e = table[lo];
     const int64_t begin = (chunk - e.first_chunk) * kChunk;
     const int64_t end = begin + kChunk < e.numel ? begin + kChunk : e.numel;
-    ema_range<T, kStream>(static_cast<T*>(e.pm), static_cast<const T*>(e.p), begin, end, e.aligned != 0, momentum);
+    ema_range<T>(static_cast<T*>(e.pm), static_cast<const T*>(e.p), begin, end, e.aligned != 0, momentum);
   }
 }
 
@@ -136,12 +123,9 @@ void launch_group(at::TensorList params_m, at::TensorList params, const std::vec
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, params_m[members[0]].get_device()));
   const int blocks = static_cast<int>(std::min<int64_t>(chunks, int64_t(sms) * 8));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const char* cache = std::getenv("ALBEF_FAST_EMA_CACHE");
-  const bool streaming = cache != nullptr && std::strcmp(cache, "stream") == 0;
-  const auto* table_ptr = reinterpret_cast<const EmaEntry*>(table.const_data_ptr());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params_m[members[0]].scalar_type(), "ema_update_cuda", [&] {
-    auto kernel = streaming ? ema_update_kernel<scalar_t, true> : ema_update_kernel<scalar_t, false>;
-    kernel<<<blocks, kThreads, 0, stream>>>(table_ptr, static_cast<int>(entries.size()), chunks, momentum);
+    ema_update_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        reinterpret_cast<const EmaEntry*>(table.const_data_ptr()), static_cast<int>(entries.size()), chunks, momentum);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
