@@ -42,7 +42,7 @@ def enabled() -> bool:
     """The extension with the C++ step, and direct launches (a compiled Triton version listed in
     kernels/launch.py; not the interpreter), unless ALBEF_FAST_LAUNCH is direct or jit. Read at
     import. The default since H200 run 8: its bit tests passed on the card, and it ran the B = 64
-    step at 0.11-0.16 ms launched against 0.31-0.76 for the Python launches."""
+    step at 0.11-0.23 ms launched against 0.31-0.76 for the Python launches."""
     if os.environ.get("ALBEF_FAST_LAUNCH", "cpp") in ("direct", "jit") or not launch.direct_launch_enabled():
         return False
     from albef_fast import _extension
