@@ -8,8 +8,8 @@
 # do not load it). Then the C++ call path's bit tests on this GPU (tests/test_cpp_launch.py: the
 # C++ step and entry against the Python path, bf16, fp32 "highest" with retrieval, "high"; a
 # CUDA-graph replay) beside the state ops' tests: if all of them pass, the ITC benchmark runs with
-# ALBEF_FAST_LAUNCH=cpp (rows labelled albef_fast[cpp]), else with the Python launches (the
-# default). Then the benchmark: ITC fwd and fwd+bwd, B 64..1024 x fp32 / TF32 / bf16, eager and
+# ALBEF_FAST_LAUNCH=cpp (the library's default on CUDA; rows labelled albef_fast[cpp]), else with
+# ALBEF_FAST_LAUNCH=direct (the Python launches). Then the benchmark: ITC fwd and fwd+bwd, B 64..1024 x fp32 / TF32 / bf16, eager and
 # albef_fast (copy bandwidth and matmul peaks measured first), EMA and enqueue, and
 # torch.compile(reference) at B = 64 and 512; then SPEC section 6's targets read off this run's
 # rows (albef_fast.bench.targets, targets.txt). Stage limits: 45 + 200 + (the build past the tests:
@@ -19,8 +19,8 @@
 # at B = 64 with the merge's default tiles and ALBEF_FAST_MERGE=8,16,32 (profile.txt); the
 # queues' reads alone in the split kernel's tiles (probe.txt: set against the split kernel's time
 # in profile.txt); TF32 (f16s) at B = 64 per config (table.txt: the tuned one, with interleaved
-# tiles, the two configs with 0 spills at sm_90a AOT, 16-key and two-state ones); Nsight Compute's counters of the split
-# kernel, TF32 (f16s) and bf16, where ncu is installed and can read them (ncu.txt); B = 64 with
+# tiles, the two configs with 0 spills at sm_90a AOT, 16-key and two-state ones); Nsight
+# Compute's counters of the split kernel, TF32 (f16s) and bf16, where ncu is installed and can read them (ncu.txt); B = 64 with
 # the Python launches against the C++ path, launched and graph-replayed (bench_b64.txt); the host
 # floor (host_floor.txt); TF32 at B = 256 with f16s against f16p (bench_b256.txt: where
 # _F16P_MIN_B belongs). The exported ALBEF_FAST_LAUNCH holds for them all.
