@@ -5,14 +5,20 @@ Without an initialized process group every function is the one-process identity.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["is_initialized", "world_size", "gather_rows", "broadcast_", "check_equal_rows"]
 
-_CPU_GROUP: Optional[object] = None
+# _cpu_group's (default group it was made under, gloo group) where the default group is not gloo
+_CPU_GROUP: Optional[Tuple[object, object]] = None
+
+# torch 2.13 deprecates all_gather_into_tensor for all_gather_single (a FutureWarning per call);
+# older releases may lack the new name (neither exists in a torch built without distributed
+# support, where nothing calls it)
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
 def is_initialized() -> bool:
@@ -30,7 +36,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
         return x
     x = x.detach().contiguous()
     out = x.new_empty((world_size() * x.shape[0],) + tuple(x.shape[1:]))
-    dist.all_gather_into_tensor(out, x)
+    _all_gather_single(out, x)
     return out
 
 
@@ -44,14 +50,17 @@ def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
 
 
 def _cpu_group():
-    """A gloo group for host-side values (the default group, if it is gloo already).
-
-    Created on first use, which must be at the same step on every rank (new_group is collective).
-    """
+    """A gloo group for host-side values: the default group if it is gloo (nothing kept, so that
+    destroy_process_group leaves no reference to it here), else one made under the default group
+    on first use and again under each new default group; first use must come at the same step
+    on every rank (new_group is collective)."""
     global _CPU_GROUP
-    if _CPU_GROUP is None:
-        _CPU_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-    return _CPU_GROUP
+    world = dist.group.WORLD
+    if dist.get_backend() == "gloo":
+        return world
+    if _CPU_GROUP is None or _CPU_GROUP[0] is not world:
+        _CPU_GROUP = (world, dist.new_group(backend="gloo"))
+    return _CPU_GROUP[1]
 
 
 def check_equal_rows(name: str, n: int) -> None:

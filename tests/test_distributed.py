@@ -3,9 +3,10 @@
 Ranks are seeded differently (as ALBEF seeds seed + rank). After every step both ranks' queues
 and ptr must be identical and equal to a one-process run fed the concatenated batches, and each
 rank's loss and gradients must equal ALBEF's reference on its local batch with the pre-step queue.
+An uneven batch is rejected on every rank; after destroy_process_group and a new
+init_process_group (a trainer restarting its group) the module keeps working.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import albef_fast
-from albef_fast import reference
+from albef_fast import distributed, reference
 
 D, Q, B, STEPS = 8, 20, 3, 4  # 2 ranks x 3 rows x 4 steps = 24 > 20: the queue wraps around
 
@@ -25,15 +26,21 @@ def _batch(step, rank, device="cpu"):
     return [f.to(device) for f in feats], idx.to(device)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _init(backend, rank, world, out_dir, name):
+    """A process group rendezvousing through a file in out_dir: no port to pick (a free port
+    found, closed and bound again by the rendezvous can be taken in between)."""
+    dist.init_process_group(backend, init_method=f"file://{os.path.join(out_dir, name)}", rank=rank, world_size=world)
 
 
-def _worker(rank, world, port, backend, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend, rank=rank, world_size=world)
+def _finish():
+    """Every rank done with its collectives before any tears down (gloo: a peer closing its
+    connections while this rank still reads from them aborts this one)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _worker(rank, world, backend, out_dir):
+    _init(backend, rank, world, out_dir, "store")
     device = f"cuda:{rank}" if backend == "nccl" else "cpu"
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -58,8 +65,18 @@ def _worker(rank, world, port, backend, out_dir):
     except ValueError as err:
         record["uneven"] = str(err)
     record["after_uneven"] = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    _finish()
+    # a new default group (a trainer that re-initializes): the batch-size check works in it
+    _init(backend, rank, world, out_dir, "store_again")
+    (a, b, am, bm), idx = _batch(0, rank, device)
+    record["after_reinit"] = module(a, b, am, bm, alpha=0.4, idx=idx).loss.detach().cpu()
+    # the check's host-side group belongs to the live default group, not to the destroyed one
+    # (gloo: the default group itself; else a gloo group made under it)
+    group = distributed._cpu_group()
+    made_under = group if backend == "gloo" else distributed._CPU_GROUP[0]
+    record["cpu_group_live"] = made_under is dist.group.WORLD
     torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    _finish()
 
 
 def _single_process_run(initial_state):
@@ -86,7 +103,7 @@ def _single_process_run(initial_state):
 
 @pytest.mark.parametrize("backend", ["gloo"] + (["nccl"] if torch.cuda.device_count() >= 2 else []))
 def test_two_ranks_keep_identical_queues(tmp_path, backend):
-    mp.spawn(_worker, args=(2, _free_port(), backend, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, backend, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(42)  # rank 0's initial queues, which the first step broadcasts
     initial = albef_fast.ITCLoss(embed_dim=D, queue_size=Q, use_idx=True).state_dict()
@@ -107,3 +124,5 @@ def test_two_ranks_keep_identical_queues(tmp_path, backend):
         assert "same batch size" in ranks[rank]["uneven"]
         for key, value in ranks[rank]["after_uneven"].items():
             assert torch.equal(value, ranks[rank]["steps"][-1]["state"][key]), key
+        assert torch.isfinite(ranks[rank]["after_reinit"])
+        assert ranks[rank]["cpu_group_live"]
