@@ -5,11 +5,13 @@
 On a GPU most of the Triton tests' time is compiling kernels (one variant per flag set, several
 seconds of one CPU core each; a single pytest process ran out of its 60 s stage in H200 run 4).
 This collects the selected tests, deals them round-robin to N `pytest` processes that share the
-GPU and Triton's on-disk cache, and waits for all. Each worker writes OUT/pytest_<k>.log; the
-summary (each failed or errored test, then totals) goes to stdout. --deadline S stops the
-workers still running after S seconds and reports the test each was in, so that a stage limit
-never loses the summary. Exit status 1 if any test failed or errored, or a worker died or was
-stopped.
+GPU and Triton's on-disk cache, and waits for all. Each worker writes OUT/pytest_<k>.log (each
+test's time after its result, where pytest has the "times" output style); the summary (each
+failed or errored test, then totals) goes to stdout. --deadline S stops the workers still
+running after S seconds and reports the test each was in, so that a stage limit never loses the
+summary; the tests they left without a result go to OUT/no_result.txt (their ids as collected
+on this machine: the GPU tests' ids name the device). Exit status 1 if any test failed or errored, or a
+worker died or was stopped.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+import typing
 from typing import List
 
 
@@ -35,17 +38,28 @@ _RESULT = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
 
 
 def _summary(log: str):
-    """(failed or errored tests, counts by result) from the progress lines of one worker's -v
-    log (there even when the worker was stopped before its final summary)."""
-    bad, counts = [], {}
+    """(failed or errored tests, counts by result, the tests with a result) from the progress
+    lines of one worker's -v log (there even when the worker was stopped before its final
+    summary)."""
+    bad, counts, done = [], {}, set()
     for line in open(log, errors="replace").read().splitlines():
         match = _RESULT.match(line)
         if match:
             test, result = match.groups()
             counts[result.lower()] = counts.get(result.lower(), 0) + 1
+            done.add(test)
             if result in ("FAILED", "ERROR"):
                 bad.append(f"{result} {test}")
-    return bad, counts
+    return bad, counts, done
+
+
+def _times_style() -> List[str]:
+    """pytest's option for each test's time on its result line, where this pytest has it."""
+    try:
+        from _pytest.terminal import _ConsoleOutputStyle
+    except ImportError:
+        return []
+    return ["-o", "console_output_style=times"] if "times" in typing.get_args(_ConsoleOutputStyle) else []
 
 
 def _wait(procs, deadline: float) -> None:
@@ -74,7 +88,7 @@ def main() -> int:
     os.makedirs(args.log_dir, exist_ok=True)
     ids = _collect(sys.executable, selection)
     groups = [ids[k :: args.workers] for k in range(min(args.workers, len(ids)))]
-    extra = ["--timeout", str(args.timeout)] if args.timeout else []
+    extra = (["--timeout", str(args.timeout)] if args.timeout else []) + _times_style()
     procs = []
     for k, group in enumerate(groups):
         log = os.path.join(args.log_dir, f"pytest_{k}.log")
@@ -82,19 +96,25 @@ def main() -> int:
         procs.append((log, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)))
     print(f"{len(ids)} tests in {len(groups)} workers", flush=True)
     _wait(procs, args.deadline)
-    status, totals = 0, {}
-    for log, proc in procs:
+    status, totals, not_run = 0, {}, []
+    for (log, proc), group in zip(procs, groups):
         rc = proc.wait()
-        bad, counts = _summary(log)
+        bad, counts, done = _summary(log)
         for line in bad:
             print(line)
         for kind, n in counts.items():
             totals[kind] = totals.get(kind, 0) + n
         if rc < 0:
             print(f"worker {log}: stopped at the deadline in {_last_test(log)}")
+            not_run += [test for test in group if test not in done]
         elif rc not in (0, 5) and not bad:  # 5: nothing ran; anything else with no failure listed: a crash
             print(f"worker {log}: exit {rc}, no failures listed (crashed?)")
         status |= int(rc not in (0, 5))
+    if not_run:
+        path = os.path.join(args.log_dir, "no_result.txt")
+        with open(path, "w") as f:
+            f.write("".join(test + "\n" for test in not_run))
+        print(f"{len(not_run)} tests without a result (workers stopped at the deadline): {path}")
     print(", ".join(f"{n} {kind}" for kind, n in sorted(totals.items())) or "no results", flush=True)
     return status
 

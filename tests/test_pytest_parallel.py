@@ -41,5 +41,7 @@ def test_deadline_keeps_the_finished_results(tmp_path):
     out = _run(tmp_path, "--workers", "2", "--deadline", "10", "test_sample.py")
     assert out.returncode == 1, out.stdout + out.stderr
     assert "stopped at the deadline in test_sample.py::test_slow" in out.stdout
+    assert "1 tests without a result" in out.stdout
+    assert (tmp_path / "logs" / "no_result.txt").read_text() == "test_sample.py::test_slow\n"
     assert "FAILED test_sample.py::test_numbers[3]" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "1 failed, 4 passed, 1 skipped"
