@@ -10,8 +10,8 @@ test's time after its result, where pytest has the "times" output style); the su
 failed or errored test, then totals) goes to stdout. --deadline S stops the workers still
 running after S seconds and reports the test each was in, so that a stage limit never loses the
 summary; the tests they left without a result go to OUT/no_result.txt (their ids as collected
-on this machine: the GPU tests' ids name the device). Exit status 1 if any test failed or errored, or a
-worker died or was stopped.
+on this machine: the GPU tests' ids name the device). Exit status 1 if any test failed or
+errored, or a worker died or was stopped.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def main() -> int:
         procs.append((log, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)))
     print(f"{len(ids)} tests in {len(groups)} workers", flush=True)
     _wait(procs, args.deadline)
-    status, totals, not_run = 0, {}, []
+    status, totals, no_result = 0, {}, []
     for (log, proc), group in zip(procs, groups):
         rc = proc.wait()
         bad, counts, done = _summary(log)
@@ -106,15 +106,15 @@ def main() -> int:
             totals[kind] = totals.get(kind, 0) + n
         if rc < 0:
             print(f"worker {log}: stopped at the deadline in {_last_test(log)}")
-            not_run += [test for test in group if test not in done]
+            no_result += [test for test in group if test not in done]
         elif rc not in (0, 5) and not bad:  # 5: nothing ran; anything else with no failure listed: a crash
             print(f"worker {log}: exit {rc}, no failures listed (crashed?)")
         status |= int(rc not in (0, 5))
-    if not_run:
+    if no_result:
         path = os.path.join(args.log_dir, "no_result.txt")
         with open(path, "w") as f:
-            f.write("".join(test + "\n" for test in not_run))
-        print(f"{len(not_run)} tests without a result (workers stopped at the deadline): {path}")
+            f.write("".join(test + "\n" for test in no_result))
+        print(f"{len(no_result)} tests without a result (workers stopped at the deadline): {path}")
     print(", ".join(f"{n} {kind}" for kind, n in sorted(totals.items())) or "no results", flush=True)
     return status
 
