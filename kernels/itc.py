@@ -9,8 +9,8 @@ _itc_split_fwd_kernel   (kernels/itc_split.py) grid (row blocks, key splits, 2 d
     scale), and keeps online-softmax states: running max, Z, A = sum 2^(s - max) k over its D
     block, plus the hard-target sum H = sum [id_j == id_r] k and count for retrieval targets.
 _itc_merge_fwd_kernel   (kernels/itc_merge.py) grid (row blocks, D blocks, 2 directions).
-    Combines the splits in one pass, in a fixed order (deterministic: no atomics), rescaling as
-    the split kernel's online softmax does: G = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H / n,
+    Combines the splits in one pass, in a fixed order (deterministic: no atomics; CHUNK running
+    states, then those in one), rescaling as the split kernel's online softmax does: G = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H / n,
     dq = G / (2 T B) (of the mean of the two directions' losses), and partial dot products of
     u = q / T with the key means over its D block.
 _itc_finish_fwd_kernel  (kernels/itc_merge.py) grid (1,). Sums the partials in order and gives
@@ -89,18 +89,21 @@ def _split_count(b: int, q: int, d: int, teacher: bool, n_sums: int, device: tor
 
 def _merge_blocks(b: int, d: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, CHUNK) of the merge: small tiles, so that B = 64 still spreads over many
-    SMs, CHUNK splits loaded at once (the interpreter: 2, to cover partial chunks).
-    ALBEF_FAST_MERGE="BLOCK_M,BLOCK_D,CHUNK" (powers of two) replaces them: untimed lead for B = 64,
-    "8,16,32" (twice the programs, 3 dependent rounds of loads per loop instead of 5 at ~66 splits;
-    207-212 registers, no spills, sm_90a AOT) against 25 us of merge per bf16 step (H200 run 4)."""
+    SMs, CHUNK splits loaded at once, each into its own running state (the interpreter: 2, to
+    cover partial chunks). ALBEF_FAST_MERGE="BLOCK_M,BLOCK_D,CHUNK" (powers of two) replaces
+    them: lead for B = 64, "8,16,32" (twice the programs, 3 rounds of loads instead of 5 at ~66
+    splits; 198 registers, no spills, 4 barriers a round against 8: sm_90a AOT), 2 us faster
+    than the default in H200 run 7 (one sample, with the merge of before the slots)."""
     if os.environ.get("ALBEF_FAST_MERGE"):
         return _merge_setting(os.environ["ALBEF_FAST_MERGE"])
     if _INTERPRET:
         return 16, 16, 2
     block_d = 64 if b >= 256 else 32 if b >= 128 else 16  # >= 128 programs for D = 256 (H200: 132 SMs)
-    # 16 x 16 tiles take 16 splits at once with no spills (233 registers; 8 at 32- and 64-wide:
-    # sm_90 AOT), halving the chain of dependent loads at B = 64, where splits reach 30-100
-    return 16, min(block_d, max(16, _next_pow2(d))), 16 if block_d == 16 else 8
+    # the slots' key sums, [CHUNK, 16, BLOCK_D] per kind, in registers: for 16, 8 and 4 slots at
+    # 16-, 32- and 64-wide D blocks 202, 192 and 168 registers (252, 242, 254 with retrieval
+    # targets), no spills (8 slots at 64-wide: 752 B; the merge before the slots spilled 224, 32
+    # and 2412 B with retrieval targets at 16, 8 and 8; sm_90a AOT, Triton 3.6)
+    return 16, min(block_d, max(16, _next_pow2(d))), {16: 16, 32: 8}.get(block_d, 4)
 
 
 def _merge_setting(spec: str) -> Tuple[int, int, int]:

@@ -11,7 +11,7 @@ from .itc_operands import _direction_ptrs, _load_rows, _temperature
 
 @triton.jit
 def _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, stat_offs, acc_offs, ok, mask, ACC: tl.constexpr):
-    """One kind's states of CHUNK splits: max and Z [CHUNK, BLOCK_M] (-inf and 0 past the last
+    """One kind's states of CHUNK splits: max and Z [CHUNK, BLOCK_M, 1] (-inf and 0 past the last
     split) and, if ACC, the key sums [CHUNK, BLOCK_M, BLOCK_D] (else zeros, unused)."""
     m_sp = tl.load(ws_max_ptr + stat_offs, mask=ok, other=float("-inf"))
     z_sp = tl.load(ws_z_ptr + stat_offs, mask=ok, other=0.0)
@@ -23,19 +23,37 @@ def _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, stat_offs, acc_offs, ok, mas
 
 
 @triton.jit
-def _merge_states(mx, z, out, m_sp, z_sp, a, ACC: tl.constexpr):
-    """CHUNK splits' states (_split_states) into a running merged one: max, Z and (ACC) the key
-    sums weighted by 2^(m_split - max), rescaled as the max grows (the split kernel's online
-    softmax, over splits). A split with no keys (m = -inf) weighs 0; while every split so far
-    had none, the state stays empty."""
-    new_mx = tl.maximum(mx, tl.max(m_sp, 0))
-    base = tl.where(new_mx == float("-inf"), 0.0, new_mx)  # no -inf - -inf
-    rescale = tl.exp2(mx - base)
-    w = tl.exp2(m_sp - base[None, :])
-    z = z * rescale + tl.sum(z_sp * w, 0)
+def _merge_slots(mc, zc, gc, m_sp, z_sp, a, ACC: tl.constexpr):
+    """CHUNK splits' states (_split_states) into CHUNK running ones, one per slot: slot c merges
+    the splits c, c + CHUNK, c + 2 CHUNK, ... as the split kernel's online softmax merges key
+    tiles (max, Z and (ACC) the key sums weighted by 2^(m - max), rescaled as the max grows).
+    Elementwise: no reduction in the merge's loop (reducing over the splits each round took 26
+    barriers and 224 shuffles a round at B = 64; now 8 barriers, the weights moved into the key
+    sums' layout, and no shuffle: sm_90a PTX, Triton 3.6). A split with no keys (m = -inf)
+    weighs 0; while every split of a slot had none, the slot stays empty."""
+    new_mc = tl.maximum(mc, m_sp)
+    base = tl.where(new_mc == float("-inf"), 0.0, new_mc)  # no -inf - -inf
+    r_old = tl.exp2(mc - base)
+    r_new = tl.exp2(m_sp - base)
+    zc = zc * r_old + z_sp * r_new
     if ACC:
-        out = out * rescale[:, None] + tl.sum(a * w[:, :, None], 0)
-    return new_mx, z, out
+        gc = gc * r_old + a * r_new
+    return new_mc, zc, gc
+
+
+@triton.jit
+def _combine_slots(mc, zc, gc, ACC: tl.constexpr):
+    """The slots' states (_merge_slots) in one, in slot order: (max [BLOCK_M], Z [BLOCK_M], key
+    sums [BLOCK_M, BLOCK_D] (ACC; else zeros))."""
+    mx = tl.max(mc, 0)  # [BLOCK_M, 1]
+    base = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(mc - base[None, :, :])
+    z = tl.sum(zc * w, 0)
+    if ACC:
+        g = tl.sum(gc * w, 0)
+    else:
+        g = tl.sum(gc, 0)
+    return tl.reshape(mx, (mx.shape[0],)), tl.reshape(z, (z.shape[0],)), g
 
 
 @triton.jit
@@ -51,8 +69,9 @@ def _itc_merge_fwd_kernel(
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Combine the splits of one (row block, D block, direction), CHUNK splits at a time (a fixed
-    order: the same bits every run).
+    """Combine the splits of one (row block, D block, direction): CHUNK splits loaded at a time,
+    split s merged into slot s mod CHUNK (_merge_slots), the slots then merged in order
+    (_combine_slots): a fixed order, the same bits every run.
 
     Writes dq [B, D] (feature dtype, d loss / d q of the mean loss: 1 / (2 B)) for its D block, the
     partial row dots part [2, D blocks, 4, B] = (u . H / n, u . P_m, u_m . P_m, u . G) over its
@@ -69,20 +88,19 @@ def _itc_merge_fwd_kernel(
     stat = direction * 2 * NUM_SPLITS * B  # ws_max, ws_z [2, 2, S, B]: student, then teacher
     acc0 = direction * (GRAD + HAS_TEACHER + RETRIEVAL) * NUM_SPLITS * B  # ws_acc [2, n_sums, S, B, D]
 
-    # One pass over the splits for every state (at B = 64 the merge is a chain of dependent rounds
-    # of loads over ~66 splits: the max, Z and key-sum loops one after the other took 4 times the rounds)
-    mx_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    z_s = tl.zeros([BLOCK_M], tl.float32)
-    g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    mx_m, z_m, pm, h, count = mx_s, z_s, g, g, z_s
+    # One pass over the splits for every state, CHUNK slots merged elementwise (_merge_slots), the
+    # slots combined after the loop
+    mc_s = tl.full([CHUNK, BLOCK_M, 1], float("-inf"), tl.float32)
+    zc_s = tl.zeros([CHUNK, BLOCK_M, 1], tl.float32)
+    gc = tl.zeros([CHUNK, BLOCK_M, BLOCK_D], tl.float32)
+    mc_m, zc_m, pc, hc, cc = mc_s, zc_s, gc, gc, zc_s
     for s0 in range(0, NUM_SPLITS, CHUNK):
         sp = s0 + tl.arange(0, CHUNK)
-        sr = sp[:, None] * B + rows[None, :]  # (split, row) of a [S, B] array
-        ok = (sp[:, None] < NUM_SPLITS) & row_ok[None, :]
-        acc_offs = sr[:, :, None] * D + d_offs[None, None, :]
-        acc_mask = ok[:, :, None] & (d_offs[None, None, :] < D)
-        # every load of the round before any reduction: the reductions synchronize the warps, and
-        # no load is issued past such a barrier (sm_90 SASS)
+        sr = (sp[:, None] * B + rows[None, :])[:, :, None]  # (split, row, 1) of a [S, B] array
+        ok = ((sp[:, None] < NUM_SPLITS) & row_ok[None, :])[:, :, None]
+        acc_offs = sr * D + d_offs[None, None, :]
+        acc_mask = ok & (d_offs[None, None, :] < D)
+        # every load of the round before the arithmetic
         m_sp, z_sp, a_s = _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr + acc0 * D, stat + sr, acc_offs, ok,
                                         acc_mask, GRAD)
         if HAS_TEACHER:
@@ -92,12 +110,18 @@ def _itc_merge_fwd_kernel(
             c_sp = tl.load(ws_count_ptr + direction * NUM_SPLITS * B + sr, mask=ok, other=0.0)
             h_ptr = ws_acc_ptr + (acc0 + (GRAD + HAS_TEACHER) * NUM_SPLITS * B) * D
             a_h = tl.load(h_ptr + acc_offs, mask=acc_mask, other=0.0)
-        mx_s, z_s, g = _merge_states(mx_s, z_s, g, m_sp, z_sp, a_s, GRAD)
+        mc_s, zc_s, gc = _merge_slots(mc_s, zc_s, gc, m_sp, z_sp, a_s, GRAD)
         if HAS_TEACHER:
-            mx_m, z_m, pm = _merge_states(mx_m, z_m, pm, m_sp_m, z_sp_m, a_m, True)
+            mc_m, zc_m, pc = _merge_slots(mc_m, zc_m, pc, m_sp_m, z_sp_m, a_m, True)
         if RETRIEVAL:
-            count += tl.sum(c_sp, 0)
-            h += tl.sum(a_h, 0)
+            cc += c_sp
+            hc += a_h
+    mx_s, z_s, g = _combine_slots(mc_s, zc_s, gc, GRAD)
+    if HAS_TEACHER:
+        mx_m, z_m, pm = _combine_slots(mc_m, zc_m, pc, True)
+    if RETRIEVAL:
+        count = tl.reshape(tl.sum(cc, 0), (BLOCK_M,))
+        h = tl.sum(hc, 0)
     mx_s = tl.where(row_ok, mx_s, 0.0)  # rows past B: finite, and Z = 1
     z_s = tl.where(row_ok, z_s, 1.0)
     g = g / z_s[:, None]
