@@ -10,7 +10,8 @@ _itc_split_fwd_kernel   (kernels/itc_split.py) grid (row blocks, key splits, 2 d
     block, plus the hard-target sum H = sum [id_j == id_r] k and count for retrieval targets.
 _itc_merge_fwd_kernel   (kernels/itc_merge.py) grid (row blocks, D blocks, 2 directions).
     Combines the splits in one pass, in a fixed order (deterministic: no atomics; CHUNK running
-    states, then those in one), rescaling as the split kernel's online softmax does: G = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H / n,
+    states, then those in one), rescaling as the split kernel's online softmax does:
+    G = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H / n,
     dq = G / (2 T B) (of the mean of the two directions' losses), and partial dot products of
     u = q / T with the key means over its D block.
 _itc_finish_fwd_kernel  (kernels/itc_merge.py) grid (1,). Sums the partials in order and gives

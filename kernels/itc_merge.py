@@ -52,7 +52,7 @@ def _combine_slots(mc, zc, gc, ACC: tl.constexpr):
     if ACC:
         g = tl.sum(gc * w, 0)
     else:
-        g = tl.sum(gc, 0)
+        g = tl.zeros((gc.shape[1], gc.shape[2]), tl.float32)
     return tl.reshape(mx, (mx.shape[0],)), tl.reshape(z, (z.shape[0],)), g
 
 
