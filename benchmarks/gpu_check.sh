@@ -18,10 +18,11 @@
 # order, each skipped unless it ends before GPU_CHECK_DEADLINE seconds: the per-kernel device time
 # at B = 64 with the merge's default tiles and ALBEF_FAST_MERGE=8,16,32 (profile.txt); the
 # queues' reads alone in the split kernel's tiles (probe.txt: set against the split kernel's time
-# in profile.txt); TF32 (f16s) at B = 64 per config (table.txt: the tuned one, with interleaved
-# tiles and with the merge's 8,16,32 tiles, the two configs with 0 spills at sm_90a AOT, 16-key
-# and two-state ones); Nsight Compute's counters of the split kernel, TF32 (f16s) and bf16, where
-# ncu is installed and can read them (ncu.txt); B = 64 with the Python launches against the C++
+# in profile.txt); TF32 (f16s) at B = 64 per config (table.txt: the tuned one, with its key tiles
+# converted before their max is known (ALBEF_FAST_KEYS_AS_IS=1), with interleaved tiles and with
+# the merge's 8,16,32 tiles, the two configs with 0 spills at sm_90a AOT, a 16-key one); Nsight
+# Compute's counters of the split kernel, TF32 (f16s) and bf16, where ncu is installed and can
+# read them (ncu.txt); B = 64 with the Python launches against the C++
 # path, launched and graph-replayed (bench_b64.txt); the host floor (host_floor.txt); TF32 at
 # B = 256 with f16s against f16p (bench_b256.txt: where _F16P_MIN_B belongs). The exported
 # ALBEF_FAST_LAUNCH holds for them all.
@@ -64,7 +65,7 @@ else
   # the ITC tests (fp32, TF32, bf16 at ALBEF's shapes, CUDA graph capture, torch.compile) in 14
   # processes: compiling kernel variants is most of their time (one process ran out of its stage
   # in H200 run 4)
-  ITC_TESTS=(--workers 14 tests/test_triton.py tests/test_itc_backward.py tests/test_itc_loss.py
+  ITC_TESTS=(--workers 14 tests/test_triton.py tests/test_f16_keys.py tests/test_itc_backward.py tests/test_itc_loss.py
              tests/test_ops.py -k "not opcheck_state and not extension_reports")
   STATE_TESTS=(--workers 4 tests/test_cuda_state.py tests/test_ops.py::test_opcheck_state_ops
                tests/test_ops.py::test_extension_reports_its_build)
@@ -72,7 +73,7 @@ else
   B64=(--device cuda --batch 64 --precision bf16,tf32 --providers "albef_fast,albef_fast[graph]")
   PROFILE=(--batch 64 --precision bf16,tf32); PROBE=(--device cuda)
   F16S=(--out "$OUT" --batch 64 --precision f16s --waves 1 --jobs 6
-        --configs "64,32,256,1,0,4,3;64,32,256,1,0,4,3@ALBEF_FAST_INTERLEAVE=1;64,32,256,1,0,4,3@ALBEF_FAST_MERGE=8,16,32;64,32,256,1,0,8,3,0,1;64,16,256,1,0,8,4,0,1;64,16,256,1,0,4,4;32,64,256,0,0,8,2")
+        --configs "64,32,256,1,0,4,3;64,32,256,1,0,4,3@ALBEF_FAST_KEYS_AS_IS=1;64,32,256,1,0,4,3@ALBEF_FAST_INTERLEAVE=1;64,32,256,1,0,4,3@ALBEF_FAST_MERGE=8,16,32;64,32,256,1,0,8,3,0,1;64,16,256,1,0,8,4,0,1;64,16,256,1,0,4,4")
   FLOOR=(--device cuda --batch 64 --precision bf16,tf32)
   B256=(--device cuda --batch 256)
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}

@@ -156,6 +156,14 @@ def _interleave() -> bool:
     return os.environ.get("ALBEF_FAST_INTERLEAVE", "0") == "1"
 
 
+def _keys_as_is(input_precision: str) -> bool:
+    """The split kernel's KEYS_AS_IS (kernels/itc_operands.py:_key_operand): for f16s with
+    ALBEF_FAST_KEYS_AS_IS=1 (off by default: untimed). The same values either way; the key tiles
+    are converted before their largest element is known, and a program that meets a tile outside
+    _f16_as_is (features not normalized) streams its keys again (kernels/itc_split.py:_stream_keys)."""
+    return input_precision == "f16s" and os.environ.get("ALBEF_FAST_KEYS_AS_IS", "0") == "1"
+
+
 def _stage_rows(input_precision: str) -> bool:
     """The split kernel's STAGE_ROWS (_staged_rows): for f16s unless ALBEF_FAST_STAGE_ROWS=0
     (the kernel applies it with GRAD and D in one block only)."""
@@ -280,7 +288,7 @@ def _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, id
 # tiles per conversion chunk (default: _converted_bytes)
 _SETTINGS = ("ALBEF_FAST_CONFIG", "ALBEF_FAST_WAVES", "ALBEF_FAST_AUTOTUNE", "ALBEF_FAST_TUNED", "ALBEF_FAST_SPLITS",
              "ALBEF_FAST_TF32", "ALBEF_FAST_FP32_DOT", "ALBEF_FAST_CHUNK_TILES", "ALBEF_FAST_TILE_SUMS",
-             "ALBEF_FAST_MERGE", "ALBEF_FAST_STAGE_ROWS", "ALBEF_FAST_INTERLEAVE")
+             "ALBEF_FAST_MERGE", "ALBEF_FAST_STAGE_ROWS", "ALBEF_FAST_INTERLEAVE", "ALBEF_FAST_KEYS_AS_IS")
 
 
 def _settings():
@@ -320,7 +328,7 @@ class _Plan:
         split_flags = dict(flags, DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision,
                            TILE_SUMS=_tile_sums(input_precision), STAGE_ROWS=_stage_rows(input_precision),
                            INTERLEAVE=_interleave())
-        plain = dict(split_flags, PRESCALED=False, RESUME=False)
+        plain = dict(split_flags, PRESCALED=False, RESUME=False, KEYS_AS_IS=_keys_as_is(input_precision))
         self.converted_sizes = None
         if config is None:  # autotune over candidates(): through the autotuner at each call
             self.splits = [(None, functools.partial(_autotuned_split, split_ints + (1, 0, 0), plain))]
@@ -368,7 +376,7 @@ class _Plan:
                                               (*feat_strides, *queue_strides, b, q, d, kc_stride, t0, t1 - t0),
                                               convert_meta, _FOUR_WARPS)
             launches.append((convert, split(split_ints + (kc_stride, t0, t1),
-                                            dict(constexprs, PRESCALED=True, RESUME=t0 > 0))))
+                                            dict(constexprs, PRESCALED=True, RESUME=t0 > 0, KEYS_AS_IS=False))))
         return launches
 
     def converted(self, ws: "_Workspace"):

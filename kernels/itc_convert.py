@@ -5,7 +5,7 @@ of once per program and tile.
 import triton
 import triton.language as tl
 
-from .itc_operands import _direction_ptrs, _f16_scales, _load_keys, _load_rows
+from .itc_operands import _direction_ptrs, _f16_key_scales, _f16_scales, _load_keys, _load_rows
 
 
 @triton.jit
@@ -22,13 +22,17 @@ def _store_f16(ptr, y, lo_offset, mask, PAIRS: tl.constexpr):
 def _convert_key_tile(base, s_kd, s_kj, j, n_keys, out_base, D, KC_STRIDE, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr, PAIRS: tl.constexpr):
     """Key tile [D, BLOCK_N] (element (d, j) at base + d s_kd + j s_kj) -> its scaled fp16 form at
-    out_base (row stride KC_STRIDE; PAIRS: lo 2 D KC_STRIDE further): scaled by _f16_scales of
-    its largest |element|, as _scaled_keys does in the loop; returns the scale's inverse (up)."""
+    out_base (row stride KC_STRIDE; PAIRS: lo 2 D KC_STRIDE further): scaled by _f16_key_scales
+    (PAIRS: _f16_scales) of its largest |element|, as _scaled_keys does in the loop; returns the
+    scale's inverse (up)."""
     amax = tl.zeros([], tl.float32)
     for dk in range(NUM_DK):
         d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
         amax = tl.maximum(amax, tl.max(tl.abs(_load_keys(base, s_kd, s_kj, d_offs, j, D, n_keys).to(tl.float32))))
-    down, up = _f16_scales(amax)
+    if PAIRS:
+        down, up = _f16_scales(amax)
+    else:
+        down, up = _f16_key_scales(amax)
     cols = tl.arange(0, BLOCK_N)
     for dk in range(NUM_DK):
         d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)

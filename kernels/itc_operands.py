@@ -70,20 +70,65 @@ def _scaled_rows(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _tile_amax(x):
+    """max |element| of a tile, in three chains a thread, not one: Triton reduces a thread's
+    elements in one chain of dependent FMNMX (70 deep at 64 keys x 256 on 4 warps; 24 this way,
+    the same registers: sm_90a AOT); any order gives the same max."""
+    return tl.max(tl.max(tl.max(tl.reshape(tl.abs(x), (2, 2, x.numel // 4), can_reorder=True), 0), 0))
+
+
+@triton.jit
+def _f16_as_is(amax):
+    """Whether a key tile with this largest |element| enters "f16s" unscaled (up = 1): amax in
+    [2^-4, 2^15). fp16 then keeps 11 significant bits (as TF32) for every element above 2^-14,
+    i.e. 2^-10 of the largest, and rounds the smaller ones by at most 2^-25 <= 2^-21 amax,
+    against TF32's 2^-12 amax on the largest; and nothing overflows (fp16 to 65504). Normalized
+    features (ALBEF's, |x| <= 1, largest of a tile ~0.1-0.3 for D <= 1024) always do."""
+    return (amax >= 0.0625) & (amax < 32768.0)
+
+
+@triton.jit
+def _f16_key_scales(amax):
+    """(down, up) of an "f16s" key tile: 1 where _f16_as_is, else _f16_scales."""
+    down, up = _f16_scales(amax)
+    as_is = _f16_as_is(amax)
+    return tl.where(as_is, 1.0, down), tl.where(as_is, 1.0, up)
+
+
+@triton.jit
 def _scaled_keys(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """(operand, up) of a key tile: in the scaled fp16 modes the whole tile scaled by one power of
-    two (the key sums accumulate tiles of different scales: _online_softmax's ratio); else
-    (_operand(x), 1)."""
-    if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
-        # the max in three chains a thread, not one: Triton reduces a thread's elements in one
-        # chain of dependent FMNMX (70 deep at 64 keys x 256 on 4 warps; 24 this way, the same
-        # registers: sm_90a AOT); any order gives the same max
-        amax = tl.max(tl.max(tl.max(tl.reshape(tl.abs(x), (2, 2, x.numel // 4), can_reorder=True), 0), 0))
-        down, up = _f16_scales(amax)
+    two (the key sums accumulate tiles of different scales: _online_softmax's ratio; "f16s":
+    _f16_key_scales, "f16x3": _f16_scales, as its lo halves need); else (_operand(x), 1)."""
+    if INPUT_PRECISION == "f16s":
+        down, up = _f16_key_scales(_tile_amax(x))
+        out = _operand(x * down, DOT_DTYPE, INPUT_PRECISION)
+    elif INPUT_PRECISION == "f16x3":
+        down, up = _f16_scales(_tile_amax(x))
         out = _operand(x * down, DOT_DTYPE, INPUT_PRECISION)
     else:
         out, up = _operand(x, DOT_DTYPE, INPUT_PRECISION), 1.0
     return out, up
+
+
+@triton.jit
+def _key_operand(base, stride_d, stride_j, d_offs, j_offs, D, N, DOT_DTYPE: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, KEYS_AS_IS: tl.constexpr):
+    """(operand, up, outside) of the key tile _load_keys reads, as _scaled_keys makes it.
+    KEYS_AS_IS ("f16s"): the tile converted as it is (up = 1), right where _f16_as_is holds for
+    it, and outside = whether it does not (else False). The conversion then does not wait for the
+    max's reduction across warps, nor the fp32 tile in registers for it (64 a thread at 32 keys
+    x 256 on 4 warps). sm_90a AOT, B = 64's 4-warp config: the queue loop 754 -> 647 instructions
+    a tile, 5 -> 3 barriers. With LOGITS_T Triton loads the fp32 tile a second time in the
+    transposed layout instead (more spills, not less): for the other configs."""
+    x = _load_keys(base, stride_d, stride_j, d_offs, j_offs, D, N)
+    if KEYS_AS_IS:
+        out, up = _operand(x, DOT_DTYPE, INPUT_PRECISION), tl.full([], 1.0, tl.float32)
+        outside = not _f16_as_is(tl.max(tl.abs(x)))
+    else:
+        out, up = _scaled_keys(x, DOT_DTYPE, INPUT_PRECISION)
+        outside = False
+    return out, up, outside
 
 
 @triton.jit

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .itc_configs import candidates
-from .itc_operands import (_direction_ptrs, _load_keys, _load_rows, _mma, _mma_into, _operand,
-                           _scaled_keys, _scaled_rows, _temperature, _trans)
+from .itc_operands import (_direction_ptrs, _key_operand, _load_keys, _load_rows, _mma, _mma_into, _operand,
+                           _scaled_rows, _temperature, _trans)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -97,7 +97,7 @@ def _logits_product(q, k, LOGITS_T: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT
 @triton.jit
 def _logits(q, qm, k, q_up, qm_up, k_up, TEACHER: tl.constexpr, LOGITS_T: tl.constexpr, DOT_DTYPE: tl.constexpr,
             INPUT_PRECISION: tl.constexpr):
-    """Raw dots of one D block (prepared operands and their scales, _query_tiles / _scaled_keys):
+    """Raw dots of one D block (prepared operands and their scales, _query_tiles / _key_operand):
     (q . k [BLOCK_M, BLOCK_N], q_m . k if TEACHER else 0)."""
     s = _logits_product(q, k, LOGITS_T, DOT_DTYPE, INPUT_PRECISION)
     # the row scales apart from the tile's (powers of two: the same bits as s * (q_up * k_up)), so
@@ -189,97 +189,38 @@ def _row_block_f16(ws_acc_ptr, slice_index, pid_m, B, D, BLOCK_M: tl.constexpr):
     return (ws_acc_ptr + (slice_index * B + pid_m * BLOCK_M) * D).to(tl.pointer_type(tl.float16))
 
 
-@triton.autotune(configs=candidates(), key=["B", "D", "GRAD", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
-@triton.heuristics({
-    "NUM_DK": lambda args: _cdiv(args["D"], args["BLOCK_D"]),
-    "GRID_KINDS": lambda args: _kind_heuristics(args)["GRID_KINDS"],
-    "TEACHER": lambda args: _kind_heuristics(args)["TEACHER"],
-})
 @triton.jit
-def _itc_split_fwd_kernel(
-    # pointers: per direction (image = i2t queries, text = t2i queries)
-    img_ptr, txt_ptr, img_m_ptr, txt_m_ptr, img_queue_ptr, txt_queue_ptr, idx_ptr, idx_queue_ptr, temp_ptr,
-    ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, sim_ptr, kc_ptr, ks_ptr, qc_ptr, qs_ptr,
-    # strides
-    stride_fb, stride_fd, stride_qd, stride_qj, stride_idx, stride_idq,
-    # shapes
-    B, Q, D, NUM_SPLITS, KC_STRIDE, T0, T1, temp_value,
-    # constexpr flags
-    GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr, RESUME: tl.constexpr,
-    TILE_SUMS: tl.constexpr, STAGE_ROWS: tl.constexpr, INTERLEAVE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KIND_AXIS: tl.constexpr, KT_LOAD: tl.constexpr,
-    LOGITS_T: tl.constexpr, NUM_DK: tl.constexpr, GRID_KINDS: tl.constexpr, TEACHER: tl.constexpr,
-):
-    """Per-split online-softmax states of one (kind, row block, key split, direction, D block).
+def _fresh_states(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The states of no keys yet: (mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count)."""
+    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    zero_rows, zero_tile = tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    return mx, zero_rows, zero_tile, mx, zero_rows, zero_tile, zero_tile, zero_rows
 
-    Each program keeps a main state for its kind (kind 0 = student logits q . k, kind 1 = teacher
-    logits q_m . k; GRID_KINDS = 2 puts the kinds in separate programs, neighbours in launch order
-    so that they read the same keys from L2) and, with TEACHER (both kinds in one program), a
-    second, teacher state computed from the same key tile. The student also keeps the hard targets
-    and writes the sim blocks.
 
-    Features [B, D] (all four share strides stride_fb, stride_fd), queues [D, Q] (strides
-    stride_qd, stride_qj), idx [B], idx_queue [Q]; temp 0-dim (or temp_value). PRESCALED ("f16s"
-    or "f16x3", one D block): the key tiles and query rows come from _itc_keys_fwd_kernel (kc, ks,
-    qc, qs) instead of the features and queues, the same values with no scaling in the kernel, for
-    the key tiles [T0, T1) of a chunk (kc holds that chunk); RESUME (chunks after the first)
-    continues from the states the previous launch left in the workspace. Else kc, ks, qc, qs,
-    KC_STRIDE, T0 and T1 are unused. TILE_SUMS: the key sums rounded once per tile (_key_sum).
-    STAGE_ROWS ("f16s" with GRAD and D in one block): the scaled query rows pass through
-    ws_acc (_staged_rows). INTERLEAVE: split s takes the tiles s, s + S, s + 2 S, ... of the tile
-    space instead of a contiguous range (ALBEF_FAST_INTERLEAVE=1, untimed: which reads the
-    queues faster is benchmarks/queue_read_probe.py's question).
-    Writes, with R = number of key sums kept (student if GRAD, teacher, hard) and S = NUM_SPLITS:
-    ws_max, ws_z [2, 2, S, B] (student / teacher), ws_acc [2, R, S, B, D], ws_count [2, S, B],
-    sim [2, B, B] (student logits against the in-batch keys; split 0, D block 0 only).
-    """
-    tl.static_assert(not PRESCALED or NUM_DK == 1, "prescaled key tiles need D in one block")
-    pid_mk, pid_s, pid_dd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    kind, pid_m = pid_mk % GRID_KINDS, pid_mk // GRID_KINDS
-    direction, pid_d = pid_dd % 2, pid_dd // 2
-    q_ptr, qm_ptr, kb_ptr = _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr)
-    main_ptr = tl.where(kind == 0, q_ptr, qm_ptr)  # queries of this program's main state
-    is_student = kind == 0
-    queue_ptr = tl.where(direction == 0, txt_queue_ptr, img_queue_ptr)
-    temp = _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
-    scale = 1.4426950408889634 / temp  # base-2 logits: exp(s) = exp2(s * log2(e))
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    d_acc = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cols = tl.arange(0, BLOCK_N)
-    if RETRIEVAL:
-        row_ids = tl.load(idx_ptr + rows * stride_idx, mask=rows < B, other=0)  # padded rows: never stored
-
-    mx_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    z_s = tl.zeros([BLOCK_M], tl.float32)
-    acc_s = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    mx_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    z_m = tl.zeros([BLOCK_M], tl.float32)
-    acc_m = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    count = tl.zeros([BLOCK_M], tl.float32)
-    if RESUME:  # the key sums in units of 2^14 (the running unit up_run starts at 1)
-        mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count = _load_states(
-            ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, kind, direction, pid_s, rows, d_acc, B, D, NUM_SPLITS,
-            GRAD, HAS_TEACHER, RETRIEVAL, TEACHER)
-        acc_s, acc_m, acc_h = acc_s * 16384.0, acc_m * 16384.0, acc_h * 16384.0
-
-    if PRESCALED:  # converted rows: [direction, kind (student, teacher)] of qc
-        q_one, q_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + kind, rows, d_acc, B, D, DOT_DTYPE,
-                                          INPUT_PRECISION)
-        if TEACHER:
-            qm_one, qm_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + 1, rows, d_acc, B, D, DOT_DTYPE,
-                                                INPUT_PRECISION)
-        else:
-            qm_one, qm_up_one = q_one, q_up_one
-    else:
-        q_one, qm_one, q_up_one, qm_up_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D,
-                                                          TEACHER, DOT_DTYPE, INPUT_PRECISION)
-        if STAGE_ROWS and GRAD and (NUM_DK == 1) and (INPUT_PRECISION == "f16s"):
-            q_one, qm_one = _staged_rows(ws_acc_ptr, q_one, qm_one, direction, kind, pid_s, pid_m, rows, d_acc, B, D,
-                                         NUM_SPLITS, DOT_DTYPE, HAS_TEACHER, RETRIEVAL, TEACHER, BLOCK_M)
+@triton.jit
+def _stream_keys(states, queries, ptrs, strides, shapes, program, GRAD: tl.constexpr, RETRIEVAL: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr,
+                 TILE_SUMS: tl.constexpr, INTERLEAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, KT_LOAD: tl.constexpr, LOGITS_T: tl.constexpr, NUM_DK: tl.constexpr,
+                 GRID_KINDS: tl.constexpr, TEACHER: tl.constexpr, KEYS_AS_IS: tl.constexpr):
+    """This split's key tiles (of [in-batch keys ; queue], or of the converted chunk [T0, T1) if
+    PRESCALED) into the running states (mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count: see
+    _itc_split_fwd_kernel), the sim blocks written on the way. Returns the states, up_run (the
+    key sums' unit: _online_softmax) and, with KEYS_AS_IS, whether a key tile fell outside
+    _f16_as_is (its values then wrong: the caller streams again without KEYS_AS_IS).
+    Tuples, as _itc_split_fwd_kernel names them: states (mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h,
+    count), queries (q_one, qm_one, q_up_one, qm_up_one), ptrs (main_ptr, qm_ptr, kb_ptr, queue_ptr,
+    idx_ptr, idx_queue_ptr, sim_ptr, kc_ptr, ks_ptr), strides (stride_fb, stride_fd, stride_qd,
+    stride_qj, stride_idx, stride_idq), shapes (B, Q, D, NUM_SPLITS, KC_STRIDE, T0, T1), program
+    (temp, scale, rows, row_ids, d_acc, cols, direction, pid_s, pid_d, is_student)."""
+    mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count = states
+    q_one, qm_one, q_up_one, qm_up_one = queries
+    main_ptr, qm_ptr, kb_ptr, queue_ptr, idx_ptr, idx_queue_ptr, sim_ptr, kc_ptr, ks_ptr = ptrs
+    stride_fb, stride_fd, stride_qd, stride_qj, stride_idx, stride_idq = strides
+    B, Q, D, NUM_SPLITS, KC_STRIDE, T0, T1 = shapes
+    temp, scale, rows, row_ids, d_acc, cols, direction, pid_s, pid_d, is_student = program
     up_run = tl.full([], 1.0, tl.float32)  # scaled fp16 modes: the latest key-sum operand's scale
+    outside = tl.zeros([], tl.int1)  # KEYS_AS_IS: a key tile outside _f16_as_is was seen
 
     batch_tiles = tl.cdiv(B, BLOCK_N)
     if PRESCALED:  # this launch's chunk of the tile space
@@ -312,8 +253,9 @@ def _itc_split_fwd_kernel(
                     k_acc, k_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t - T0, d_acc, cols, D, KC_STRIDE,
                                                   False, DOT_DTYPE, INPUT_PRECISION, BLOCK_N)
                 else:
-                    k_acc, k_up = _scaled_keys(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE,
-                                               INPUT_PRECISION)
+                    k_acc, k_up, tile_out = _key_operand(k_base, s_kd, s_kj, d_acc, j, D, n_keys, DOT_DTYPE,
+                                                              INPUT_PRECISION, KEYS_AS_IS)
+                    outside |= tile_out
                 s, m = _logits(q_one, qm_one, k_acc, q_up_one, qm_up_one, k_up, TEACHER, LOGITS_T, DOT_DTYPE,
                                INPUT_PRECISION)
             else:  # D in NUM_DK blocks for the logits, then this program's D block of the keys again
@@ -321,8 +263,9 @@ def _itc_split_fwd_kernel(
                 m = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 for dk in range(NUM_DK):
                     d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
-                    k, k_up = _scaled_keys(_load_keys(k_base, s_kd, s_kj, d_offs, j, D, n_keys), DOT_DTYPE,
-                                           INPUT_PRECISION)
+                    k, k_up, tile_out = _key_operand(k_base, s_kd, s_kj, d_offs, j, D, n_keys, DOT_DTYPE,
+                                                     INPUT_PRECISION, KEYS_AS_IS)
+                    outside |= tile_out
                     q, qm, q_up, qm_up = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D,
                                                       TEACHER, DOT_DTYPE, INPUT_PRECISION)
                     s_part, m_part = _logits(q, qm, k, q_up, qm_up, k_up, TEACHER, LOGITS_T, DOT_DTYPE,
@@ -334,12 +277,14 @@ def _itc_split_fwd_kernel(
                     k_t, t_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t - T0, d_acc, cols, D, KC_STRIDE, True,
                                                 DOT_DTYPE, INPUT_PRECISION, BLOCK_N)
                 else:
-                    k_t, t_up = _scaled_keys(_load_keys(k_base, s_kj, s_kd, j, d_acc, n_keys, D), DOT_DTYPE,
-                                             INPUT_PRECISION)
+                    k_t, t_up, tile_out = _key_operand(k_base, s_kj, s_kd, j, d_acc, n_keys, D, DOT_DTYPE,
+                                                            INPUT_PRECISION, KEYS_AS_IS)
+                    outside |= tile_out
             else:
                 if NUM_DK > 1:
-                    k_acc, k_up = _scaled_keys(_load_keys(k_base, s_kd, s_kj, d_acc, j, D, n_keys), DOT_DTYPE,
-                                               INPUT_PRECISION)
+                    k_acc, k_up, tile_out = _key_operand(k_base, s_kd, s_kj, d_acc, j, D, n_keys, DOT_DTYPE,
+                                                              INPUT_PRECISION, KEYS_AS_IS)
+                    outside |= tile_out
                 k_t, t_up = _trans(k_acc, INPUT_PRECISION), k_up
             # scaled fp16 products: the key sums from the previous tile's unit to this one's
             if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
@@ -370,6 +315,113 @@ def _itc_split_fwd_kernel(
             if TEACHER:
                 mx_m, z_m, acc_m = _online_softmax(mx_m, z_m, acc_m, m, valid, scale, k_t, ratio, True, DOT_DTYPE,
                                                    INPUT_PRECISION, TILE_SUMS)
+    return mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count, up_run, outside
+
+
+@triton.autotune(configs=candidates(), key=["B", "D", "GRAD", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
+@triton.heuristics({
+    "NUM_DK": lambda args: _cdiv(args["D"], args["BLOCK_D"]),
+    "GRID_KINDS": lambda args: _kind_heuristics(args)["GRID_KINDS"],
+    "TEACHER": lambda args: _kind_heuristics(args)["TEACHER"],
+})
+@triton.jit
+def _itc_split_fwd_kernel(
+    # pointers: per direction (image = i2t queries, text = t2i queries)
+    img_ptr, txt_ptr, img_m_ptr, txt_m_ptr, img_queue_ptr, txt_queue_ptr, idx_ptr, idx_queue_ptr, temp_ptr,
+    ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, sim_ptr, kc_ptr, ks_ptr, qc_ptr, qs_ptr,
+    # strides
+    stride_fb, stride_fd, stride_qd, stride_qj, stride_idx, stride_idq,
+    # shapes
+    B, Q, D, NUM_SPLITS, KC_STRIDE, T0, T1, temp_value,
+    # constexpr flags
+    GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr, RESUME: tl.constexpr,
+    TILE_SUMS: tl.constexpr, STAGE_ROWS: tl.constexpr, INTERLEAVE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KIND_AXIS: tl.constexpr, KT_LOAD: tl.constexpr,
+    LOGITS_T: tl.constexpr, NUM_DK: tl.constexpr, GRID_KINDS: tl.constexpr, TEACHER: tl.constexpr,
+    KEYS_AS_IS: tl.constexpr,
+):
+    """Per-split online-softmax states of one (kind, row block, key split, direction, D block).
+
+    Each program keeps a main state for its kind (kind 0 = student logits q . k, kind 1 = teacher
+    logits q_m . k; GRID_KINDS = 2 puts the kinds in separate programs, neighbours in launch order
+    so that they read the same keys from L2) and, with TEACHER (both kinds in one program), a
+    second, teacher state computed from the same key tile. The student also keeps the hard targets
+    and writes the sim blocks.
+
+    Features [B, D] (all four share strides stride_fb, stride_fd), queues [D, Q] (strides
+    stride_qd, stride_qj), idx [B], idx_queue [Q]; temp 0-dim (or temp_value). PRESCALED ("f16s"
+    or "f16x3", one D block): the key tiles and query rows come from _itc_keys_fwd_kernel (kc, ks,
+    qc, qs) instead of the features and queues, the same values with no scaling in the kernel, for
+    the key tiles [T0, T1) of a chunk (kc holds that chunk); RESUME (chunks after the first)
+    continues from the states the previous launch left in the workspace. Else kc, ks, qc, qs,
+    KC_STRIDE, T0 and T1 are unused. TILE_SUMS: the key sums rounded once per tile (_key_sum).
+    STAGE_ROWS ("f16s" with GRAD and D in one block): the scaled query rows pass through
+    ws_acc (_staged_rows). INTERLEAVE: split s takes the tiles s, s + S, s + 2 S, ... of the tile
+    space instead of a contiguous range (ALBEF_FAST_INTERLEAVE=1, untimed: which reads the
+    queues faster is benchmarks/queue_read_probe.py's question). KEYS_AS_IS ("f16s", not
+    PRESCALED): the key tiles converted before their largest element is known (_key_operand);
+    if one of this program's tiles falls outside _f16_as_is, it streams all of its tiles again
+    without (_stream_keys). The same values either way (ALBEF_FAST_KEYS_AS_IS=1, untimed).
+    Writes, with R = number of key sums kept (student if GRAD, teacher, hard) and S = NUM_SPLITS:
+    ws_max, ws_z [2, 2, S, B] (student / teacher), ws_acc [2, R, S, B, D], ws_count [2, S, B],
+    sim [2, B, B] (student logits against the in-batch keys; split 0, D block 0 only).
+    """
+    tl.static_assert(not PRESCALED or NUM_DK == 1, "prescaled key tiles need D in one block")
+    tl.static_assert(not KEYS_AS_IS or (INPUT_PRECISION == "f16s" and not PRESCALED), "KEYS_AS_IS: f16s's own tiles")
+    pid_mk, pid_s, pid_dd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kind, pid_m = pid_mk % GRID_KINDS, pid_mk // GRID_KINDS
+    direction, pid_d = pid_dd % 2, pid_dd // 2
+    q_ptr, qm_ptr, kb_ptr = _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr)
+    main_ptr = tl.where(kind == 0, q_ptr, qm_ptr)  # queries of this program's main state
+    is_student = kind == 0
+    queue_ptr = tl.where(direction == 0, txt_queue_ptr, img_queue_ptr)
+    temp = _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
+    scale = 1.4426950408889634 / temp  # base-2 logits: exp(s) = exp2(s * log2(e))
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d_acc = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_N)
+    row_ids = rows  # unused without RETRIEVAL
+    if RETRIEVAL:
+        row_ids = tl.load(idx_ptr + rows * stride_idx, mask=rows < B, other=0)  # padded rows: never stored
+
+    mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count = _fresh_states(BLOCK_M, BLOCK_D)
+    if RESUME:  # the key sums in units of 2^14 (the running unit up_run starts at 1)
+        mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count = _load_states(
+            ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, kind, direction, pid_s, rows, d_acc, B, D, NUM_SPLITS,
+            GRAD, HAS_TEACHER, RETRIEVAL, TEACHER)
+        acc_s, acc_m, acc_h = acc_s * 16384.0, acc_m * 16384.0, acc_h * 16384.0
+
+    if PRESCALED:  # converted rows: [direction, kind (student, teacher)] of qc
+        q_one, q_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + kind, rows, d_acc, B, D, DOT_DTYPE,
+                                          INPUT_PRECISION)
+        if TEACHER:
+            qm_one, qm_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + 1, rows, d_acc, B, D, DOT_DTYPE,
+                                                INPUT_PRECISION)
+        else:
+            qm_one, qm_up_one = q_one, q_up_one
+    else:
+        q_one, qm_one, q_up_one, qm_up_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D,
+                                                          TEACHER, DOT_DTYPE, INPUT_PRECISION)
+        if STAGE_ROWS and GRAD and (NUM_DK == 1) and (INPUT_PRECISION == "f16s"):
+            q_one, qm_one = _staged_rows(ws_acc_ptr, q_one, qm_one, direction, kind, pid_s, pid_m, rows, d_acc, B, D,
+                                         NUM_SPLITS, DOT_DTYPE, HAS_TEACHER, RETRIEVAL, TEACHER, BLOCK_M)
+    states = mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count
+    queries = q_one, qm_one, q_up_one, qm_up_one
+    ptrs = main_ptr, qm_ptr, kb_ptr, queue_ptr, idx_ptr, idx_queue_ptr, sim_ptr, kc_ptr, ks_ptr
+    strides = stride_fb, stride_fd, stride_qd, stride_qj, stride_idx, stride_idq
+    shapes = B, Q, D, NUM_SPLITS, KC_STRIDE, T0, T1
+    program = temp, scale, rows, row_ids, d_acc, cols, direction, pid_s, pid_d, is_student
+    states = _stream_keys(states, queries, ptrs, strides, shapes, program, GRAD, RETRIEVAL, DOT_DTYPE, INPUT_PRECISION,
+                          PRESCALED, TILE_SUMS, INTERLEAVE, BLOCK_M, BLOCK_N, BLOCK_D, KT_LOAD, LOGITS_T, NUM_DK,
+                          GRID_KINDS, TEACHER, KEYS_AS_IS)
+    if KEYS_AS_IS:
+        if states[9]:  # a key tile outside _f16_as_is (features not normalized): all of them again, scaled
+            states = _stream_keys(_fresh_states(BLOCK_M, BLOCK_D), queries, ptrs, strides, shapes, program, GRAD,
+                                  RETRIEVAL, DOT_DTYPE, INPUT_PRECISION, PRESCALED, TILE_SUMS, INTERLEAVE, BLOCK_M,
+                                  BLOCK_N, BLOCK_D, KT_LOAD, LOGITS_T, NUM_DK, GRID_KINDS, TEACHER, False)
+    mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count, up_run, _ = states
     # scaled fp16 products: the key sums back from units of 2^14 / up_run
     if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
         unit = up_run * (1.0 / 16384.0)

@@ -18,7 +18,7 @@ AOT = pathlib.Path(__file__).resolve().parent / "triton_aot.py"
 
 
 @pytest.mark.parametrize("flags", ["bf16", "bf16-kind-axis", "tf32-retrieval", "tf32-logits-t", "fp32-nograd",
-                                   "f16s-retrieval", "f16s-kind-axis", "f16x3-retrieval", "f16p-retrieval",
+                                   "f16s-retrieval", "f16s-kind-axis", "f16s-as-is", "f16x3-retrieval", "f16p-retrieval",
                                    "f16x3p-retrieval"])
 def test_kernels_compile_for_sm90(flags):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -74,6 +74,9 @@ FLAGS = {  # KIND_AXIS: student and teacher states in one program (0) or one pro
     "f16s-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16s", TYPE="*fp32"),
     "f16s-kind-axis": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
                            KIND_AXIS=1),
+    # the key tiles converted before their max is known (ALBEF_FAST_KEYS_AS_IS=1)
+    "f16s-as-is": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
+                       KIND_AXIS=1, KEYS_AS_IS=True),
     # fp32 "highest" through 3 fp16 products (f16x3, the default), key sums rounded per tile
     "f16x3-retrieval": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=True, DOT=tl.float16, PREC="f16x3", TYPE="*fp32",
                             KIND_AXIS=1, LOGITS_T=1, TILE_SUMS=True),
@@ -91,6 +94,9 @@ REPORT = {  # --report: every autotune config of these
     # the query rows kept in registers (ALBEF_FAST_STAGE_ROWS=0; kernels/itc_split.py:_staged_rows)
     "f16s-registers": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s",
                            TYPE="*fp32", STAGE_ROWS=False),
+    # the key tiles converted before their max is known (ALBEF_FAST_KEYS_AS_IS=1)
+    "f16s-as-is": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s", TYPE="*fp32",
+                       KEYS_AS_IS=True),
     # split s takes the tiles s, s + S, ... (ALBEF_FAST_INTERLEAVE=1)
     "f16s-interleaved": dict(GRAD=True, HAS_TEACHER=True, RETRIEVAL=False, DOT=tl.float16, PREC="f16s",
                              TYPE="*fp32", INTERLEAVE=True),
@@ -115,6 +121,7 @@ def _split_constexprs(flags, config):
                 DOT_DTYPE=flags["DOT"], INPUT_PRECISION=flags["PREC"], PRESCALED=flags.get("PRESCALED", False),
                 RESUME=flags.get("RESUME", False), TILE_SUMS=flags.get("TILE_SUMS", False),
                 STAGE_ROWS=flags.get("STAGE_ROWS", flags["PREC"] == "f16s"), INTERLEAVE=flags.get("INTERLEAVE", False),
+                KEYS_AS_IS=flags.get("KEYS_AS_IS", False),
                 NUM_DK=-(-256 // kw["BLOCK_D"]), **kw, **heur)
 
 
