@@ -403,6 +403,25 @@ def test_edge_shapes(b, q, d):
     _check_rule(make_inputs(b, q, d, torch.float32, DEVICE, retrieval=True), 0.4, precision="highest")
 
 
+@pytest.mark.parametrize("config", ["16,16,16,0,0,1", "16,16,16,1,0,1"])
+@pytest.mark.parametrize("dtype,precision,atol", [(torch.float32, "highest", 1e-5), (torch.bfloat16, None, 1e-3)])
+def test_many_masked_dim_blocks(monkeypatch, config, dtype, precision, atol):
+    """D = 70 in five 16-wide blocks, the last one 6 wide: the logits summed over all of them in
+    each program, the key sums per block; the merge and the backward alike. (D = 1000 in the
+    tuned 256-wide blocks: test_cuda_wide_dim; the interpreter takes minutes there.)"""
+    monkeypatch.setenv("ALBEF_FAST_CONFIG", config)
+    _check_rule(make_inputs(3, 21, 70, dtype, DEVICE, retrieval=True), 0.4, atol=atol, precision=precision)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision,dtype,atol", [("highest", torch.float32, 1e-5), ("high", torch.float32, 2e-3),
+                                                  (None, torch.bfloat16, 2e-2)])
+def test_cuda_wide_dim(precision, dtype, atol):
+    """D = 1000 (SPEC: up to 1024, not only powers of two) with the tuned configs: four 256-wide
+    D blocks, the last one masked."""
+    _check_rule(make_inputs(64, 4001, 1000, dtype, "cuda", retrieval=True), 0.4, atol=atol, precision=precision)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_features_and_queues(dtype):
     _check_rule(make_inputs(5, 37, 24, dtype, DEVICE), 0.4, atol=1e-3)
