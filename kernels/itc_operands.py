@@ -118,7 +118,7 @@ def _key_operand(base, stride_d, stride_j, d_offs, j_offs, D, N, DOT_DTYPE: tl.c
     KEYS_AS_IS ("f16s"): the tile converted as it is (up = 1), right where _f16_as_is holds for
     it, and outside = whether it does not (else False). The conversion then does not wait for the
     max's reduction across warps, nor the fp32 tile in registers for it (64 a thread at 32 keys
-    x 256 on 4 warps). sm_90a AOT, B = 64's 4-warp config: the queue loop 754 -> 647 instructions
+    x 256 on 4 warps). sm_90a AOT, B = 64's 4-warp config: the queue loop 758 -> 647 instructions
     a tile, 5 -> 3 barriers. With LOGITS_T Triton loads the fp32 tile a second time in the
     transposed layout instead (more spills, not less): for the other configs."""
     x = _load_keys(base, stride_d, stride_j, d_offs, j_offs, D, N)
