@@ -100,11 +100,11 @@ def _scaled_keys(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """(operand, up) of a key tile: in the scaled fp16 modes the whole tile scaled by one power of
     two (the key sums accumulate tiles of different scales: _online_softmax's ratio; "f16s":
     _f16_key_scales, "f16x3": _f16_scales, as its lo halves need); else (_operand(x), 1)."""
-    if INPUT_PRECISION == "f16s":
-        down, up = _f16_key_scales(_tile_amax(x))
-        out = _operand(x * down, DOT_DTYPE, INPUT_PRECISION)
-    elif INPUT_PRECISION == "f16x3":
-        down, up = _f16_scales(_tile_amax(x))
+    if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
+        if INPUT_PRECISION == "f16s":
+            down, up = _f16_key_scales(_tile_amax(x))
+        else:
+            down, up = _f16_scales(_tile_amax(x))
         out = _operand(x * down, DOT_DTYPE, INPUT_PRECISION)
     else:
         out, up = _operand(x, DOT_DTYPE, INPUT_PRECISION), 1.0
