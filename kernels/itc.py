@@ -1,6 +1,6 @@
 """Fused ITC kernels, host side: one pass over [in-batch keys ; queue] gives the loss, dq and dT.
 
-Three launches per call (four with f16p, below), both directions in each (SPEC section 3); this
+Two launches per call (more with f16p, below), both directions in each (SPEC section 3); this
 module plans and launches them, the kernels are in their own files:
 
 _itc_split_fwd_kernel   (kernels/itc_split.py) grid (row blocks, key splits, 2 directions x D
@@ -13,10 +13,10 @@ _itc_merge_fwd_kernel   (kernels/itc_merge.py) grid (row blocks, D blocks, 2 dir
     states, then those in one), rescaling as the split kernel's online softmax does:
     G = A_s / Z_s - alpha A_m / Z_m - (1 - alpha) H / n,
     dq = G / (2 T B) (of the mean of the two directions' losses), and partial dot products of
-    u = q / T with the key means over its D block.
-_itc_finish_fwd_kernel  (kernels/itc_merge.py) grid (1,). Sums the partials in order and gives
-    the means of the loss, dT, ce and kl rows per direction and the mean loss (all scalars are
-    dots with u: see albef_fast/streaming.py).
+    u = q / T with the key means over its D block. Its last program (a ticket, zeroed by the
+    split kernel) sums the partials in order and gives the means of the loss, dT, ce and kl rows
+    per direction and the mean loss (all scalars are dots with u: see albef_fast/streaming.py);
+    ALBEF_FAST_FINISH=kernel leaves that to a third launch, _itc_finish_fwd_kernel, grid (1,).
 _itc_keys_fwd_kernel    (kernels/itc_convert.py; f16p / f16x3p only: _prescaled) before the
     split, a chunk of keys at a time: the key tiles and query rows in their scaled fp16 form.
 The tile loads and the product operands of each precision mode: kernels/itc_operands.py.
@@ -164,6 +164,16 @@ def _keys_as_is(input_precision: str) -> bool:
     return input_precision == "f16s" and os.environ.get("ALBEF_FAST_KEYS_AS_IS", "0") == "1"
 
 
+def _finish_in_merge() -> bool:
+    """The merge's FINISH: its last program writes the scalars (kernels/itc_merge.py:_finish_last),
+    unless ALBEF_FAST_FINISH=kernel (a launch of _itc_finish_fwd_kernel after the merge: the same
+    bits; kept to check the fused one against on a GPU and to time it)."""
+    setting = os.environ.get("ALBEF_FAST_FINISH", "merge")
+    if setting not in ("merge", "kernel"):
+        raise ValueError(f"ALBEF_FAST_FINISH: expected 'merge' or 'kernel', got {setting!r}")
+    return setting == "merge"
+
+
 def _stage_rows(input_precision: str) -> bool:
     """The split kernel's STAGE_ROWS (_staged_rows): for f16s unless ALBEF_FAST_STAGE_ROWS=0
     (the kernel applies it with GRAD and D in one block only)."""
@@ -270,15 +280,17 @@ def _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, id
     for convert, split in plan.splits:  # one launch; f16p: one conversion and one split per chunk of keys
         if convert is not None:
             convert((*feats, image_queue, text_queue, *converted), ())
-        split((*feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, sims,
-               *converted), (temp_v,))
+        split((*feats, image_queue, text_queue, idx_v, idq_v, temp_arg, ws.max, ws.z, ws.acc, ws.count, ws.ticket,
+               sims, *converted), (temp_v,))
     dq_img = torch.empty((b, d), device=dev, dtype=feats[0].dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=feats[1].dtype)
-    plan.merge((*feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse),
-               (temp_v, float(alpha)))
     loss, grad_temp = torch.empty((), device=dev), torch.empty((), device=dev)
     losses, grad_temp_dirs, terms = torch.empty(2, device=dev), torch.empty(2, device=dev), torch.empty(4, device=dev)
-    plan.finish((ws.part, ws.lse, temp_arg, loss, losses, grad_temp, grad_temp_dirs, terms), (temp_v, float(alpha)))
+    scalars = (loss, losses, grad_temp, grad_temp_dirs, terms)
+    plan.merge((*feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse, ws.ticket,
+                *scalars), (temp_v, float(alpha)))
+    if plan.finish is not None:
+        plan.finish((ws.part, ws.lse, temp_arg, *scalars), (temp_v, float(alpha)))
     outputs = loss, losses, dq_img, dq_txt, grad_temp, grad_temp_dirs, sims, terms
     return (ws, outputs) if keep else outputs
 
@@ -288,7 +300,8 @@ def _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, id
 # tiles per conversion chunk (default: _converted_bytes)
 _SETTINGS = ("ALBEF_FAST_CONFIG", "ALBEF_FAST_WAVES", "ALBEF_FAST_AUTOTUNE", "ALBEF_FAST_TUNED", "ALBEF_FAST_SPLITS",
              "ALBEF_FAST_TF32", "ALBEF_FAST_FP32_DOT", "ALBEF_FAST_CHUNK_TILES", "ALBEF_FAST_TILE_SUMS",
-             "ALBEF_FAST_MERGE", "ALBEF_FAST_STAGE_ROWS", "ALBEF_FAST_INTERLEAVE", "ALBEF_FAST_KEYS_AS_IS")
+             "ALBEF_FAST_MERGE", "ALBEF_FAST_STAGE_ROWS", "ALBEF_FAST_INTERLEAVE", "ALBEF_FAST_KEYS_AS_IS",
+             "ALBEF_FAST_FINISH")
 
 
 def _settings():
@@ -340,15 +353,15 @@ class _Plan:
                                                    queue_strides)
             else:
                 self.splits = [(None, split(split_ints + (1, 0, 0), dict(meta, **plain)))]
+        dblocks = _next_pow2(merge_d_blocks)  # the finish loads 4 [dblocks, BLOCK_B] tiles of <= 2048 values
+        finish_blocks = dict(BLOCK_B=min(_next_pow2(b), max(16, 2048 // dblocks)), DBLOCKS=dblocks)
+        fused = _finish_in_merge()
         self.merge = _LAUNCH["merge"].prepare(
             (_cdiv(b, merge_m), merge_d_blocks, 2), (*feat_strides, b, d, splits),
-            dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk), _FOUR_WARPS)
-        dblocks = _next_pow2(merge_d_blocks)  # the finish loads 4 [dblocks, BLOCK_B] tiles of <= 2048 values
-        self.finish = _LAUNCH["finish"].prepare(
+            dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk, FINISH=fused, **finish_blocks), _FOUR_WARPS)
+        self.finish = None if fused else _LAUNCH["finish"].prepare(
             (1,), (b, merge_d_blocks),
-            dict(HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_dtype is not None,
-                 BLOCK_B=min(_next_pow2(b), max(16, 2048 // dblocks)), DBLOCKS=dblocks),
-            _FOUR_WARPS)
+            dict(HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_dtype is not None, **finish_blocks), _FOUR_WARPS)
 
     def workspace(self, device) -> "_Workspace":
         return _Workspace(device, self.ws_shapes)
@@ -418,21 +431,22 @@ def _new_plan(key) -> _Plan:
 class _Workspace:
     """The kernels' fp32 scratch, one allocation (host time per call counts at B = 64), carved
     into: max, z [2, 2, S, B] and count [2, S, B] (per split), acc [2, n_sums, S, B, D] (key
-    sums), part [2, D blocks, 4, B] (row partial dots), lse [2, 2, B]. Every element the merge
-    reads is written by the split kernel first: no fills."""
+    sums), part [2, D blocks, 4, B] (row partial dots), lse [2, 2, B], ticket [1] (the merge's
+    count of finished programs). Every element the merge reads is written by the split kernel
+    first (the ticket: zeroed): no fills."""
 
-    __slots__ = ("max", "z", "count", "acc", "part", "lse")
+    __slots__ = ("max", "z", "count", "acc", "part", "lse", "ticket")
 
     def __init__(self, device, sizes: Tuple[int, ...]):
         flat = torch.empty(sum(sizes), device=device, dtype=torch.float32)
         # flat 1-D views (one op): the kernels index them themselves
-        self.max, self.z, self.count, self.acc, self.part, self.lse = flat.split(sizes)
+        self.max, self.z, self.count, self.acc, self.part, self.lse, self.ticket = flat.split(sizes)
 
     @staticmethod
     def shapes(splits: int, b: int, d: int, n_sums: int, merge_d_blocks: int) -> Tuple[int, ...]:
         """The element counts of the views above."""
         shapes = [(2, 2, splits, b), (2, 2, splits, b), (2, splits, b), (2, n_sums, splits, b, d),
-                  (2, merge_d_blocks, 4, b), (2, 2, b)]
+                  (2, merge_d_blocks, 4, b), (2, 2, b), (1,)]
         return tuple(math.prod(shape) for shape in shapes)
 
 

@@ -1,7 +1,8 @@
-"""The merge and finish kernels: the split kernel's per-split states (kernels/itc_split.py, its
-workspace layout) combined in a fixed order into dq, the log-partition functions and the row
-partial dots (merge), then the loss, dT and the ce / kl terms (finish). No atomics: the same
-inputs give the same bits.
+"""The merge and finish: the split kernel's per-split states (kernels/itc_split.py, its workspace
+layout) combined in a fixed order into dq, the log-partition functions and the row partial dots
+(merge), then the loss, dT and the ce / kl terms (finish), by the merge's last program or
+(ALBEF_FAST_FINISH=kernel) a kernel of its own. No atomics on results: the same inputs give the
+same bits.
 """
 import triton
 import triton.language as tl
@@ -60,14 +61,16 @@ def _combine_slots(mc, zc, gc, ACC: tl.constexpr):
 def _itc_merge_fwd_kernel(
     # pointers
     img_ptr, txt_ptr, img_m_ptr, txt_m_ptr, temp_ptr, ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr,
-    dq_img_ptr, dq_txt_ptr, part_ptr, lse_ptr,
+    dq_img_ptr, dq_txt_ptr, part_ptr, lse_ptr, ticket_ptr, loss_ptr, losses_ptr, grad_temp_ptr,
+    grad_temp_dirs_ptr, terms_ptr,
     # strides
     stride_fb, stride_fd,
     # shapes and scalars
     B, D, NUM_SPLITS, temp_value, alpha,
     # constexpr flags
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, FINISH: tl.constexpr,
+    BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr,
 ):
     """Combine the splits of one (row block, D block, direction): CHUNK splits loaded at a time,
     split s merged into slot s mod CHUNK (_merge_slots), the slots then merged in order
@@ -76,11 +79,15 @@ def _itc_merge_fwd_kernel(
     Writes dq [B, D] (feature dtype, d loss / d q of the mean loss: 1 / (2 B)) for its D block, the
     partial row dots part [2, D blocks, 4, B] = (u . H / n, u . P_m, u_m . P_m, u . G) over its
     D block (P_m = A_m / Z_m), and from D block 0 the log-partition functions lse [2, 2, B].
+    FINISH: the last program to get there also writes the scalars (_finish_last; ticket: one
+    fp32 zeroed by the split kernel), else _itc_finish_fwd_kernel does, and the scalars' pointers
+    and ticket_ptr are unused.
     """
     pid_m, pid_d, direction = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_ptr, qm_ptr, kb_ptr = _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr)
     dq_ptr = tl.where(direction == 0, dq_img_ptr, dq_txt_ptr)
-    inv_t = 1.0 / _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
+    temp = _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
+    inv_t = 1.0 / temp
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < B
@@ -153,6 +160,27 @@ def _itc_merge_fwd_kernel(
     if pid_d == 0:
         tl.store(lse_ptr + direction * 2 * B + rows, (mx_s + tl.log2(z_s)) * 0.6931471805599453, mask=row_ok)
         tl.store(lse_ptr + (direction * 2 + 1) * B + rows, (mx_m + tl.log2(z_m)) * 0.6931471805599453, mask=row_ok)
+    if FINISH:
+        _finish_last(part_ptr, lse_ptr, ticket_ptr, loss_ptr, losses_ptr, grad_temp_ptr, grad_temp_dirs_ptr,
+                     terms_ptr, temp, B, alpha, HAS_TEACHER, BLOCK_B, DBLOCKS)
+
+
+@triton.jit
+def _finish_last(part_ptr, lse_ptr, ticket_ptr, loss_ptr, losses_ptr, grad_temp_ptr, grad_temp_dirs_ptr, terms_ptr,
+                 temp, B, alpha, HAS_TEACHER: tl.constexpr, BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr):
+    """The scalars (_finish_scalars) from the merge's last program, which takes the last ticket:
+    one launch fewer a step than a finish kernel, and its launch gap. The merge's other
+    programs' part and lse stores are visible to it as after a grid sync (cooperative groups'
+    pattern): every thread's stores, a barrier, then one thread's acq_rel atomic at GPU scope;
+    the last program's loads come after its own atomic (and Triton's barrier that hands the
+    ticket to every thread) and skip L1 (.cg). Which program is last varies; what it computes,
+    and in what order, does not."""
+    tl.debug_barrier()
+    programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    ticket = tl.atomic_add(ticket_ptr, 1.0, sem="acq_rel", scope="gpu")
+    if ticket == programs - 1:
+        _finish_scalars(part_ptr, lse_ptr, loss_ptr, losses_ptr, grad_temp_ptr, grad_temp_dirs_ptr, terms_ptr, temp,
+                        B, tl.num_programs(1), alpha, HAS_TEACHER, BLOCK_B, DBLOCKS)
 
 
 @triton.jit
@@ -173,13 +201,13 @@ def _finish_direction(part_ptr, lse_ptr, direction, temp, B, NUM_DBLOCKS, alpha,
         offs = ((direction * NUM_DBLOCKS + db[:, None]) * 4) * B + rows[None, :]
         mask = (db[:, None] < NUM_DBLOCKS) & ok[None, :]
         # every load before the reductions (no load is issued past their barriers)
-        h_s = tl.load(part_ptr + offs, mask=mask, other=0.0)
-        u_g = tl.load(part_ptr + offs + 3 * B, mask=mask, other=0.0)
-        lse_s = tl.load(lse_ptr + direction * 2 * B + rows, mask=ok, other=0.0)
+        h_s = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        u_g = tl.load(part_ptr + offs + 3 * B, mask=mask, other=0.0, cache_modifier=".cg")
+        lse_s = tl.load(lse_ptr + direction * 2 * B + rows, mask=ok, other=0.0, cache_modifier=".cg")
         if HAS_TEACHER:
-            c_m = tl.load(part_ptr + offs + B, mask=mask, other=0.0)
-            d_m = tl.load(part_ptr + offs + 2 * B, mask=mask, other=0.0)
-            lse_m = tl.load(lse_ptr + (direction * 2 + 1) * B + rows, mask=ok, other=0.0)
+            c_m = tl.load(part_ptr + offs + B, mask=mask, other=0.0, cache_modifier=".cg")
+            d_m = tl.load(part_ptr + offs + 2 * B, mask=mask, other=0.0, cache_modifier=".cg")
+            lse_m = tl.load(lse_ptr + (direction * 2 + 1) * B + rows, mask=ok, other=0.0, cache_modifier=".cg")
         h_s = tl.sum(h_s, 0)
         u_g = tl.sum(u_g, 0)
         loss = lse_s - (1.0 - alpha) * h_s
@@ -195,18 +223,11 @@ def _finish_direction(part_ptr, lse_ptr, direction, temp, B, NUM_DBLOCKS, alpha,
 
 
 @triton.jit
-def _itc_finish_fwd_kernel(
-    # pointers
-    part_ptr, lse_ptr, temp_ptr, loss_ptr, losses_ptr, grad_temp_ptr, grad_temp_dirs_ptr, terms_ptr,
-    # shapes and scalars
-    B, NUM_DBLOCKS, temp_value, alpha,
-    # constexpr flags
-    HAS_TEACHER: tl.constexpr, TEMP_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr,
-):
-    """The scalars of both directions (grid (1,)): loss (their mean), losses [2],
-    grad_temp = d loss / d T, grad_temp_dirs [2] = d loss_dir / d T, terms [4] = (ce, ce, kl, kl).
-    DBLOCKS: NUM_DBLOCKS (the merge's D blocks) rounded up to a power of two."""
-    temp = _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
+def _finish_scalars(part_ptr, lse_ptr, loss_ptr, losses_ptr, grad_temp_ptr, grad_temp_dirs_ptr, terms_ptr, temp, B,
+                    NUM_DBLOCKS, alpha, HAS_TEACHER: tl.constexpr, BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr):
+    """The scalars of both directions: loss (their mean), losses [2], grad_temp = d loss / d T,
+    grad_temp_dirs [2] = d loss_dir / d T, terms [4] = (ce, ce, kl, kl). DBLOCKS: NUM_DBLOCKS
+    (the merge's D blocks) rounded up to a power of two."""
     loss_0, dt_0, ce_0, kl_0 = _finish_direction(part_ptr, lse_ptr, 0, temp, B, NUM_DBLOCKS, alpha, HAS_TEACHER,
                                                  BLOCK_B, DBLOCKS)
     loss_1, dt_1, ce_1, kl_1 = _finish_direction(part_ptr, lse_ptr, 1, temp, B, NUM_DBLOCKS, alpha, HAS_TEACHER,
@@ -221,3 +242,20 @@ def _itc_finish_fwd_kernel(
     tl.store(terms_ptr + 1, ce_1)
     tl.store(terms_ptr + 2, kl_0)
     tl.store(terms_ptr + 3, kl_1)
+
+
+@triton.jit
+def _itc_finish_fwd_kernel(
+    # pointers
+    part_ptr, lse_ptr, temp_ptr, loss_ptr, losses_ptr, grad_temp_ptr, grad_temp_dirs_ptr, terms_ptr,
+    # shapes and scalars
+    B, NUM_DBLOCKS, temp_value, alpha,
+    # constexpr flags
+    HAS_TEACHER: tl.constexpr, TEMP_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr,
+):
+    """The scalars (_finish_scalars) in a launch of their own, grid (1,), after a merge without
+    FINISH (ALBEF_FAST_FINISH=kernel: what the merge's last program does, kept to check it bit
+    for bit and to time it against)."""
+    temp = _temperature(temp_ptr, temp_value, TEMP_FROM_PTR)
+    _finish_scalars(part_ptr, lse_ptr, loss_ptr, losses_ptr, grad_temp_ptr, grad_temp_dirs_ptr, terms_ptr, temp, B,
+                    NUM_DBLOCKS, alpha, HAS_TEACHER, BLOCK_B, DBLOCKS)

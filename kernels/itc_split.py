@@ -328,7 +328,7 @@ def _stream_keys(states, queries, ptrs, strides, shapes, program, GRAD: tl.const
 def _itc_split_fwd_kernel(
     # pointers: per direction (image = i2t queries, text = t2i queries)
     img_ptr, txt_ptr, img_m_ptr, txt_m_ptr, img_queue_ptr, txt_queue_ptr, idx_ptr, idx_queue_ptr, temp_ptr,
-    ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, sim_ptr, kc_ptr, ks_ptr, qc_ptr, qs_ptr,
+    ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, ws_ticket_ptr, sim_ptr, kc_ptr, ks_ptr, qc_ptr, qs_ptr,
     # strides
     stride_fb, stride_fd, stride_qd, stride_qj, stride_idx, stride_idq,
     # shapes
@@ -365,11 +365,13 @@ def _itc_split_fwd_kernel(
     without (_stream_keys). The same values either way (ALBEF_FAST_KEYS_AS_IS=1, untimed).
     Writes, with R = number of key sums kept (student if GRAD, teacher, hard) and S = NUM_SPLITS:
     ws_max, ws_z [2, 2, S, B] (student / teacher), ws_acc [2, R, S, B, D], ws_count [2, S, B],
-    sim [2, B, B] (student logits against the in-batch keys; split 0, D block 0 only).
+    sim [2, B, B] (student logits against the in-batch keys; split 0, D block 0 only), and zeroes
+    the merge's ticket ws_ticket (one fp32: kernels/itc_merge.py:_finish_last).
     """
     tl.static_assert(not PRESCALED or NUM_DK == 1, "prescaled key tiles need D in one block")
     tl.static_assert(not KEYS_AS_IS or (INPUT_PRECISION == "f16s" and not PRESCALED), "KEYS_AS_IS: f16s's own tiles")
     pid_mk, pid_s, pid_dd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tl.store(ws_ticket_ptr, 0.0, mask=(pid_mk == 0) & (pid_s == 0) & (pid_dd == 0))  # before the merge runs
     kind, pid_m = pid_mk % GRID_KINDS, pid_mk // GRID_KINDS
     direction, pid_d = pid_dd % 2, pid_dd // 2
     q_ptr, qm_ptr, kb_ptr = _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr)

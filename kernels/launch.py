@@ -3,7 +3,7 @@
 `fn[grid](*args, **constexprs)` costs 15-25 us of Python per launch (Triton 3.6, measured on a
 CPU with a no-op launcher: benchmarks/host_step.py): it binds ~40 arguments, specializes each one,
 builds a string cache key from the options and wraps launch metadata. At B = 64 the fused ITC step
-issues three launches (four with its backward) and its kernels run for ~0.25 ms, so that Python
+issues two launches (three with its backward) and its kernels run for ~0.25 ms, so that Python
 is a large part of the step. `DirectLauncher` keeps the compiled kernel Triton returned and calls its launcher with the
 same arguments Triton's own `JITFunction.run` passes it (every bound argument, constexprs
 included, in parameter order; Triton 3.6-3.8). The kernels take their runtime arguments as

@@ -61,20 +61,22 @@ def main():
     bf16, fp32 = torch.bfloat16, torch.float32
     cases = [  # (B, Q, D, dtype, feature offset, retrieval, queue dtype, ALBEF_FAST_TF32): each differs
         # from the one before in what Triton specializes on: the features' alignment, B divisible by
-        # 16, Q == 1, dtypes, the queue's dtype alone; then the converted operands (f16p: 4 launches)
+        # 16, Q == 1, dtypes, the queue's dtype alone; then the converted operands (f16p: 3 launches)
         (8, 40, 32, bf16, 0, False, None, "f16s"), (8, 40, 32, bf16, 1, False, None, "f16s"),
         (16, 40, 32, bf16, 0, False, None, "f16s"), (16, 1, 32, bf16, 0, False, None, "f16s"),
         (16, 1, 32, fp32, 0, True, None, "f16s"), (16, 1, 32, fp32, 0, True, bf16, "f16s"),
         (5, 33, 24, fp32, 3, False, None, "f16s"), (5, 33, 24, fp32, 0, True, None, "f16p"),
+        (5, 33, 24, fp32, 0, True, None, "f16s+finish-kernel"),  # ALBEF_FAST_FINISH=kernel: 3 launches
     ]
     temp = torch.tensor(0.07)
     for case in cases:
         b, q, d, dtype, offset, retrieval, queue_dtype, mode = case
-        os.environ["ALBEF_FAST_TF32"] = mode
+        os.environ["ALBEF_FAST_TF32"], _, finish = mode.partition("+finish-")
+        os.environ["ALBEF_FAST_FINISH"] = finish or "merge"
         feats, queues = _inputs(b, q, d, dtype, offset, queue_dtype)
         _forward(itc, feats, queues, temp, retrieval)  # compiles (the direct path falls back to JIT)
         calls = _forward(itc, feats, queues, temp, retrieval)
-        assert len(calls) == (8 if mode == "f16p" else 6), case
+        assert len(calls) == (6 if mode == "f16p" or finish else 4), case
         for direct, jit in zip(calls[0::2], calls[1::2]):
             assert direct == jit, (case, direct, jit)
     kernels = sum(len(launcher._kernels) for launcher in itc._LAUNCH.values())

@@ -257,8 +257,8 @@ def test_f16p_is_the_high_path_from_b512(monkeypatch):
 
 
 def test_converted_key_tiles_are_used(monkeypatch):
-    """f16p launches the conversion kernel (4 launches a call, one chunk at this size) where D
-    fits one block, and falls back to f16s's loop (3) where it does not."""
+    """f16p launches the conversion kernel (3 launches a call, one chunk at this size) where D
+    fits one block, and falls back to f16s's loop (2) where it does not."""
     from albef_fast.kernels import itc as kernels_itc
 
     launches = []
@@ -630,6 +630,55 @@ def test_bad_merge_setting_is_named(monkeypatch, merge):
         albef_fast.itc_loss(*_args(x), 0.07, 0.4, backend="triton")
 
 
+def _garbage_empty(monkeypatch):
+    """torch.empty's floating tensors filled with NaN from now on (the test's end undoes it): the
+    kernels' workspace and outputs start as garbage, so an element nothing writes shows."""
+    empty = torch.empty
+
+    def filled(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", filled)
+
+
+@pytest.mark.parametrize("alpha,retrieval,grad", [(0.4, True, True), (0.0, False, True), (0.4, False, False)])
+@pytest.mark.parametrize("merge", ["", "8,16,4"])  # 1 / 2 x 3 x 2 merge programs at 9 x 33
+def test_finish_in_merge_gives_the_finish_kernels_bits(monkeypatch, alpha, retrieval, grad, merge):
+    """The merge's last program writes the scalars (kernels/itc_merge.py:_finish_last, the default)
+    or a kernel of their own does (ALBEF_FAST_FINISH=kernel): the same bits. Workspace and outputs
+    start as NaN: the ticket counts from the split kernel's zero, and a finish that never ran, or
+    ran before the last program's partials, leaves NaN."""
+    x = make_inputs(9, 40, 33, torch.float32, DEVICE, retrieval=retrieval)
+    _garbage_empty(monkeypatch)
+    env = {"ALBEF_FAST_SPLITS": "3", "ALBEF_FAST_MERGE": merge}
+    fused = _outputs(monkeypatch, x, alpha, "highest", env, grad=grad)
+    kernel = _outputs(monkeypatch, x, alpha, "highest", dict(env, ALBEF_FAST_FINISH="kernel"), grad=grad)
+    assert all(torch.isfinite(t).all() for t in fused)
+    assert all(torch.equal(f, k) for f, k in zip(fused, kernel))
+
+
+def test_bad_finish_setting_is_named(monkeypatch):
+    x = make_inputs(5, 12, 8, torch.float32, DEVICE)
+    monkeypatch.setenv("ALBEF_FAST_FINISH", "merged")
+    with pytest.raises(ValueError, match="ALBEF_FAST_FINISH"):
+        albef_fast.itc_loss(*_args(x), 0.07, 0.4, backend="triton")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, None), (torch.float32, "high")])
+def test_cuda_finish_in_merge_is_stable(monkeypatch, dtype, precision):
+    """The fused finish's memory ordering on the card (the interpreter runs programs one by one):
+    at ALBEF's B = 64, 200 steps with the merge's last program finishing give the finish kernel's
+    bits every time (a program reading partials before they are visible would differ)."""
+    x = make_inputs(64, 65536, 256, dtype, DEVICE)
+    kernel = _outputs(monkeypatch, x, 0.4, precision, {"ALBEF_FAST_FINISH": "kernel"}, dtype=dtype)
+    monkeypatch.setenv("ALBEF_FAST_FINISH", "merge")
+    args = _args(x)
+    for _ in range(200):
+        out = albef_fast.itc_loss(*args, 0.07, 0.4, return_details=True, backend="triton", precision=precision)
+        assert all(torch.equal(f, k) for f, k in zip(out, kernel[:9]))
+
+
 def _plan_variants():
     """Backend calls: a base one, then others that differ from it in one thing the launch
     plan depends on."""
@@ -639,6 +688,7 @@ def _plan_variants():
                dict(alpha=0.0), dict(grad=False), dict(precision="medium"), dict(temp=0.05),
                dict(temp=torch.tensor(0.07, dtype=torch.float64)), dict(retrieval=True),
                dict(env={"ALBEF_FAST_SPLITS": "2"}), dict(env={"ALBEF_FAST_MERGE": "8,16,4"}),
+               dict(env={"ALBEF_FAST_FINISH": "kernel"}),
                dict(layout="row-padded"), dict(layout="queue-transposed")]
     return [dict(base, **change) for change in changes]
 

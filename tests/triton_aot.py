@@ -130,7 +130,8 @@ def compile_all(flags, summary=None):
     config = itc_configs.make_config(64, 64, flags.get("BLOCK_D", 64), flags.get("KIND_AXIS", 0), flags.get("KT_LOAD", 0),
                                      8, logits_t=flags.get("LOGITS_T", 0))
     split = _compile(itc_split._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], num_warps=8)
-    merge = _compile(itc_merge._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=64, CHUNK=4), flags["TYPE"], num_warps=4)
+    merge = _compile(itc_merge._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=64, CHUNK=4, FINISH=True, BLOCK_B=64,
+                                                                   DBLOCKS=4), flags["TYPE"], num_warps=4)
     finish = _compile(itc_merge._itc_finish_fwd_kernel, dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=True,
                                                        BLOCK_B=64, DBLOCKS=16), flags["TYPE"], num_warps=4)
     scale = _compile(itc_backward._itc_scale_bwd_kernel, dict(BLOCK=1024, HAS_TEMP=True), flags["TYPE"], num_warps=4)
