@@ -16,8 +16,8 @@
 # up to 100 more) + 60 + 70 + 40 + 20 + 50 = 485-585 s (run 7: the ITC tests need more than 110 s).
 # GPU_CHECK_EXPLORE=1 appends the measurements still owed (benchmarks/NOTES.md, "What next"), in
 # order, each skipped unless it ends before GPU_CHECK_DEADLINE seconds: the per-kernel device time
-# at B = 64 with the merge's default tiles, ALBEF_FAST_MERGE=8,16,32 and the finish in a kernel
-# of its own, ALBEF_FAST_FINISH=kernel (profile.txt); the
+# at B = 64 with the merge's default tiles, ALBEF_FAST_MERGE=8,16,32 and =16,16,16,3 (its loads
+# pipelined) and the finish in a kernel of its own, ALBEF_FAST_FINISH=kernel (profile.txt); the
 # queues' reads alone in the split kernel's tiles (probe.txt: set against the split kernel's time
 # in profile.txt); TF32 (f16s) at B = 64 per config (table.txt: the tuned one, with its key tiles
 # converted before their max is known (ALBEF_FAST_KEYS_AS_IS=1), with interleaved tiles and with

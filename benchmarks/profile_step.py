@@ -1,15 +1,19 @@
 """Where one albef_fast ITC step spends its time on a GPU: device time per kernel and host time.
 
-    python benchmarks/profile_step.py [--batch 64,512] [--precision bf16,tf32]
+    python benchmarks/profile_step.py [--batch 64,512] [--precision bf16,tf32] [--settings "A=1;B=2 C=3,4"]
 
 For each case (Q=65536, D=256, fwd+bwd, alpha 0.4) it prints the median step time (do_bench), the
 host time to issue one step (no synchronization: above the step time means the host is the
 bottleneck), the profiler's device time per kernel, averaged over the profiled steps, and with
---host-profile the Python functions that take the host's time (cProfile, cumulative).
+--host-profile the Python functions that take the host's time (cProfile, cumulative). --settings
+profiles every case once per group of environment settings (the ALBEF_FAST_* knobs are read at
+each call), in one process: the kernels the groups share compile once.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
 
 import torch
@@ -72,25 +76,53 @@ def _host_profile(step, n: int = 50) -> str:
     return f"host profile over {n} steps (times are totals):\n" + out.getvalue()
 
 
+@contextlib.contextmanager
+def _settings(group: str):
+    """The environment with group's NAME=VALUE settings (space-separated; values may hold commas)
+    set, then as it was."""
+    pairs = [item.split("=", 1) for item in group.split() if "=" in item]
+    before = {name: os.environ.get(name) for name, _ in pairs}
+    os.environ.update(dict(pairs))
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _profile(args, precision: str, b: int) -> None:
+    case = ITCCase(b, 65536, 256, precision, torch.device("cuda"))
+    with matmul_precision(PRECISIONS[precision][1]):
+        step = _step(case)
+        for _ in range(3):
+            step()
+        ms = time_ms(step, case.device)[0]
+        host = _host_us(step)
+        print(f"{precision} B={b}: step {ms * 1e3:.1f} us (do_bench median), host issue {host:.1f} us/step")
+        print(_kernel_table(step), flush=True)
+        if args.host_profile:
+            print(_host_profile(step), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", default="64,512")
     p.add_argument("--precision", default="bf16,tf32")
     p.add_argument("--host-profile", action="store_true", help="also cProfile the host side of each case")
+    p.add_argument("--settings", default="",
+                   help="';'-separated groups of space-separated NAME=VALUE environment settings, each group "
+                        "profiled in turn (default: the environment as it is)")
     args = p.parse_args()
-    for precision in args.precision.split(","):
-        for b in (int(v) for v in args.batch.split(",")):
-            case = ITCCase(b, 65536, 256, precision, torch.device("cuda"))
-            with matmul_precision(PRECISIONS[precision][1]):
-                step = _step(case)
-                for _ in range(3):
-                    step()
-                ms = time_ms(step, case.device)[0]
-                host = _host_us(step)
-                print(f"{precision} B={b}: step {ms * 1e3:.1f} us (do_bench median), host issue {host:.1f} us/step")
-                print(_kernel_table(step), flush=True)
-                if args.host_profile:
-                    print(_host_profile(step), flush=True)
+    for group in args.settings.split(";"):
+        if group:
+            print(f"settings: {group}", flush=True)
+        with _settings(group):
+            for precision in args.precision.split(","):
+                for b in (int(v) for v in args.batch.split(",")):
+                    _profile(args, precision, b)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def _itc_merge_fwd_kernel(
     # constexpr flags
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, FINISH: tl.constexpr,
-    BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr,
+    BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr, MERGE_STAGES: tl.constexpr,
 ):
     """Combine the splits of one (row block, D block, direction): CHUNK splits loaded at a time,
     split s merged into slot s mod CHUNK (_merge_slots), the slots then merged in order
@@ -79,6 +79,7 @@ def _itc_merge_fwd_kernel(
     Writes dq [B, D] (feature dtype, d loss / d q of the mean loss: 1 / (2 B)) for its D block, the
     partial row dots part [2, D blocks, 4, B] = (u . H / n, u . P_m, u_m . P_m, u . G) over its
     D block (P_m = A_m / Z_m), and from D block 0 the log-partition functions lse [2, 2, B].
+    MERGE_STAGES > 1: the rounds' loads pipelined that many stages (cp.async into shared memory).
     FINISH: the last program to get there also writes the scalars (_finish_last; ticket: one
     fp32 zeroed by the split kernel), else _itc_finish_fwd_kernel does, and the scalars' pointers
     and ticket_ptr are unused.
@@ -101,7 +102,7 @@ def _itc_merge_fwd_kernel(
     zc_s = tl.zeros([CHUNK, BLOCK_M, 1], tl.float32)
     gc = tl.zeros([CHUNK, BLOCK_M, BLOCK_D], tl.float32)
     mc_m, zc_m, pc, hc, cc = mc_s, zc_s, gc, gc, zc_s
-    for s0 in range(0, NUM_SPLITS, CHUNK):
+    for s0 in tl.range(0, NUM_SPLITS, CHUNK, num_stages=MERGE_STAGES):
         sp = s0 + tl.arange(0, CHUNK)
         sr = (sp[:, None] * B + rows[None, :])[:, :, None]  # (split, row, 1) of a [S, B] array
         ok = ((sp[:, None] < NUM_SPLITS) & row_ok[None, :])[:, :, None]

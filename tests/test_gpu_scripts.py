@@ -92,3 +92,18 @@ def test_explore_stages_by_name():
     assert _wanted("b64,floor,b256") == {"b64", "floor", "b256"}
     assert _wanted("floor") == {"floor"} and _wanted("0") == set()
     assert _wanted("b6") == set()  # whole names only
+
+
+def test_profile_settings_keep_commas(monkeypatch):
+    """benchmarks/profile_step.py --settings: a group's settings are space-separated, so that
+    values such as ALBEF_FAST_MERGE=8,16,32 arrive whole; the environment is restored after."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_step", os.path.join(ROOT, "benchmarks", "profile_step.py"))
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    monkeypatch.setenv("ALBEF_FAST_MERGE", "before")
+    monkeypatch.delenv("ALBEF_FAST_FINISH", raising=False)
+    with profile_step._settings("ALBEF_FAST_MERGE=16,16,16,3 ALBEF_FAST_FINISH=kernel"):
+        assert os.environ["ALBEF_FAST_MERGE"] == "16,16,16,3" and os.environ["ALBEF_FAST_FINISH"] == "kernel"
+    assert os.environ["ALBEF_FAST_MERGE"] == "before" and "ALBEF_FAST_FINISH" not in os.environ
