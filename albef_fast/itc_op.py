@@ -149,6 +149,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.temp_dtype = None if temp is None else temp.dtype
     ctx.backend = inputs[13]
     ctx.save_for_backward(*output[2:6])  # grad_image, grad_text, grad_temp, grad_temp_dirs
+    ctx.mark_non_differentiable(*output[2:])  # only the losses backpropagate
     ctx.set_materialize_grads(False)  # no zero-filled grads for the outputs nothing backpropagates
 
 

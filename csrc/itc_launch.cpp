@@ -265,6 +265,8 @@ struct ItcStep : public torch::autograd::Function<ItcStep> {
                       {temp_value, alpha}};
     for (const auto& launch : plan->forward) run(*plan, launch, slots);
     ctx->save_for_backward({outputs[2], outputs[3], outputs[4], outputs[5]});
+    // only the losses backpropagate: no autograd metadata for the saved gradients, sims and terms
+    ctx->mark_non_differentiable({outputs[2], outputs[3], outputs[4], outputs[5], outputs[6], outputs[7]});
     ctx->saved_data["plan"] = plan_id;
     ctx->saved_data["temp_dtype"] = has_temp ? static_cast<int64_t>(temp.scalar_type()) : int64_t{-1};
     ctx->set_materialize_grads(false);

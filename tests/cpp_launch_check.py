@@ -150,7 +150,9 @@ def _check_case(case):
 
 
 def _check_backward(outputs, feats, temp):
-    """loss.backward(): one scale launch on the saved gradients; direction losses: the aten products."""
+    """loss.backward(): one scale launch on the saved gradients; direction losses: the aten products.
+    Only the losses are differentiable (the rest: marked non-differentiable in C++)."""
+    assert [t.requires_grad for t in outputs] == [True, True] + [False] * 6
     b, d = feats[0].shape
     EXT.itc_take_recorded()
     g = torch.full((), -2.0)

@@ -28,6 +28,19 @@ def test_opcheck_itc(retrieval):
     torch.library.opcheck(torch.ops.albef_fast.itc.default, _itc_args(x, temp))
 
 
+@pytest.mark.parametrize("eager", [True, False])
+def test_only_the_losses_are_differentiable(eager):
+    """The op's eight outputs: the mean loss and the direction losses carry gradients; the saved
+    gradients, sims and terms are marked non-differentiable (no autograd bookkeeping for them),
+    through the eager Function and the registered op alike."""
+    x = make_inputs(4, 9, 8, torch.float64)
+    x.image_feat.requires_grad_()
+    temp = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
+    args = _itc_args(x, temp)
+    outputs = albef_fast.itc_op.itc_apply(*args) if eager else torch.ops.albef_fast.itc(*args)
+    assert [t.requires_grad for t in outputs] == [True, True] + [False] * 6
+
+
 @pytest.mark.skipif(not HAS_EXT, reason="C++ extension not built")
 def test_opcheck_state_ops():
     params_m, params = [torch.randn(5), torch.randn(3, 4)], [torch.randn(5), torch.randn(3, 4)]
