@@ -178,7 +178,7 @@ def _finish_last(part_ptr, lse_ptr, ticket_ptr, loss_ptr, losses_ptr, grad_temp_
     and in what order, does not."""
     tl.debug_barrier()
     programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-    # an fp32 count (the workspace is fp32): exact to 2^24 programs; B = 65536 at D = 1024 is 2^18
+    # an fp32 count (the workspace is fp32): exact to 2^24 programs; B = 65536 at D = 1024 makes 2^17
     ticket = tl.atomic_add(ticket_ptr, 1.0, sem="acq_rel", scope="gpu")
     if ticket == programs - 1:
         _finish_scalars(part_ptr, lse_ptr, loss_ptr, losses_ptr, grad_temp_ptr, grad_temp_dirs_ptr, terms_ptr, temp,
