@@ -12,15 +12,13 @@ each call), in one process: the kernels the groups share compile once.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import time
 
 import torch
 
 import albef_fast
 from albef_fast.bench.cases import PRECISIONS, ITCCase
-from albef_fast.bench.measure import matmul_precision, time_ms
+from albef_fast.bench.measure import environment, matmul_precision, time_ms
 
 
 def _step(case: ITCCase):
@@ -76,21 +74,10 @@ def _host_profile(step, n: int = 50) -> str:
     return f"host profile over {n} steps (times are totals):\n" + out.getvalue()
 
 
-@contextlib.contextmanager
 def _settings(group: str):
     """The environment with group's NAME=VALUE settings (space-separated; values may hold commas)
-    set, then as it was."""
-    pairs = [item.split("=", 1) for item in group.split() if "=" in item]
-    before = {name: os.environ.get(name) for name, _ in pairs}
-    os.environ.update(dict(pairs))
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    set for the block, then as it was."""
+    return environment(dict(item.split("=", 1) for item in group.split() if "=" in item))
 
 
 def _profile(args, precision: str, b: int) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import contextlib
 import csv
 import json
 import multiprocessing
@@ -28,7 +27,7 @@ import torch
 
 from albef_fast import reference
 from albef_fast.bench.cases import ITCCase, graphed
-from albef_fast.bench.measure import device_name, matmul_precision, time_ms
+from albef_fast.bench.measure import device_name, environment, matmul_precision, time_ms
 from albef_fast.bench.report import slug
 
 # name -> (torch float32 matmul precision, environment). f16s: "high" with fp16 products of
@@ -93,20 +92,6 @@ def _specs(args) -> List[str]:
     return [itc_configs.config_spec(c) for c in itc_configs.candidates()]
 
 
-@contextlib.contextmanager
-def _env(values: Dict[str, str]):
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _case(args, b: int, precision: str) -> ITCCase:
     torch.manual_seed(b)
     return ITCCase(b, args.queue, args.dim, "bf16" if precision == "bf16" else "fp32", torch.device(args.device))
@@ -162,7 +147,7 @@ def _warm(spec: str, args) -> Dict[str, str]:
             continue
         try:
             for b in (int(v) for v in args.batch.split(",")):
-                with matmul_precision(PRECISIONS[precision][0]), _env(PRECISIONS[precision][1]):
+                with matmul_precision(PRECISIONS[precision][0]), environment(PRECISIONS[precision][1]):
                     _step(_albef_fast, _case(args, b, precision))()
             if args.device == "cuda":
                 torch.cuda.synchronize()
@@ -236,7 +221,7 @@ def _case_rows(args, precision: str, b: int, specs: List[str], failed, gpu: str)
     mm_precision, env = PRECISIONS[precision]
     base = dict(gpu=gpu, torch=torch.__version__, precision=precision, B=b, Q=args.queue, D=args.dim)
     rows = []
-    with matmul_precision(mm_precision), _env(env):
+    with matmul_precision(mm_precision), environment(env):
         ref = _loss_and_grads(reference.itc_loss, case, torch.float64)
         eager_err = _errors(reference.itc_loss, case, ref)
         eager = _measure(reference.itc_loss, case, ref, eager_err, reps)
@@ -249,13 +234,13 @@ def _case_rows(args, precision: str, b: int, specs: List[str], failed, gpu: str)
             if (spec, precision) in failed:
                 rows.append(dict(base, config=spec, waves=2, ms=float("nan"), ok=failed[(spec, precision)]))
                 continue
-            with _env(_entry(spec)[1]):
+            with environment(_entry(spec)[1]):
                 timed.append(_row(base, spec, 2, eager, lambda: _measure(_albef_fast, case, ref, eager_err, reps)))
         # the two with the least device time (graph replay: at B = 64 launched times are the host's)
         fastest = sorted((r for r in timed if r["ok"] is True), key=lambda r: r["ms_graph"])[:2]
         for r in fastest:
             for waves in (w for w in args.waves.split(",") if w):
-                with _env(dict(_entry(r["config"])[1], ALBEF_FAST_WAVES=waves)):
+                with environment(dict(_entry(r["config"])[1], ALBEF_FAST_WAVES=waves)):
                     timed.append(_row(base, r["config"], waves, eager,
                                       lambda: _measure(_albef_fast, case, ref, eager_err, reps)))
         rows += timed

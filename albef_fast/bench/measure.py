@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from typing import Callable, Dict, Iterator, Tuple
@@ -34,6 +35,22 @@ def matmul_precision(precision: str) -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@contextlib.contextmanager
+def environment(values: Dict[str, str]) -> Iterator[None]:
+    """The environment variables in values set for the block, then as they were (unset ones
+    unset again): the ALBEF_FAST_* knobs are read at each call."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 10, warmup: int = 2) -> Tuple[float, float, float]:
