@@ -12,8 +12,9 @@
 # start; unset: always), install_package LIMIT (the Python package without the C++ extension; the
 # script stops if that fails), build_extension_bg JOBS (the extension, in place, in the
 # background: its pid in BUILD) and merge_profile ARGS... (benchmarks/profile_step.py ARGS with
-# the merge kernel's default tiles, with ALBEF_FAST_MERGE=8,16,32 and =16,16,16,3 (pipelined loads)
-# and with ALBEF_FAST_FINISH=kernel, in one process, into OUT/profile.txt).
+# the merge kernel's default tiles, with ALBEF_FAST_MERGE=8,16,32, =16,16,16,3 (pipelined loads),
+# =16,16,16,1,8 and =16,16,16,1,16 (8 and 16 warps) and with ALBEF_FAST_FINISH=kernel, in one
+# process, into OUT/profile.txt).
 DEST=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
 OUT=${TMPDIR:-/tmp}/$NAME.results
 rm -rf "$OUT" && mkdir -p "$OUT"
@@ -51,8 +52,8 @@ build_extension_bg() {
   BUILD=$!
 }
 merge_profile() {
-  stamp "merge at B = 64: device time per kernel, default, ALBEF_FAST_MERGE=8,16,32 and =16,16,16,3, ALBEF_FAST_FINISH=kernel"
-  stage 75 $PY benchmarks/profile_step.py "$@" \
-    --settings "ALBEF_FAST_MERGE=;ALBEF_FAST_MERGE=8,16,32;ALBEF_FAST_MERGE=16,16,16,3;ALBEF_FAST_FINISH=kernel" 2>&1 \
+  stamp "merge at B = 64: device time per kernel, default, ALBEF_FAST_MERGE=8,16,32, =16,16,16,3, =16,16,16,1,8 and =16,16,16,1,16, ALBEF_FAST_FINISH=kernel"
+  stage 90 $PY benchmarks/profile_step.py "$@" \
+    --settings "ALBEF_FAST_MERGE=;ALBEF_FAST_MERGE=8,16,32;ALBEF_FAST_MERGE=16,16,16,3;ALBEF_FAST_MERGE=16,16,16,1,8;ALBEF_FAST_MERGE=16,16,16,1,16;ALBEF_FAST_FINISH=kernel" 2>&1 \
     | grep -v -i warn | tee -a "$OUT/profile.txt"
 }

@@ -109,7 +109,10 @@ def main():
         with _settings(group):
             for precision in args.precision.split(","):
                 for b in (int(v) for v in args.batch.split(",")):
-                    _profile(args, precision, b)
+                    try:
+                        _profile(args, precision, b)
+                    except Exception as exc:  # one failing group or case must not cost the others
+                        print(f"{precision} B={b}: FAILED: {type(exc).__name__}: {exc}", flush=True)
 
 
 if __name__ == "__main__":

@@ -88,40 +88,45 @@ def _split_count(b: int, q: int, d: int, teacher: bool, n_sums: int, device: tor
     return max(1, min(max_tiles, max_workspace, math.ceil(waves * _num_sms(device) / per_split)))
 
 
-def _merge_blocks(b: int, d: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_D, CHUNK, STAGES) of the merge: small tiles, so that B = 64 still spreads
-    over many SMs, CHUNK splits loaded at once, each into its own running state (the
-    interpreter: 2, to cover partial chunks), the loop's loads not pipelined (STAGES 1).
-    ALBEF_FAST_MERGE="BLOCK_M,BLOCK_D,CHUNK[,STAGES]" (powers of two; STAGES >= 1) replaces
-    them. Leads for B = 64 (untimed since the merge's slots, session 16): "8,16,32" (twice the
-    programs, 3 rounds of loads instead of 5 at ~66 splits; 2 us faster than the default in H200
-    run 7, one sample, with the merge of before the slots) and "16,16,16,3" (each round's 20
+def _merge_blocks(b: int, d: int) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_D, CHUNK, STAGES, WARPS) of the merge: small tiles, so that B = 64 still
+    spreads over many SMs, CHUNK splits loaded at once, each into its own running state (the
+    interpreter: 2, to cover partial chunks), the loop's loads not pipelined (STAGES 1), 4 warps.
+    ALBEF_FAST_MERGE="BLOCK_M,BLOCK_D,CHUNK[,STAGES[,WARPS]]" (powers of two; STAGES >= 1)
+    replaces them. Leads for B = 64 (untimed since the merge's slots, session 16): "8,16,32" (twice
+    the programs, 3 rounds of loads instead of 5 at ~66 splits; 2 us faster than the default in
+    H200 run 7, one sample, with the merge of before the slots), "16,16,16,3" (each round's 20
     loads issued two rounds ahead as cp.async into shared memory, 2 barriers a round against 8,
     40 exp2 against 8: the weights computed where the key sums are instead of moved there
-    through shared memory; 198 registers, no spills, 72 KB shared: sm_90a AOT, Triton 3.6;
-    session 18). STAGES 1 compiles to the same PTX as the loop before the knob."""
+    through shared memory; 198 registers, no spills, 72 KB shared; session 18) and
+    "16,16,16,1,8" (8 warps: one program an SM at B = 64 either way, with half the instructions
+    a thread, 169 a round against 296 and 890 against 1559 from the loop to the ticket, 116
+    registers; session 19). sm_90a AOT, Triton 3.6. STAGES 1 compiles to the same PTX as the
+    loop before the knob."""
     if os.environ.get("ALBEF_FAST_MERGE"):
         return _merge_setting(os.environ["ALBEF_FAST_MERGE"])
     if _INTERPRET:
-        return 16, 16, 2, 1
+        return 16, 16, 2, 1, 4
     block_d = 64 if b >= 256 else 32 if b >= 128 else 16  # >= 128 programs for D = 256 (H200: 132 SMs)
     # the slots' key sums, [CHUNK, 16, BLOCK_D] per kind, in registers: for 16, 8 and 4 slots at
     # 16-, 32- and 64-wide D blocks 202, 192 and 168 registers (252, 242, 254 with retrieval
     # targets), no spills (8 slots at 64-wide: 752 B; the merge before the slots spilled 224, 32
     # and 2412 B with retrieval targets at 16, 8 and 8; sm_90a AOT, Triton 3.6)
-    return 16, min(block_d, max(16, _next_pow2(d))), {16: 16, 32: 8}.get(block_d, 4), 1
+    return 16, min(block_d, max(16, _next_pow2(d))), {16: 16, 32: 8}.get(block_d, 4), 1, 4
 
 
-def _merge_setting(spec: str) -> Tuple[int, int, int, int]:
+def _merge_setting(spec: str) -> Tuple[int, int, int, int, int]:
     try:
-        fields = tuple(int(v) for v in spec.split(","))
+        fields = [int(v) for v in spec.split(",")]
     except ValueError:
-        fields = ()
-    blocks, stages = fields[:3], fields[3:] or (1,)
-    if len(blocks) != 3 or len(fields) > 4 or any(v < 1 or v & (v - 1) for v in blocks) or stages[0] < 1:
-        raise ValueError(f"ALBEF_FAST_MERGE: expected three powers of two BLOCK_M,BLOCK_D,CHUNK and optionally "
-                         f"STAGES >= 1, got {spec!r}")
-    return (*blocks, stages[0])
+        fields = []
+    stages = fields[3] if len(fields) > 3 else 1
+    warps = fields[4] if len(fields) > 4 else 4
+    if (not 3 <= len(fields) <= 5 or any(v < 1 or v & (v - 1) for v in fields[:3]) or stages < 1
+            or warps not in (1, 2, 4, 8, 16)):
+        raise ValueError(f"ALBEF_FAST_MERGE: expected three powers of two BLOCK_M,BLOCK_D,CHUNK, optionally "
+                         f"STAGES >= 1 and WARPS (1, 2, 4, 8 or 16), got {spec!r}")
+    return (*fields[:3], stages, warps)
 
 
 def _dot_flags(dtype: torch.dtype, precision: str):
@@ -339,7 +344,7 @@ class _Plan:
         config, waves = launch_config(b, dot_dtype, prescaled or input_precision)
         n_sums = max(1, int(grad) + int(teacher) + int(retrieval))
         splits = _split_count(b, q, d, teacher, n_sums, dev, config, waves)
-        merge_m, merge_d, chunk, merge_stages = _merge_blocks(b, d)
+        merge_m, merge_d, chunk, merge_stages, merge_warps = _merge_blocks(b, d)
         merge_d_blocks = _cdiv(d, merge_d)
         self.ws_shapes = _Workspace.shapes(splits, b, d, n_sums, merge_d_blocks)
         flags = dict(GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_dtype is not None)
@@ -366,7 +371,7 @@ class _Plan:
         self.merge = _LAUNCH["merge"].prepare(
             (_cdiv(b, merge_m), merge_d_blocks, 2), (*feat_strides, b, d, splits),
             dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk, FINISH=fused, MERGE_STAGES=merge_stages,
-                 **finish_blocks), dict(num_warps=4, num_stages=merge_stages))
+                 **finish_blocks), dict(num_warps=merge_warps, num_stages=merge_stages))
         self.finish = None if fused else _LAUNCH["finish"].prepare(
             (1,), (b, merge_d_blocks),
             dict(HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_dtype is not None, **finish_blocks), _FOUR_WARPS)

@@ -603,7 +603,8 @@ def test_round_tf32_is_nearest_ties_away():
     assert got[1000] == 1.0 + 2.0 ** -10 and got[1001] == -(1.0 + 2.0 ** -10)  # ties away from zero
 
 
-@pytest.mark.parametrize("merge", ["8,16,4", "4,32,2", "16,8,8", "8,16,4,3"])  # partial row / D blocks and chunks at 17 x 33
+# partial row / D blocks and chunks at 17 x 33; the loads pipelined; 8 warps
+@pytest.mark.parametrize("merge", ["8,16,4", "4,32,2", "16,8,8", "8,16,4,3", "8,16,4,1,8"])
 @pytest.mark.parametrize("retrieval", [False, True])
 def test_merge_tilings_agree(monkeypatch, merge, retrieval):
     """ALBEF_FAST_MERGE changes the merge's tiles and how many splits it loads at once, so the
@@ -622,7 +623,7 @@ def test_merge_tilings_agree(monkeypatch, merge, retrieval):
     torch.testing.assert_close(grad_tiled, grad_default, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("merge", ["8,16", "8,12,4", "a,b,c", "0,16,4", "8,16,4,0", "8,16,4,2,1"])
+@pytest.mark.parametrize("merge", ["8,16", "8,12,4", "a,b,c", "0,16,4", "8,16,4,0", "8,16,4,2,3", "8,16,4,2,4,1"])
 def test_bad_merge_setting_is_named(monkeypatch, merge):
     x = make_inputs(5, 12, 8, torch.float32, DEVICE)
     monkeypatch.setenv("ALBEF_FAST_MERGE", merge)

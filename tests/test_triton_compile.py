@@ -25,7 +25,8 @@ def test_kernels_compile_for_sm90(flags):
     run = subprocess.run([sys.executable, str(AOT), flags], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    for kernel in ("split", "merge", "merge-stages", "finish", "scale") + (("keys",) if flags.startswith(("f16p", "f16x3p")) else ()):
+    kernels = ("split", "merge", "merge-stages", "merge-warps", "finish", "scale")
+    for kernel in kernels + (("keys",) if flags.startswith(("f16p", "f16x3p")) else ()):
         shared, cubin = result[kernel]
         assert cubin > 1000, kernel
         assert shared <= 227 * 1024, (kernel, shared)  # fits Hopper's shared memory per block

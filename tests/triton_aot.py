@@ -135,10 +135,14 @@ def compile_all(flags, summary=None):
     merge_stages = _compile(itc_merge._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=16, CHUNK=16, FINISH=True,
                                                                   BLOCK_B=64, DBLOCKS=16, MERGE_STAGES=3),
                             flags["TYPE"], num_warps=4, num_stages=3)  # ALBEF_FAST_MERGE=16,16,16,3
+    merge_warps = _compile(itc_merge._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=16, CHUNK=16, FINISH=True,
+                                                                 BLOCK_B=64, DBLOCKS=16, MERGE_STAGES=1),
+                           flags["TYPE"], num_warps=8)  # ALBEF_FAST_MERGE=16,16,16,1,8
     finish = _compile(itc_merge._itc_finish_fwd_kernel, dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=True,
                                                        BLOCK_B=64, DBLOCKS=16), flags["TYPE"], num_warps=4)
     scale = _compile(itc_backward._itc_scale_bwd_kernel, dict(BLOCK=1024, HAS_TEMP=True), flags["TYPE"], num_warps=4)
-    kernels = [("split", split), ("merge", merge), ("merge-stages", merge_stages), ("finish", finish), ("scale", scale)]
+    kernels = [("split", split), ("merge", merge), ("merge-stages", merge_stages), ("merge-warps", merge_warps),
+               ("finish", finish), ("scale", scale)]
     if flags.get("PRESCALED"):
         keys_meta = dict(BLOCK_N=64, BLOCK_D=256, NUM_DK=1, ROWS=16, PAIRS=flags["PREC"] == "f16x3")
         kernels.append(("keys", _compile(itc_convert._itc_keys_fwd_kernel, keys_meta, flags["TYPE"], num_warps=4)))
