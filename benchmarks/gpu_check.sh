@@ -15,21 +15,20 @@
 # rows (albef_fast.bench.targets, targets.txt). Stage limits: 45 + 200 + (the build past the tests:
 # up to 100 more) + 60 + 70 + 40 + 20 + 50 = 485-585 s (run 7: the ITC tests need more than 110 s).
 # GPU_CHECK_EXPLORE=1 appends the measurements still owed (benchmarks/NOTES.md, "What next"), in
-# order, each skipped unless it ends before GPU_CHECK_DEADLINE seconds: the per-kernel device time
-# at B = 64 with the merge's default tiles, ALBEF_FAST_MERGE=8,16,32, =16,16,16,3 (its loads
-# pipelined), =16,16,16,1,8 and =16,16,16,1,16 (8 and 16 warps) and the finish in a kernel of its
-# own, ALBEF_FAST_FINISH=kernel (profile.txt); the
-# queues' reads alone in the split kernel's tiles (probe.txt: set against the split kernel's time
-# in profile.txt); TF32 (f16s) at B = 64 per config (table.txt: the tuned one, with its key tiles
-# converted before their max is known (ALBEF_FAST_KEYS_AS_IS=1), with interleaved tiles and with
-# the merge's 8,16,32 tiles, two 8-warp programs per SM (128 registers, 16 B of spills), the two
-# configs with 0 spills at sm_90a AOT, a 16-key one) and bf16 at B = 64 (table_bf16.txt: the tuned
-# config, interleaved, 64-key tiles); Nsight
-# Compute's counters of the split kernel, TF32 (f16s) and bf16, where ncu is installed and can
-# read them (ncu.txt); B = 64 with the Python launches against the C++
-# path, launched and graph-replayed (bench_b64.txt); the host floor (host_floor.txt); TF32 at
-# B = 256 with f16s against f16p (bench_b256.txt: where _F16P_MIN_B belongs). The exported
-# ALBEF_FAST_LAUNCH holds for them all.
+# order, each skipped unless it ends before GPU_CHECK_DEADLINE seconds: TF32 (f16s) at B = 64 per
+# config (table.txt: the tuned one, with its key tiles converted before their max is known
+# (ALBEF_FAST_KEYS_AS_IS=1), with interleaved tiles and with the merge in 8 warps, two 8-warp
+# programs per SM (128 registers, 16 B of spills), the two configs with 0 spills at sm_90a AOT, a
+# 16-key one) and bf16 at B = 64 (table_bf16.txt: the tuned config, interleaved, 64-key tiles):
+# first, since they choose #3's B = 64 configs; the per-kernel device time at B = 64 with the
+# merge's default tiles, ALBEF_FAST_MERGE=8,16,32, =16,16,16,3 (its loads pipelined),
+# =16,16,16,1,8 and =16,16,16,1,16 (8 and 16 warps) and the finish in a kernel of its own,
+# ALBEF_FAST_FINISH=kernel (profile.txt); the queues' reads alone in the split kernel's tiles
+# (probe.txt: set against the split kernel's time in profile.txt); Nsight Compute's counters of
+# the split kernel, TF32 (f16s) and bf16, where ncu is installed and can read them (ncu.txt); B = 64
+# with the Python launches against the C++ path, launched and graph-replayed (bench_b64.txt); the
+# host floor (host_floor.txt); TF32 at B = 256 with f16s against f16p (bench_b256.txt: where
+# _F16P_MIN_B belongs). The exported ALBEF_FAST_LAUNCH holds for them all.
 # GPU_CHECK_EXPLORE=NAME,... runs only the named ones of them: profile, probe, table, ncu, b64,
 # floor, b256. GPU_CHECK_COMPILE=0 skips the torch.compile stage.
 # GPU_CHECK_TABLE=1 first times every candidate Triton config (benchmarks/triton_configs.py, up
@@ -77,7 +76,7 @@ else
   B64=(--device cuda --batch 64 --precision bf16,tf32 --providers "albef_fast,albef_fast[graph]")
   PROFILE=(--batch 64 --precision bf16,tf32); PROBE=(--device cuda)
   F16S=(--out "$OUT" --batch 64 --precision f16s --waves 1 --jobs 6
-        --configs "64,32,256,1,0,4,3;64,32,256,1,0,4,3@ALBEF_FAST_KEYS_AS_IS=1;64,32,256,1,0,4,3@ALBEF_FAST_INTERLEAVE=1;64,32,256,1,0,4,3@ALBEF_FAST_MERGE=8,16,32;64,16,256,1,0,8,3,128,1;64,32,256,1,0,8,3,0,1;64,16,256,1,0,8,4,0,1;64,16,256,1,0,4,4")
+        --configs "64,32,256,1,0,4,3;64,32,256,1,0,4,3@ALBEF_FAST_KEYS_AS_IS=1;64,32,256,1,0,4,3@ALBEF_FAST_INTERLEAVE=1;64,32,256,1,0,4,3@ALBEF_FAST_MERGE=16,16,16,1,8;64,16,256,1,0,8,3,128,1;64,32,256,1,0,8,3,0,1;64,16,256,1,0,8,4,0,1;64,16,256,1,0,4,4")
   # bf16's tuned config, with interleaved tiles, and 64-key tiles (128 B runs of the queue: the probe's question)
   BF16=(--out "$OUT/bf16_table" --batch 64 --precision bf16 --waves "" --jobs 3
         --configs "64,32,256,1,0,4,4;64,32,256,1,0,4,4@ALBEF_FAST_INTERLEAVE=1;64,64,256,1,0,4,2")
@@ -159,13 +158,7 @@ stamp "SPEC section 6's targets on this run's rows (targets.txt)"
 $PY -m albef_fast.bench.targets "$OUT"/itc_*.csv 2>&1 | tee "$OUT/targets.txt"
 
 if [ "${GPU_CHECK_EXPLORE:-0}" != 0 ]; then
-  want profile && fits 90 "merge profile" && merge_profile "${PROFILE[@]}"
-
-  if want probe && fits 30 "queue read probe"; then
-    stamp "the queues' reads alone, in the split kernel's tiles (against its device time in profile.txt)"
-    stage 30 $PY benchmarks/queue_read_probe.py "${PROBE[@]}" 2>&1 | grep -v -i warn | tee "$OUT/probe.txt"
-  fi
-
+  # the per-config tables first: they choose #3's B = 64 configs; the profile and probe explain them
   if want table && fits 120 "TF32 (f16s) per-config table at B = 64"; then
     stamp "TF32 (f16s) at B = 64 per config: launched | graph replay, eager in the same process"
     stage 120 $PY benchmarks/triton_configs.py "${F16S[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/table.txt" | tail -12
@@ -173,6 +166,13 @@ if [ "${GPU_CHECK_EXPLORE:-0}" != 0 ]; then
   if want table && fits 50 "bf16 per-config table at B = 64"; then
     stamp "bf16 at B = 64 per config: launched | graph replay (table_bf16.txt)"
     stage 50 $PY benchmarks/triton_configs.py "${BF16[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/table_bf16.txt" | tail -6
+  fi
+
+  want profile && fits 90 "merge profile" && merge_profile "${PROFILE[@]}"
+
+  if want probe && fits 30 "queue read probe"; then
+    stamp "the queues' reads alone, in the split kernel's tiles (against its device time in profile.txt)"
+    stage 30 $PY benchmarks/queue_read_probe.py "${PROBE[@]}" 2>&1 | grep -v -i warn | tee "$OUT/probe.txt"
   fi
 
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
