@@ -5,7 +5,9 @@
 On a GPU most of the Triton tests' time is compiling kernels (one variant per flag set, several
 seconds of one CPU core each; a single pytest process ran out of its 60 s stage in H200 run 4).
 This collects the selected tests, deals them round-robin to N `pytest` processes that share the
-GPU and Triton's on-disk cache, and waits for all. Each worker writes OUT/pytest_<k>.log (each
+GPU and Triton's on-disk cache, and waits for all. --first REGEX deals the tests whose ids match
+it first, so that each worker starts with them (the GPU-only tests: a deadline then cuts the
+others). Each worker writes OUT/pytest_<k>.log (each
 test's time after its result, where pytest has the "times" output style); the summary (each
 failed or errored test, then totals) goes to stdout. --deadline S stops the workers still
 running after S seconds and reports the test each was in, so that a stage limit never loses the
@@ -53,6 +55,15 @@ def _summary(log: str):
     return bad, counts, done
 
 
+def _first(ids: List[str], pattern: str) -> List[str]:
+    """ids with those matching pattern (a regex, searched in each id) moved to the front, each
+    part in its collected order."""
+    if not pattern:
+        return ids
+    match = re.compile(pattern).search
+    return [i for i in ids if match(i)] + [i for i in ids if not match(i)]
+
+
 def _times_style() -> List[str]:
     """pytest's option for each test's time on its result line, where this pytest has it."""
     try:
@@ -84,9 +95,10 @@ def main() -> int:
     parser.add_argument("--log-dir", default=".")
     parser.add_argument("--timeout", type=int, default=0, help="per-test limit (needs pytest-timeout)")
     parser.add_argument("--deadline", type=float, default=0, help="seconds; then stop the workers still running")
+    parser.add_argument("--first", default="", help="regex: the tests whose ids match it run first in every worker")
     args, selection = parser.parse_known_args()
     os.makedirs(args.log_dir, exist_ok=True)
-    ids = _collect(sys.executable, selection)
+    ids = _first(_collect(sys.executable, selection), args.first)
     groups = [ids[k :: args.workers] for k in range(min(args.workers, len(ids)))]
     extra = (["--timeout", str(args.timeout)] if args.timeout else []) + _times_style()
     procs = []

@@ -45,3 +45,14 @@ def test_deadline_keeps_the_finished_results(tmp_path):
     assert (tmp_path / "logs" / "no_result.txt").read_text() == "test_sample.py::test_slow\n"
     assert "FAILED test_sample.py::test_numbers[3]" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "1 failed, 4 passed, 1 skipped"
+
+
+def test_first_tests_lead_every_worker(tmp_path):
+    out = _run(tmp_path, "--workers", "2", "--first", r"numbers\[[34]\]|skipped", "test_sample.py", "-k", "not slow")
+    assert out.returncode == 1, out.stdout + out.stderr
+    firsts = []
+    for k in range(2):
+        lines = (tmp_path / "logs" / f"pytest_{k}.log").read_text().splitlines()
+        firsts.append(next(line.split(" ")[0] for line in lines if line.startswith("test_sample.py::")))
+    assert firsts == ["test_sample.py::test_numbers[3]", "test_sample.py::test_numbers[4]"]
+    assert out.stdout.strip().splitlines()[-1] == "1 failed, 4 passed, 1 skipped"

@@ -87,6 +87,8 @@ def _cpu_peak_mib(fn: Callable[[], object]) -> float:
     """The CPU allocator has no peak counter: replay the profiler's allocation records in time order."""
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto, read at its first start, otherwise logs an ERROR line on a machine without a GPU
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
