@@ -132,8 +132,8 @@ def _merge_setting(spec: str) -> Tuple[int, int, int, int, int]:
 def _dot_flags(dtype: torch.dtype, precision: str):
     """(DOT_DTYPE, INPUT_PRECISION) for the feature dtype and the fp32 product precision."""
     if dtype == torch.float32:
-        if precision == "medium":
-            return tl.bfloat16, "ieee"
+        if precision == "medium":  # the interpreter's bf16 dot is wrong: bf16 values in fp32 tiles there
+            return (tl.float32, "bf16") if _INTERPRET else (tl.bfloat16, "ieee")
         if precision == "highest":  # "f16x3" (the default): 3 fp16 products of (hi, lo) pairs of
             # scaled operands, 22 significant bits, the key sums rounded per tile (_key_sum): H100,
             # B = 512, 2.8 ms against eager's 6.5 with 16x less gradient error; "ieee": fp32 FMA products;

@@ -3,7 +3,7 @@ the product operands of each precision mode with their products (SPEC section 3)
 
 Modes (INPUT_PRECISION; DOT_DTYPE the operands' dtype; kernels/itc.py:_dot_flags picks them):
 "ieee" for bf16 / fp16 features as they are (fp32 tiles under the interpreter); for fp32 features
-"f16s", fp16 operands scaled by powers of two (TF32's 11 significant bits: _f16_scales), "f16x3",
+"ieee" bf16 operands ("medium"; "bf16", bf16 values in fp32 tiles, under the interpreter), "f16s", fp16 operands scaled by powers of two (TF32's 11 significant bits: _f16_scales), "f16x3",
 (hi, lo) fp16 pairs of scaled operands (22 bits, three products: _f16x3_dot), "tf32rn", TF32
 operands rounded to nearest (_round_tf32), or one of Triton's input precisions.
 """
@@ -153,6 +153,8 @@ def _operand(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
         out = hi.to(DOT_DTYPE), (x - hi.to(tl.float32)).to(tl.float16).to(DOT_DTYPE)
     elif INPUT_PRECISION == "f16s":  # fp16 values (the interpreter: kept in fp32 tiles, exact products)
         out = x.to(tl.float16).to(DOT_DTYPE)
+    elif INPUT_PRECISION == "bf16":  # bf16 values in fp32 tiles ("medium" under the interpreter)
+        out = x.to(tl.bfloat16).to(DOT_DTYPE)
     elif DOT_DTYPE == tl.float32:
         out = x.to(tl.float32)
         if INPUT_PRECISION == "tf32rn":
@@ -171,8 +173,8 @@ def _mma(a, b, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     elif DOT_DTYPE == tl.float32:
         if INPUT_PRECISION == "tf32rn":
             out = tl.dot(a, b, input_precision="tf32")
-        elif INPUT_PRECISION == "f16s":  # fp16 values in fp32 tiles (interpreter): exact products
-            out = tl.dot(a, b, input_precision="ieee")
+        elif (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "bf16"):  # half values in fp32 tiles
+            out = tl.dot(a, b, input_precision="ieee")  # (interpreter): exact products
         else:
             out = tl.dot(a, b, input_precision=INPUT_PRECISION)
     else:

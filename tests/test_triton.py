@@ -427,6 +427,34 @@ def test_half_features_and_queues(dtype):
     _check_rule(make_inputs(5, 37, 24, dtype, DEVICE), 0.4, atol=1e-3)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+@pytest.mark.parametrize("retrieval", [False, True])
+def test_medium_products_are_bf16_products(alpha, retrieval):
+    """precision="medium" with fp32 features: bf16 operands, within bf16's error of fp64, and on
+    inputs bf16 holds exactly close to the bf16 inputs' results (the interpreter rounds the
+    softmax weights to bf16 there too, as the GPU does; its bf16 features' path keeps them fp32).
+    Under the interpreter "medium" had no mode of its own until session 20: its bf16 dot gave
+    losses of 1e11."""
+    x = make_inputs(7, 29, 24, torch.bfloat16, DEVICE, retrieval=retrieval)
+    wide = make_inputs(7, 29, 24, torch.bfloat16, DEVICE, retrieval=retrieval)
+    for name in ("image_feat", "text_feat", "image_feat_m", "text_feat_m", "image_queue", "text_queue"):
+        setattr(wide, name, getattr(x, name).float())
+    loss_h, grads_h = _run(_triton, x, 0.07, alpha, 1.3)
+    loss_m, grads_m = _run(lambda *a: _triton(*a, precision="medium"), wide, 0.07, alpha, 1.3)
+    torch.testing.assert_close(loss_m, loss_h, rtol=1e-3, atol=1e-3)
+    for g_m, g_h in zip(grads_m, grads_h):
+        assert g_m.dtype == torch.float32
+        torch.testing.assert_close(g_m, g_h.float(), rtol=2e-2, atol=2e-3)
+    # on fp32 inputs: the rule against eager in bf16
+    x = make_inputs(7, 29, 24, torch.float32, DEVICE, retrieval=retrieval)
+    loss, grads = _run(lambda *a: _triton(*a, precision="medium"), x, 0.07, alpha, 1.3)
+    loss_e, grads_e = _run(_eager(torch.bfloat16), x, 0.07, alpha, 1.3)
+    loss_64, grads_64 = _run(_eager(torch.float64), x, 0.07, alpha, 1.3)
+    assert max_err(loss, loss_64) <= 2 * max_err(loss_e, loss_64) + 1e-3
+    for g, g_e, g_64 in zip(grads, grads_e, grads_64):
+        assert max_err(g, g_64) <= 2 * max_err(g_e, g_64) + 1e-3 * max(1.0, g_64.abs().max().item())
+
+
 def test_fp32_features_with_bf16_queue():
     x = make_inputs(5, 37, 24, torch.float32, DEVICE, queue_dtype=torch.bfloat16)
     loss = albef_fast.itc_loss(*_args(x), 0.07, backend="triton", precision="highest")
