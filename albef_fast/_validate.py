@@ -89,8 +89,10 @@ def itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
     shape("text_feat", tensor("text_feat", text_feat, 2), [b, d], "[B, D] like image_feat")
     shape("image_feat_m", tensor("image_feat_m", image_feat_m, 2), [b, d], "[B, D] like image_feat")
     shape("text_feat_m", tensor("text_feat_m", text_feat_m, 2), [b, d], "[B, D] like image_feat")
-    q = tensor("image_queue", image_queue, 2).shape[1]
-    shape("image_queue", image_queue, [d, q], f"[D, Q] with D = {d}")
+    if tensor("image_queue", image_queue, 2).shape[0] != d:  # a [Q, D] queue: say which layout
+        raise ValueError(f"image_queue: expected shape [{d}, Q] ([D, Q] as ALBEF stores its queues, D = {d} like "
+                         f"the features), got {list(image_queue.shape)}")
+    q = image_queue.shape[1]
     shape("text_queue", tensor("text_queue", text_queue, 2), [d, q], "[D, Q] like image_queue")
     device = image_feat.device
     same_device(device, text_feat=text_feat, image_feat_m=image_feat_m, text_feat_m=text_feat_m,

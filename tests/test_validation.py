@@ -58,6 +58,12 @@ def test_itc_loss_rejects(name, over, exc):
                             kw.pop("temp"), kw.pop("alpha"), **kw)
 
 
+def test_a_queue_in_the_other_layout_is_named_with_albefs():
+    with pytest.raises(ValueError, match=r"image_queue: expected shape \[24, Q\] \(\[D, Q\] as ALBEF"):
+        albef_fast.itc_loss(*(x0.image_feat, x0.text_feat, x0.image_feat_m, x0.text_feat_m), x0.image_queue.T,
+                            x0.text_queue.T, 0.07)
+
+
 def test_usual_call_takes_the_combined_check_and_bad_ones_do_not():
     """itc_inputs tries one combined test first: the usual call passes it, every case above fails
     it (and then raises from the named checks, test_itc_loss_rejects)."""
