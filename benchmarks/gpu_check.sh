@@ -12,8 +12,12 @@
 # ALBEF_FAST_LAUNCH=direct (the Python launches). Then the benchmark: ITC fwd and fwd+bwd, B 64..1024 x fp32 / TF32 / bf16, eager and
 # albef_fast (copy bandwidth and matmul peaks measured first), EMA and enqueue, and
 # torch.compile(reference) at B = 64 and 512; then SPEC section 6's targets read off this run's
-# rows (albef_fast.bench.targets, targets.txt). Stage limits: 45 + 200 + (the build past the tests:
-# up to 100 more) + 60 + 70 + 40 + 20 + 50 = 485-585 s (run 7: the ITC tests need more than 110 s).
+# rows (albef_fast.bench.targets, targets.txt). Stage limits: 45 + 120 + (the build past the tests)
+# + 60 + 70 + 40 + 20 + 50 = 405 s; the install takes seconds of its 45, so about 6 minutes. The ITC
+# test stage (GPU_CHECK_TEST_S seconds, default 120) runs the CUDA-only tests first in every worker,
+# then the others (which the CPU runs under the interpreter too) as far as its limit goes: run 7
+# got 335 of 436 results in 110 s; those left without one are listed in tests/no_result.txt
+# (GPU_CHECK_TEST_S=200 for more of them).
 # GPU_CHECK_EXPLORE=1 appends the measurements still owed (benchmarks/NOTES.md, "What next"), in
 # order, each skipped unless it ends before GPU_CHECK_DEADLINE seconds: TF32 (f16s) at B = 64 per
 # config (table.txt: the tuned one, with its key tiles converted before their max is known
@@ -120,9 +124,10 @@ fi
 
 # the CUDA-only tests (ALBEF's shapes, the fused finish's stability) lead every worker: what the
 # deadline cuts is then the tests the CPU runs under the interpreter too
-stamp "tests: the ITC paths on the GPU, in parallel workers (logs in tests/)"
-stage 200 $PY benchmarks/pytest_parallel.py --deadline 190 --first "::test_cuda_" --log-dir "$OUT/tests" \
-  "${ITC_TESTS[@]}" 2>&1 \
+TEST_S=${GPU_CHECK_TEST_S:-120}
+stamp "tests: the ITC paths on the GPU, in parallel workers, ${TEST_S}s (logs in tests/)"
+stage "$TEST_S" $PY benchmarks/pytest_parallel.py --deadline $((TEST_S - 10)) --first "::test_cuda_" \
+  --log-dir "$OUT/tests" "${ITC_TESTS[@]}" 2>&1 \
   | tee "$OUT/tests.txt" | tail -30
 
 stamp "waiting for the extension build"; wait $BUILD; tail -2 "$OUT/install.log"

@@ -3,7 +3,8 @@ the product operands of each precision mode with their products (SPEC section 3)
 
 Modes (INPUT_PRECISION; DOT_DTYPE the operands' dtype; kernels/itc.py:_dot_flags picks them):
 "ieee" for bf16 / fp16 features as they are (fp32 tiles under the interpreter); for fp32 features
-"ieee" bf16 operands ("medium"; "bf16", bf16 values in fp32 tiles, under the interpreter), "f16s", fp16 operands scaled by powers of two (TF32's 11 significant bits: _f16_scales), "f16x3",
+"ieee" with bf16 operands ("medium"; under the interpreter "bf16", bf16 values in fp32 tiles),
+"f16s", fp16 operands scaled by powers of two (TF32's 11 significant bits: _f16_scales), "f16x3",
 (hi, lo) fp16 pairs of scaled operands (22 bits, three products: _f16x3_dot), "tf32rn", TF32
 operands rounded to nearest (_round_tf32), or one of Triton's input precisions.
 """

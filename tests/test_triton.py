@@ -380,6 +380,9 @@ def test_f16_products_are_chosen_by_the_setting(monkeypatch):
     assert itc._dot_flags(torch.float32, "highest") == (tl.float32 if itc._INTERPRET else tl.float16, "f16x3")
     monkeypatch.setenv("ALBEF_FAST_FP32_DOT", "ieee")
     assert itc._dot_flags(torch.float32, "highest") == (tl.float32, "ieee")
+    # "medium": bf16 products on a GPU; bf16 values in fp32 tiles under the interpreter
+    medium = (tl.float32, "bf16") if itc._INTERPRET else (tl.bfloat16, "ieee")
+    assert itc._dot_flags(torch.float32, "medium") == medium
 
 
 def test_untuned_f16x3_takes_its_own_default(monkeypatch):
