@@ -16,7 +16,6 @@ inline void check_ema_args(at::TensorList params_m, at::TensorList params, at::D
                 "] must match params_m[", i, "] in shape and dtype");
     TORCH_CHECK(pm.device().type() == device && p.device() == pm.device(), "ema_update_: params[", i,
                 "] and params_m[", i, "] must be on the same ", device, " device");
-    TORCH_CHECK(pm.is_contiguous() && p.is_contiguous(), "ema_update_: params[", i, "] must be contiguous");
     TORCH_CHECK(at::isFloatingType(pm.scalar_type()), "ema_update_: params_m[", i, "] must be floating point");
   }
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "ema_layout.h"
 
 namespace albef_fast {
 namespace {
@@ -33,9 +34,14 @@ void ema_span(T* __restrict pm, const T* __restrict p, int64_t n, double momentu
   }
 }
 
-std::vector<Span> split(at::TensorList params) {
+// Spans of the flat pairs; the others are updated here, one at a time (ema_strided_pair).
+std::vector<Span> split(at::TensorList params_m, at::TensorList params, double momentum) {
   std::vector<Span> spans;
   for (size_t t = 0; t < params.size(); ++t) {
+    if (!ema_flat_pair(params_m[t], params[t])) {
+      ema_strided_pair(params_m[t], params[t], momentum);
+      continue;
+    }
     for (int64_t begin = 0; begin < params[t].numel(); begin += kSpan) {
       spans.push_back({static_cast<int64_t>(t), begin});
     }
@@ -45,7 +51,7 @@ std::vector<Span> split(at::TensorList params) {
 
 void ema_update_cpu(at::TensorList params_m, at::TensorList params, double momentum) {
   check_ema_args(params_m, params, at::kCPU);
-  const std::vector<Span> spans = split(params);
+  const std::vector<Span> spans = split(params_m, params, momentum);
   at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t s = first; s < last; ++s) {
       const at::Tensor& pm = params_m[spans[s].tensor];

@@ -5,6 +5,7 @@ import torch
 import albef_fast
 from albef_fast import _extension, reference
 from tests.helpers import make_inputs
+from tests.test_state import check_ema_layouts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 HAS_CUDA_OPS = _extension.has_ops() and _extension.build_info().get("cuda", False)
@@ -32,6 +33,12 @@ def test_ema_half_on_cuda_rounds_once(dtype):
     expected = (p_m.float() * 0.995 + p.float() * (1 - 0.995)).to(dtype)
     albef_fast.ema_update_([p_m], [p], 0.995)
     assert torch.equal(p_m, expected)
+
+
+@pytest.mark.skipif(not HAS_CUDA_OPS, reason="extension built without CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ema_any_layout_on_cuda(dtype):
+    check_ema_layouts(dtype, "cuda")
 
 
 @pytest.mark.parametrize("q,n,start", [(10, 3, 8), (10, 10, 4), (65536, 64, 65500)])

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../ema_layout.h"
 
 namespace albef_fast {
 namespace {
@@ -137,7 +138,11 @@ void ema_update_cuda(at::TensorList params_m, at::TensorList params, double mome
   std::vector<std::vector<size_t>> groups(static_cast<size_t>(at::ScalarType::NumOptions));
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].device() == params_m[0].device(), "ema_update_: all tensors must be on one device");
-    groups[static_cast<size_t>(params[i].scalar_type())].push_back(i);
+    if (ema_flat_pair(params_m[i], params[i])) {
+      groups[static_cast<size_t>(params[i].scalar_type())].push_back(i);
+    } else {
+      ema_strided_pair(params_m[i], params[i], momentum);
+    }
   }
   for (const auto& members : groups) {
     if (!members.empty()) launch_group(params_m, params, members, momentum);
