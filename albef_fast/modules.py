@@ -38,6 +38,8 @@ class ITCLoss(nn.Module):
         super().__init__()
         if embed_dim < 1 or queue_size < 1:
             raise ValueError(f"embed_dim, queue_size: expected >= 1, got {embed_dim}, {queue_size}")
+        if not isinstance(queue_dtype, torch.dtype) or not queue_dtype.is_floating_point:
+            raise TypeError(f"queue_dtype: expected a floating-point torch.dtype, got {queue_dtype}")
         _validate.temperature(temp, torch.device("cpu"))
         self.alpha = _validate.unit_interval("alpha", alpha)
         self.clamp_temp = clamp_temp
@@ -76,6 +78,9 @@ class ITCLoss(nn.Module):
             raise ValueError("idx: required when use_idx=True, not accepted otherwise; "
                              f"use_idx={self.use_idx}, got {'None' if idx is None else 'a tensor'}")
         idx_queue = self.idx_queue if self.use_idx else None
+        d = self.image_queue.shape[0]
+        if isinstance(image_feat, torch.Tensor) and image_feat.dim() == 2 and image_feat.shape[1] != d:
+            raise ValueError(f"image_feat: expected [B, {d}] (embed_dim = {d}), got {list(image_feat.shape)}")
         _validate.itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
                              self.temp, alpha, idx, idx_queue, None, None)
         distributed.check_equal_rows("image_feat_m", image_feat_m.shape[0])

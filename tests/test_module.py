@@ -83,10 +83,16 @@ def test_albef_checkpoint_entries_load():
     assert module.queue_ptr.item() == 7 and torch.equal(module.image_queue, albef_state["image_queue"])
 
 
+def _features(x, d):
+    """The four feature arguments cut to their first d columns (another embed_dim)."""
+    return {name: getattr(x, name)[:, :d] for name in ("image_feat", "text_feat", "image_feat_m", "text_feat_m")}
+
+
 BAD_CALLS = [
     ("image_feat_m", lambda x: dict(image_feat_m=x.image_feat_m[:4])),
     ("text_feat", lambda x: dict(text_feat=torch.randn(5, 7))),
     ("alpha", lambda x: dict(alpha=2.0)),
+    (r"image_feat: expected \[B, 8\] \(embed_dim = 8\)", lambda x: _features(x, d=6)),
     ("idx", lambda x: dict(idx=None)),
     ("idx", lambda x: dict(idx=torch.arange(4))),
 ]
@@ -112,6 +118,11 @@ def test_batch_larger_than_queue_is_rejected_before_the_clamp():
     with pytest.raises(ValueError, match="queue_size"):
         module(x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m)
     assert module.temp.item() == pytest.approx(0.9) and module.queue_ptr.item() == 0
+
+
+def test_queue_dtype_must_be_floating():
+    with pytest.raises(TypeError, match="queue_dtype"):
+        albef_fast.ITCLoss(embed_dim=8, queue_size=13, queue_dtype=torch.long)
 
 
 def test_idx_without_use_idx_is_rejected():
