@@ -18,8 +18,8 @@ __all__ = ["ema_update_", "enqueue_", "MomentumUpdater"]
 def ema_update_(params_m: Iterable[torch.Tensor], params: Iterable[torch.Tensor], momentum: float) -> None:
     """In place, for every pair: p_m <- p_m * m + p * (1 - m) (bit-exact to ALBEF for fp32).
 
-    params_m, params: matching sequences of tensors (same shape, dtype, device per pair);
-    momentum: float in [0, 1].
+    params_m, params: matching sequences of tensors (same shape, dtype, device per pair; any
+    layout: channels_last weights and views too); momentum: float in [0, 1].
     """
     params_m, params = list(params_m), list(params)
     _validate.ema_inputs(params_m, params, momentum)
