@@ -24,7 +24,7 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/
 build: $(VENV)/.built
 
 test: $(VENV)/.built
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(VENV)/.built
 	$(PY) -m albef_fast.bench $(BENCH_ARGS)
