@@ -1,4 +1,5 @@
-// CPU EMA: p_m <- p_m * m + p * (1 - m), threaded over fixed-size spans of all tensors at once.
+// CPU EMA: p_m <- p_m * m + p * (1 - m), threaded over fixed-size spans of all flat pairs at once
+// (ema_layout.h: the others one at a time, in ATen ops).
 // Built with -ffp-contract=off: the two products and the sum are each rounded, as in ALBEF's
 // `param_m.data * m + param.data * (1. - m)`, so fp32 results are bit-identical to it.
 #include <ATen/ATen.h>
@@ -34,14 +35,11 @@ void ema_span(T* __restrict pm, const T* __restrict p, int64_t n, double momentu
   }
 }
 
-// Spans of the flat pairs; the others are updated here, one at a time (ema_strided_pair).
-std::vector<Span> split(at::TensorList params_m, at::TensorList params, double momentum) {
+// The spans of the pairs the threads walk flat (ema_flat_pair).
+std::vector<Span> split(at::TensorList params_m, at::TensorList params) {
   std::vector<Span> spans;
   for (size_t t = 0; t < params.size(); ++t) {
-    if (!ema_flat_pair(params_m[t], params[t])) {
-      ema_strided_pair(params_m[t], params[t], momentum);
-      continue;
-    }
+    if (!ema_flat_pair(params_m[t], params[t])) continue;
     for (int64_t begin = 0; begin < params[t].numel(); begin += kSpan) {
       spans.push_back({static_cast<int64_t>(t), begin});
     }
@@ -51,7 +49,10 @@ std::vector<Span> split(at::TensorList params_m, at::TensorList params, double m
 
 void ema_update_cpu(at::TensorList params_m, at::TensorList params, double momentum) {
   check_ema_args(params_m, params, at::kCPU);
-  const std::vector<Span> spans = split(params_m, params, momentum);
+  for (size_t t = 0; t < params.size(); ++t) {
+    if (!ema_flat_pair(params_m[t], params[t])) ema_strided_pair(params_m[t], params[t], momentum);
+  }
+  const std::vector<Span> spans = split(params_m, params);
   at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t s = first; s < last; ++s) {
       const at::Tensor& pm = params_m[spans[s].tensor];
