@@ -634,24 +634,25 @@ def test_round_tf32_is_nearest_ties_away():
     assert got[1000] == 1.0 + 2.0 ** -10 and got[1001] == -(1.0 + 2.0 ** -10)  # ties away from zero
 
 
-# partial row / D blocks and chunks at 17 x 33; the loads pipelined; 8 warps
-@pytest.mark.parametrize("merge", ["8,16,4", "4,32,2", "16,8,8", "8,16,4,3", "8,16,4,1,8"])
 @pytest.mark.parametrize("retrieval", [False, True])
-def test_merge_tilings_agree(monkeypatch, merge, retrieval):
+def test_merge_tilings_agree(monkeypatch, retrieval):
     """ALBEF_FAST_MERGE changes the merge's tiles and how many splits it loads at once, so the
-    order of its sums, and nothing else (7 splits: chunks of 2, 4 and 8 all end partial)."""
+    order of its sums, and nothing else (7 splits: chunks of 2, 4 and 8 all end partial). The
+    settings: partial row / D blocks and chunks at 17 x 33, the loads pipelined, 8 warps; one
+    test per target kind, the default computed once (each call is ~5 s on the interpreter)."""
     x = make_inputs(17, 40, 33, torch.float32, DEVICE, retrieval=retrieval)
     monkeypatch.setenv("ALBEF_FAST_SPLITS", "7")
     kw = dict(idx=x.idx, idx_queue=x.idx_queue, return_details=True, backend="triton", precision="highest")
     a = x.image_feat.clone().requires_grad_()
     default = albef_fast.itc_loss(a, *_args(x)[1:], 0.07, 0.4, **kw)
     (grad_default,) = torch.autograd.grad(default.loss, a)
-    monkeypatch.setenv("ALBEF_FAST_MERGE", merge)
-    tiled = albef_fast.itc_loss(a, *_args(x)[1:], 0.07, 0.4, **kw)
-    (grad_tiled,) = torch.autograd.grad(tiled.loss, a)
-    for name, got, expected in zip(tiled._fields, tiled, default):
-        torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-6, atol=1e-6, msg=name)
-    torch.testing.assert_close(grad_tiled, grad_default, rtol=1e-6, atol=1e-7)
+    for merge in ["8,16,4", "4,32,2", "16,8,8", "8,16,4,3", "8,16,4,1,8"]:
+        monkeypatch.setenv("ALBEF_FAST_MERGE", merge)
+        tiled = albef_fast.itc_loss(a, *_args(x)[1:], 0.07, 0.4, **kw)
+        (grad_tiled,) = torch.autograd.grad(tiled.loss, a)
+        for name, got, expected in zip(tiled._fields, tiled, default):
+            torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-6, atol=1e-6, msg=f"{merge}: {name}")
+        torch.testing.assert_close(grad_tiled, grad_default, rtol=1e-6, atol=1e-7, msg=merge)
 
 
 @pytest.mark.parametrize("merge", ["8,16", "8,12,4", "a,b,c", "0,16,4", "8,16,4,0", "8,16,4,2,3", "8,16,4,2,4,1"])
