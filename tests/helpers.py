@@ -1,4 +1,5 @@
-"""Shared test inputs and the independent float64 formulation of SPEC section 1."""
+"""Shared test inputs, the independent float64 formulation of SPEC section 1, and the EMA's
+parameter-layout check (CPU and CUDA)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -89,3 +90,31 @@ def run_fake_driver_check(script) -> dict:
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def ema_layouts(dtype, device):
+    """(p_m, p) pairs of one shape in layouts other than contiguous, and the larger tensor the
+    sliced p_m is a view of: channels_last conv weights (dense, permuted: the kernels' flat
+    walk), both transposed (the same), one transposed, every other column of a larger tensor
+    (the ATen path of csrc/ema_layout.h)."""
+    new = lambda *shape: torch.randn(*shape, device=device).to(dtype)  # noqa: E731
+    wide = new(4, 12)
+    pairs = [(new(8, 3, 5, 5).contiguous(memory_format=torch.channels_last),
+              new(8, 3, 5, 5).contiguous(memory_format=torch.channels_last)),
+             (new(6, 4).T, new(6, 4).T), (new(4, 6), new(6, 4).T), (wide[:, ::2], new(4, 6))]
+    return pairs, wide
+
+
+def check_ema_layouts(dtype, device):
+    """Every layout of ema_layouts updated in place, the bits of the same update on contiguous
+    copies, the strides kept, and the larger tensor's other columns untouched."""
+    import albef_fast
+
+    pairs, wide = ema_layouts(dtype, device)
+    expected = [p_m.contiguous() for p_m, _ in pairs]
+    albef_fast.ema_update_(expected, [p.contiguous() for _, p in pairs], 0.995)
+    strides, others = [p_m.stride() for p_m, _ in pairs], wide[:, 1::2].clone()
+    albef_fast.ema_update_([p_m for p_m, _ in pairs], [p for _, p in pairs], 0.995)
+    for (p_m, _), exp, stride in zip(pairs, expected, strides):
+        assert torch.equal(p_m, exp) and p_m.stride() == stride
+    assert torch.equal(wide[:, 1::2], others)

@@ -4,8 +4,7 @@ import torch
 
 import albef_fast
 from albef_fast import _extension, reference
-from tests.helpers import make_inputs
-from tests.test_state import check_ema_layouts
+from tests.helpers import check_ema_layouts, make_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 HAS_CUDA_OPS = _extension.has_ops() and _extension.build_info().get("cuda", False)

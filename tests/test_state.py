@@ -5,6 +5,7 @@ from torch import nn
 
 import albef_fast
 from albef_fast import _extension, reference
+from tests.helpers import check_ema_layouts
 
 SHAPES = [(7,), (3, 5), (1,), (129, 33), (2, 3, 4), (1000,)]
 
@@ -45,32 +46,6 @@ def test_ema_fallback_rounds_as_albef(monkeypatch, dtype):
     reference.ema_update_(expected, [p], 0.995)
     albef_fast.ema_update_([p_m], [p], 0.995)
     assert torch.equal(p_m, expected[0])
-
-
-def ema_layouts(dtype, device):
-    """(p_m, p) pairs of one shape in layouts other than contiguous, and the larger tensor the
-    sliced p_m is a view of: channels_last conv weights (dense, permuted: the kernels' flat
-    walk), both transposed (the same), one transposed, every other column of a larger tensor
-    (the ATen path of csrc/ema_layout.h)."""
-    new = lambda *shape: torch.randn(*shape, device=device).to(dtype)  # noqa: E731
-    wide = new(4, 12)
-    pairs = [(new(8, 3, 5, 5).contiguous(memory_format=torch.channels_last),
-              new(8, 3, 5, 5).contiguous(memory_format=torch.channels_last)),
-             (new(6, 4).T, new(6, 4).T), (new(4, 6), new(6, 4).T), (wide[:, ::2], new(4, 6))]
-    return pairs, wide
-
-
-def check_ema_layouts(dtype, device):
-    """Every layout of ema_layouts updated in place, the bits of the same update on contiguous
-    copies, the strides kept, and the larger tensor's other columns untouched."""
-    pairs, wide = ema_layouts(dtype, device)
-    expected = [p_m.contiguous() for p_m, _ in pairs]
-    albef_fast.ema_update_(expected, [p.contiguous() for _, p in pairs], 0.995)
-    strides, others = [p_m.stride() for p_m, _ in pairs], wide[:, 1::2].clone()
-    albef_fast.ema_update_([p_m for p_m, _ in pairs], [p for _, p in pairs], 0.995)
-    for (p_m, _), exp, stride in zip(pairs, expected, strides):
-        assert torch.equal(p_m, exp) and p_m.stride() == stride
-    assert torch.equal(wide[:, 1::2], others)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
