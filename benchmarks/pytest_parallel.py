@@ -7,13 +7,12 @@ seconds of one CPU core each; a single pytest process ran out of its 60 s stage 
 This collects the selected tests, deals them round-robin to N `pytest` processes that share the
 GPU and Triton's on-disk cache, and waits for all. --first REGEX deals the tests whose ids match
 it first, so that each worker starts with them (the GPU-only tests: a deadline then cuts the
-others). Each worker writes OUT/pytest_<k>.log (each
-test's time after its result, where pytest has the "times" output style); the summary (each
-failed or errored test, then totals) goes to stdout. --deadline S stops the workers still
-running after S seconds and reports the test each was in, so that a stage limit never loses the
-summary; the tests they left without a result go to OUT/no_result.txt (their ids as collected
-on this machine: the GPU tests' ids name the device). Exit status 1 if any test failed or
-errored, or a worker died or was stopped.
+others). Each worker writes OUT/pytest_<k>.log (each test's time after its result, where pytest
+has the "times" output style); the summary (each failed or errored test, then totals) goes to
+stdout. --deadline S stops the workers still running after S seconds and reports the test each
+was in, so that a stage limit never loses the summary; the tests they left without a result go
+to OUT/no_result.txt (their ids as collected on this machine: the GPU tests' ids name the
+device). Exit status 1 if any test failed or errored, or a worker died or was stopped.
 """
 from __future__ import annotations
 
