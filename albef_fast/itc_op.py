@@ -147,6 +147,7 @@ def itc_apply(*inputs) -> Outputs:
 def _setup_context(ctx, inputs, output) -> None:
     temp = inputs[6]
     ctx.temp_dtype = None if temp is None else temp.dtype
+    ctx.grad_inputs = (inputs[0], inputs[1]) if temp is None else (inputs[0], inputs[1], temp)  # _no_second_order
     ctx.backend = inputs[13]
     ctx.save_for_backward(*output[2:6])  # grad_image, grad_text, grad_temp, grad_temp_dirs
     ctx.mark_non_differentiable(*output[2:])  # only the losses backpropagate
@@ -174,7 +175,40 @@ def _backward(ctx, g_loss, g_losses, *unused):
         d_temp = _temp_grad(grad_temp, grad_temp_dirs, g_loss, g_losses)
         d_temp = d_temp if d_temp.dtype == ctx.temp_dtype else d_temp.to(ctx.temp_dtype)
     # a 0-dim factor keeps the gradient's dtype (bf16 stays bf16)
-    return grad_image * g_image, grad_text * g_text, None, None, None, None, d_temp, *(None,) * 8
+    g_image, g_text = grad_image * g_image, grad_text * g_text
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and type(grad_image) is torch.Tensor:
+        g_image, g_text, d_temp = _no_second_order(ctx.grad_inputs, g_image, g_text, d_temp)
+    return g_image, g_text, None, None, None, None, d_temp, *(None,) * 8
+
+
+SECOND_ORDER_ERROR = (
+    "albef_fast.itc_loss: its gradient has no gradient of its own with respect to the features or the "
+    "temperature (second order: a gradient penalty on the features, a Hessian-vector product); the one pass "
+    "keeps no graph of the logits. Use albef_fast.reference.itc_loss for such terms.")
+
+
+class _SecondOrderGuard(torch.autograd.Function):
+    """A 0-dim zero that depends on the op's differentiable inputs and raises when differentiated."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        return inputs[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(SECOND_ORDER_ERROR)
+
+
+def _no_second_order(grad_inputs, *grads):
+    """The gradients of a backward that records a graph (create_graph=True), each plus a guarded
+    zero. The saved gradients are constants to autograd, so differentiating the gradients w.r.t.
+    the features or T would silently give no second-order term (a gradient penalty would be
+    wrong): it raises instead. d / d grad_output stays exact (the guard is on another path, which
+    torch.autograd.grad with inputs=[grad_output] does not run); the values are unchanged."""
+    if not any(t.requires_grad for t in grad_inputs):
+        return grads
+    zero = _SecondOrderGuard.apply(*grad_inputs)
+    return tuple(None if g is None else g + zero.to(g.dtype) for g in grads)
 
 
 def _plain_tensors(g_loss, grad_image) -> bool:

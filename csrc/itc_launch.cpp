@@ -20,6 +20,7 @@
 
 #include <torch/autograd.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <memory>
@@ -247,6 +248,34 @@ std::array<at::Tensor, kNumOutputs> new_outputs(const Plan& plan, const at::Tens
           at::empty({2, plan.b, plan.b}, feat), at::empty({4}, fp32)};
 }
 
+// A 0-dim zero that depends on the step's differentiable inputs and raises when differentiated
+struct SecondOrderGuard : public torch::autograd::Function<SecondOrderGuard> {
+  static at::Tensor forward(AutogradContext* /*ctx*/, const at::Tensor& image_feat, const at::Tensor& text_feat,
+                            const std::optional<at::Tensor>& temp) {
+    return at::zeros({}, image_feat.options());
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, const variable_list& /*grads*/) {
+    TORCH_CHECK(false, "albef_fast.itc_loss: its gradient has no gradient of its own with respect to the features or "
+                "the temperature (second order: a gradient penalty on the features, a Hessian-vector product); the "
+                "one pass keeps no graph of the logits. Use albef_fast.reference.itc_loss for such terms.");
+    return {};
+  }
+};
+
+// A backward that records a graph (create_graph=True), as albef_fast/itc_op.py:_no_second_order:
+// the saved gradients are constants to autograd, so the gradients' own gradient w.r.t. the
+// features and T would silently be zero; each gets a guarded zero added, which raises instead.
+// d / d grad_output stays exact (the guard is on another path); the values are unchanged.
+void no_second_order(const std::vector<at::Tensor>& inputs, variable_list& out) {
+  if (std::none_of(inputs.begin(), inputs.end(), [](const at::Tensor& t) { return t.requires_grad(); })) return;
+  const std::optional<at::Tensor> temp = inputs.size() > 2 ? std::optional<at::Tensor>(inputs[2]) : std::nullopt;
+  const at::Tensor zero = SecondOrderGuard::apply(inputs[0], inputs[1], temp);
+  for (int k = 0; k < 3; ++k) {
+    if (out[k].defined()) out[k] = out[k] + zero.to(out[k].scalar_type());
+  }
+}
+
 struct ItcStep : public torch::autograd::Function<ItcStep> {
   // Function::apply takes no undefined tensors: without a temperature tensor `temp` is a stand-in
   // (image_feat_m, no gradient) and has_temp false; the ids travel outside the autograd inputs.
@@ -269,6 +298,8 @@ struct ItcStep : public torch::autograd::Function<ItcStep> {
     ctx->mark_non_differentiable({outputs[2], outputs[3], outputs[4], outputs[5], outputs[6], outputs[7]});
     ctx->saved_data["plan"] = plan_id;
     ctx->saved_data["temp_dtype"] = has_temp ? static_cast<int64_t>(temp.scalar_type()) : int64_t{-1};
+    ctx->saved_data["grad_inputs"] = has_temp ? std::vector<at::Tensor>{image_feat, text_feat, temp}
+                                              : std::vector<at::Tensor>{image_feat, text_feat};
     ctx->set_materialize_grads(false);
     return variable_list(outputs.begin(), outputs.end());
   }
@@ -284,6 +315,7 @@ struct ItcStep : public torch::autograd::Function<ItcStep> {
       scaled_in_one_launch(*plan, saved, g_loss, temp_dtype, out);
     } else {
       scaled_by_aten(saved, g_loss, g_losses, temp_dtype, out);
+      if (at::GradMode::is_enabled()) no_second_order(ctx->saved_data["grad_inputs"].toTensorVector(), out);
     }
     return out;
   }

@@ -186,11 +186,30 @@ def _check_aten_backward(feats, temp):
     EXT.itc_take_recorded()
     g_losses = torch.tensor([0.5, -1.5])
     inputs = [feats[0], feats[1]] + ([temp] if isinstance(temp, torch.Tensor) else [])
-    grads = torch.autograd.grad(outputs[1], inputs, g_losses)
+    grads = torch.autograd.grad(outputs[1], inputs, g_losses, retain_graph=True)
     assert EXT.itc_take_recorded() == []
     assert torch.equal(grads[0], values[0] * (g_losses[0] * 2)) and torch.equal(grads[1], values[1] * (g_losses[1] * 2))
     if len(grads) == 3:
         assert torch.equal(grads[2], torch.dot(values[3], g_losses).to(temp.dtype))
+    _check_second_order(outputs[1], inputs, g_losses, grads)
+
+
+def _check_second_order(losses, inputs, g_losses, grads):
+    """create_graph=True: the same values, recorded; d / d grad_output exact; a backward through
+    the gradients to the features or T raises (itc_launch.cpp: no_second_order)."""
+    w = g_losses.clone().requires_grad_()
+    graphed = torch.autograd.grad(losses, inputs, w, create_graph=True)
+    assert EXT.itc_take_recorded() == []
+    assert all(g.requires_grad and torch.equal(g, e) for g, e in zip(graphed, grads))
+    (d_w,) = torch.autograd.grad(graphed[0].sum(), w, retain_graph=True)
+    torch.testing.assert_close(d_w, torch.stack([grads[0].sum() / w[0], torch.zeros(())]).detach())
+    for g in graphed:
+        try:
+            torch.autograd.grad(g.sum(), inputs, retain_graph=True)
+        except RuntimeError as err:
+            assert "second order" in str(err), err
+        else:
+            raise AssertionError("a backward through the gradient to the features did not raise")
 
 
 def _check_fallbacks():

@@ -110,3 +110,31 @@ def test_create_graph_keeps_the_aten_products(monkeypatch):
     (g_1,) = torch.autograd.grad(loss(), a)
     assert calls == [1]
     torch.testing.assert_close(d_w, g_1.sum())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("temp_kind", ["float", "tensor"])
+def test_second_order_through_the_gradient_raises(backend, temp_kind):
+    """A gradient penalty on the features (create_graph=True, then a backward through the
+    gradient) raises a named error: the saved gradients are constants to autograd, so the
+    penalty's own gradient would otherwise silently lack its second-order term (4.3 off in 5.0
+    on these shapes before). The gradients keep the plain backward's values, and d / d
+    grad_output stays exact (test_create_graph_keeps_the_aten_products)."""
+    x = make_inputs(5, 12, 8, torch.float32, DEVICE)
+    a = x.image_feat.clone().requires_grad_()
+    temp = torch.tensor(0.07, device=DEVICE, requires_grad=True) if temp_kind == "tensor" else 0.07
+    inputs = [a, temp] if temp_kind == "tensor" else [a]
+
+    def loss():
+        return albef_fast.itc_loss(a, x.text_feat, x.image_feat_m, x.text_feat_m, x.image_queue, x.text_queue, temp,
+                                   0.4, backend=backend, precision="highest")
+
+    plain = torch.autograd.grad(loss(), inputs)
+    graphed = torch.autograd.grad(loss(), inputs, create_graph=True)
+    for p, g in zip(plain, graphed):
+        assert g.requires_grad and torch.equal(p, g)
+    for g in graphed:
+        with pytest.raises(RuntimeError, match=r"no gradient of its own .*\(second order"):
+            torch.autograd.grad(g.sum(), inputs, retain_graph=True)
+    with pytest.raises(RuntimeError, match="second order"):
+        (loss() + graphed[0].pow(2).sum()).backward()  # a penalty on the features' gradient
