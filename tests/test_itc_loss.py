@@ -259,3 +259,38 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     with pytest.raises(ValueError, match="backend: 'triton' needs CUDA"):
         albef_fast.itc_loss(*_args(x), 0.07, backend="triton")
 
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_moco_v3_loss_is_a_scaled_itc_loss(backend):
+    """README "MoCo-style steps": MoCo v3's symmetric loss ctr(q1, k2) + ctr(q2, k1), each
+    cross_entropy(q @ k.T / T, arange(N)) * 2T, is 4T * itc_loss(q1, q2, k1, k2, empty queues,
+    T, alpha=0); values and gradients (fp64 on the torch backend, fp32 on the interpreter)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    n, d, temp = 6, 16, 0.2
+    gen = torch.Generator().manual_seed(3)
+    q1, q2, k1, k2 = [torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=dtype), dim=1).to(device)
+                      for _ in range(4)]
+    empty = torch.empty(d, 0, dtype=dtype, device=device)
+
+    def ctr(q, k):
+        return torch.nn.functional.cross_entropy(q @ k.t() / temp, torch.arange(n, device=device)) * 2 * temp
+
+    def moco(a, b):
+        return ctr(a, k2) + ctr(b, k1)
+
+    def ours(a, b):
+        return 4 * temp * albef_fast.itc_loss(a, b, k1, k2, empty, empty, temp, 0.0, backend=backend,
+                                              precision="highest")
+
+    results = []
+    for fn in (moco, ours):
+        a, b = q1.clone().requires_grad_(), q2.clone().requires_grad_()
+        loss = fn(a, b)
+        results.append((loss, *torch.autograd.grad(loss, (a, b))))
+    tol = {} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got.to(expected.dtype), expected, **tol)
