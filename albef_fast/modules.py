@@ -20,6 +20,7 @@ class ITCLoss(nn.Module):
     Keeps ALBEF's names and shapes, so an ALBEF checkpoint's entries load into it:
     ``image_queue``/``text_queue`` [D, Q] (L2-normalized columns), ``queue_ptr`` [1] int64,
     ``idx_queue`` [1, Q] int64 filled with -100 (only with use_idx), ``temp`` a 0-dim Parameter.
+    A BLIP retrieval checkpoint's ``ptr_queue`` loads as ``queue_ptr``.
 
     forward(image_feat, text_feat, image_feat_m, text_feat_m, alpha=None, idx=None) -> ITCOutput:
     clamps temp in place to [0.001, 0.5] (unless clamp_temp=False, as ALBEF's retrieval model),
@@ -93,8 +94,11 @@ class ITCLoss(nn.Module):
     def _state_buffers(self):
         return [self.image_queue, self.text_queue, self.queue_ptr] + ([self.idx_queue] if self.use_idx else [])
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # BLIP's retrieval models (and LAVIS's) name the pointer ptr_queue: taken for queue_ptr
+        if prefix + "queue_ptr" not in state_dict and prefix + "ptr_queue" in state_dict:
+            state_dict[prefix + "queue_ptr"] = state_dict.pop(prefix + "ptr_queue")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._queues_synced = False  # a checkpoint may come from elsewhere: broadcast rank 0's again
 
     @torch.no_grad()

@@ -83,6 +83,30 @@ def test_albef_checkpoint_entries_load():
     assert module.queue_ptr.item() == 7 and torch.equal(module.image_queue, albef_state["image_queue"])
 
 
+def test_blip_retrieval_checkpoint_entries_load():
+    """BLIP's retrieval models (blip_retrieval.py, LAVIS) name the pointer ptr_queue: it loads as
+    queue_ptr, on the module itself, under a parent's prefix, and with strict=False from a whole
+    model's state (the README's recipe); the caller's dict is left as it was."""
+    d, q = 16, 32
+    blip_state = {
+        "image_queue": torch.nn.functional.normalize(torch.randn(d, q), dim=0),
+        "text_queue": torch.nn.functional.normalize(torch.randn(d, q), dim=0),
+        "idx_queue": torch.full((1, q), -100),
+        "ptr_queue": torch.tensor([9]),
+        "temp": torch.tensor(0.05),
+    }
+    module = albef_fast.ITCLoss(embed_dim=d, queue_size=q, use_idx=True)
+    module.load_state_dict(blip_state)
+    assert module.queue_ptr.item() == 9 and "ptr_queue" in blip_state
+    parent = torch.nn.Module()
+    parent.itc = albef_fast.ITCLoss(embed_dim=d, queue_size=q, use_idx=True)
+    parent.load_state_dict({f"itc.{k}": v for k, v in blip_state.items()})
+    assert parent.itc.queue_ptr.item() == 9 and torch.equal(parent.itc.text_queue, blip_state["text_queue"])
+    fresh = albef_fast.ITCLoss(embed_dim=d, queue_size=q, use_idx=True)
+    missing, unexpected = fresh.load_state_dict({**blip_state, "visual_encoder.weight": torch.ones(2)}, strict=False)
+    assert missing == [] and unexpected == ["visual_encoder.weight"] and fresh.queue_ptr.item() == 9
+
+
 def _features(x, d):
     """The four feature arguments cut to their first d columns (another embed_dim)."""
     return {name: getattr(x, name)[:, :d] for name in ("image_feat", "text_feat", "image_feat_m", "text_feat_m")}
