@@ -250,8 +250,8 @@ std::array<at::Tensor, kNumOutputs> new_outputs(const Plan& plan, const at::Tens
 
 // A 0-dim zero that depends on the step's differentiable inputs and raises when differentiated
 struct SecondOrderGuard : public torch::autograd::Function<SecondOrderGuard> {
-  static at::Tensor forward(AutogradContext* /*ctx*/, const at::Tensor& image_feat, const at::Tensor& text_feat,
-                            const std::optional<at::Tensor>& temp) {
+  static at::Tensor forward(AutogradContext* /*ctx*/, const at::Tensor& image_feat,
+                            const at::Tensor& /*text_feat*/, const std::optional<at::Tensor>& /*temp*/) {
     return at::zeros({}, image_feat.options());
   }
 
