@@ -51,11 +51,24 @@ def enqueue_(queues: Sequence[torch.Tensor], items: Sequence[torch.Tensor], ptr:
         fallbacks.enqueue_(queues, items, ptr)
 
 
+def _check_not_shared(model_pairs, params) -> None:
+    """A momentum model holding one of the online parameters (a pair naming one module twice)
+    would have copy_params() freeze that parameter for the online model too: raised instead."""
+    online = set(map(id, params))
+    for k, (_, model_m) in enumerate(model_pairs):
+        for name, p_m in model_m.named_parameters():
+            if id(p_m) in online:
+                raise ValueError(f"model_pairs[{k}]: the momentum model's parameter {name!r} is also a parameter of "
+                                 "the online models (copy_params() would freeze it); the momentum model must be a "
+                                 "separate copy, e.g. copy.deepcopy(model)")
+
+
 class MomentumUpdater:
     """ALBEF's momentum encoders: ``copy_params()`` once, ``update()`` every step.
 
-    model_pairs: [(model, model_m), ...] whose parameters() zip one to one, as in ALBEF.
-    The parameter lists are cached and rebuilt when a model's parameter set changes.
+    model_pairs: [(model, model_m), ...] whose parameters() zip one to one, as in ALBEF; a
+    momentum model holding one of the online parameters is rejected (ValueError).
+    The parameter lists are cached and rebuilt (and checked) when a model's parameter set changes.
     """
 
     def __init__(self, model_pairs: Sequence[Tuple[nn.Module, nn.Module]], momentum: float = 0.995):
@@ -73,6 +86,7 @@ class MomentumUpdater:
         params_m = [p for _, model_m in self.model_pairs for p in model_m.parameters()]
         key = tuple(map(id, params + params_m))
         if key != self._key:
+            _check_not_shared(self.model_pairs, params)
             _validate.ema_inputs(params_m, params, self.momentum)
             self._key, self._lists = key, (params_m, params)
         return self._lists

@@ -122,3 +122,17 @@ def test_momentum_updater_rejects_bad_pairs():
         albef_fast.MomentumUpdater([(nn.Linear(2, 2),)])
     with pytest.raises(ValueError, match="momentum"):
         albef_fast.MomentumUpdater([_pair()], momentum=2.0)
+
+
+def test_momentum_updater_rejects_a_momentum_model_sharing_parameters():
+    """A pair naming one module twice (or a momentum model holding an online parameter) is
+    rejected before copy_params() freezes the online model's parameter or update() runs."""
+    online, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    shared = nn.Sequential(nn.Linear(3, 2))
+    shared[0].bias = online.bias  # one online parameter held by the momentum model
+    for pairs in ([(online, online)], [(online, shared)], [(other, nn.Linear(3, 2)), (online, shared)]):
+        updater = albef_fast.MomentumUpdater(pairs)
+        for step in (updater.copy_params, updater.update):
+            with pytest.raises(ValueError, match=r"model_pairs\[\d\]: the momentum model's parameter"):
+                step()
+        assert online.weight.requires_grad and online.bias.requires_grad
