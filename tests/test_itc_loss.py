@@ -1,4 +1,6 @@
 """itc_loss on the streaming torch backend against ALBEF's reference and the float64 oracle."""
+import random
+
 import pytest
 import torch
 
@@ -75,6 +77,44 @@ def test_chunking_does_not_change_the_result(monkeypatch, chunk):
     monkeypatch.setitem(streaming.DEFAULT_CHUNK, "cpu", chunk)
     got = albef_fast.itc_loss(*_args(x), 0.07, 0.4, idx=x.idx, idx_queue=x.idx_queue, backend="torch")
     assert max_err(got, expected) < 1e-13
+
+
+def _random_case(seed: int) -> dict:
+    rnd = random.Random(seed)
+    return dict(b=rnd.choice([1, 2, 3, 8, 13, 31]), q=rnd.choice([0, 1, 7, 100, 513]), d=rnd.choice([1, 3, 24, 33]),
+                alpha=rnd.choice([0.0, 0.123, 0.4, 1.0]), retrieval=rnd.random() < 0.4,
+                temp=rnd.choice([0.001, 0.07, 0.5, 2.0]), temp_param=rnd.random() < 0.5,
+                details=rnd.random() < 0.5, grad_out=rnd.choice([1.0, -2.5]), strided=rnd.random() < 0.3,
+                chunk=rnd.choice([None, 1, 3, 64]))
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_float64_call_matches_the_oracle(monkeypatch, seed):
+    """Shapes, options, ALBEF's temperature bounds (and past them) and key chunks drawn together;
+    the parametrized tests above vary one knob at a time."""
+    case = _random_case(seed)
+    if case["chunk"]:
+        monkeypatch.setitem(streaming.DEFAULT_CHUNK, "cpu", case["chunk"])
+    x = make_inputs(case["b"], case["q"], case["d"], torch.float64, retrieval=case["retrieval"], seed=seed)
+    if case["strided"]:  # [D, Q] views with column stride 2, read through their strides
+        x.image_queue, x.text_queue = (torch.stack([q, torch.zeros_like(q)], -1)[..., 0]
+                                       for q in (x.image_queue, x.text_queue))
+    a, b = x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()
+    temp = torch.tensor(case["temp"], dtype=torch.float64, requires_grad=True) if case["temp_param"] else case["temp"]
+    out = albef_fast.itc_loss(a, b, *_args(x)[2:], temp, case["alpha"], idx=x.idx, idx_queue=x.idx_queue,
+                              return_details=case["details"], backend="torch")
+    loss = out.loss if case["details"] else out
+    (loss * case["grad_out"]).backward()
+    a64, b64 = x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()
+    temp64 = torch.tensor(case["temp"], dtype=torch.float64, requires_grad=True)
+    want, want_i2t, want_t2i, _ = oracle_loss(a64, b64, *_args(x)[2:], temp64, case["alpha"], x.idx, x.idx_queue)
+    (want * case["grad_out"]).backward()
+    got = [loss, a.grad, b.grad] + ([temp.grad] if case["temp_param"] else [])
+    expected = [want, a64.grad, b64.grad] + ([temp64.grad] if case["temp_param"] else [])
+    if case["details"]:
+        got, expected = got + [out.loss_i2t, out.loss_t2i], expected + [want_i2t, want_t2i]
+    for k, (g, w) in enumerate(zip(got, expected)):
+        assert max_err(g, w) <= 1e-9 * max(1.0, w.abs().max().item()), (k, case)
 
 
 @pytest.mark.parametrize("retrieval", [False, True])
