@@ -122,11 +122,12 @@ if [ "${GPU_CHECK_TABLE:-0}" = 1 ]; then
   [ -s "$TUNED" ] && export ALBEF_FAST_TUNED="$TUNED"   # the measured configs serve everything below
 fi
 
-# the CUDA-only tests (ALBEF's shapes, the fused finish's stability) lead every worker: what the
-# deadline cuts is then the tests the CPU runs under the interpreter too
+# the CUDA-only tests (ALBEF's shapes, the fused finish's stability) and the near-zero-loss rule
+# (session 22: the merge's rounding, never run on a GPU) lead every worker: what the deadline cuts
+# is then the tests the CPU runs under the interpreter too
 TEST_S=${GPU_CHECK_TEST_S:-120}
 stamp "tests: the ITC paths on the GPU, in parallel workers, ${TEST_S}s (logs in tests/)"
-stage "$TEST_S" $PY benchmarks/pytest_parallel.py --deadline $((TEST_S - 10)) --first "::test_cuda_" \
+stage "$TEST_S" $PY benchmarks/pytest_parallel.py --deadline $((TEST_S - 10)) --first "::test_cuda_|::test_near_zero_loss" \
   --log-dir "$OUT/tests" "${ITC_TESTS[@]}" 2>&1 \
   | tee "$OUT/tests.txt" | tail -30
 

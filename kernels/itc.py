@@ -157,6 +157,22 @@ def _dot_flags(dtype: torch.dtype, precision: str):
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"
 
 
+def _merge_rounding(dtype: torch.dtype, dot_dtype, input_precision: str) -> str:
+    """The merge's ROUND (kernels/itc_operands.py:_rounded_like_operands): how the products round
+    fp32 features ("f16s": 11 significant bits, bf16 operands: 8, "tf32rn"); "none" where they do
+    not (half features, "f16x3"'s 22 bits, FMA). Without it the target terms of the loss and dT
+    (u . h from the features as they are) missed the rounding that the log-partition function (from
+    the rounded logits) carries: near-zero losses were 100-1000x further from fp64 than eager TF32
+    (operands rounded, softmax and targets on the same logits), session 22."""
+    if dtype != torch.float32:
+        return "none"
+    if input_precision == "f16s":
+        return "f16"
+    if input_precision == "bf16" or dot_dtype == tl.bfloat16:
+        return "bf16"
+    return "tf32rn" if input_precision == "tf32rn" else "none"
+
+
 def _tile_sums(input_precision: str) -> bool:
     """The split kernel's TILE_SUMS (_key_sum): for f16x3 unless ALBEF_FAST_TILE_SUMS=0. Not for
     f16s: Triton folds a single product's addition into its accumulator."""
@@ -371,7 +387,7 @@ class _Plan:
         self.merge = _LAUNCH["merge"].prepare(
             (_cdiv(b, merge_m), merge_d_blocks, 2), (*feat_strides, b, d, splits),
             dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk, FINISH=fused, MERGE_STAGES=merge_stages,
-                 **finish_blocks), dict(num_warps=merge_warps, num_stages=merge_stages))
+                 ROUND=_merge_rounding(dtype, dot_dtype, input_precision), **finish_blocks), dict(num_warps=merge_warps, num_stages=merge_stages))
         self.finish = None if fused else _LAUNCH["finish"].prepare(
             (1,), (b, merge_d_blocks),
             dict(HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_dtype is not None, **finish_blocks), _FOUR_WARPS)

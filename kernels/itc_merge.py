@@ -7,7 +7,7 @@ same bits.
 import triton
 import triton.language as tl
 
-from .itc_operands import _direction_ptrs, _load_rows, _temperature
+from .itc_operands import _direction_ptrs, _load_rows, _rounded_like_operands, _temperature
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _itc_merge_fwd_kernel(
     # constexpr flags
     GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEMP_FROM_PTR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, FINISH: tl.constexpr,
-    BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr, MERGE_STAGES: tl.constexpr,
+    BLOCK_B: tl.constexpr, DBLOCKS: tl.constexpr, MERGE_STAGES: tl.constexpr, ROUND: tl.constexpr,
 ):
     """Combine the splits of one (row block, D block, direction): CHUNK splits loaded at a time,
     split s merged into slot s mod CHUNK (_merge_slots), the slots then merged in order
@@ -82,7 +82,8 @@ def _itc_merge_fwd_kernel(
     MERGE_STAGES > 1: the rounds' loads pipelined that many stages (cp.async into shared memory).
     FINISH: the last program to get there also writes the scalars (_finish_last; ticket: one
     fp32 zeroed by the split kernel), else _itc_finish_fwd_kernel does, and the scalars' pointers
-    and ticket_ptr are unused.
+    and ticket_ptr are unused. ROUND: the products' rounding of fp32 features (_rounded_like_operands),
+    applied to the query rows and the in-batch target keys of the row dots and dq.
     """
     pid_m, pid_d, direction = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_ptr, qm_ptr, kb_ptr = _direction_ptrs(direction, img_ptr, txt_ptr, img_m_ptr, txt_m_ptr)
@@ -139,17 +140,20 @@ def _itc_merge_fwd_kernel(
         pm = pm / z_m[:, None]
     else:
         mx_m, z_m = mx_s, z_s
-    u = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
+    q = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32)
+    u = _rounded_like_operands(q, ROUND) * inv_t
     if RETRIEVAL:
         h = h / tl.where(row_ok, count, 1.0)[:, None]
     else:
         h = _load_rows(kb_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32)
+        h = _rounded_like_operands(h, ROUND)
     g -= (1.0 - alpha) * h
     part = part_ptr + ((direction * tl.num_programs(1) + pid_d) * 4) * B + rows
     tl.store(part, tl.sum(u * h, 1), mask=row_ok)
     if HAS_TEACHER:
         g -= alpha * pm
-        u_m = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32) * inv_t
+        q_m = _load_rows(qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32)
+        u_m = _rounded_like_operands(q_m, ROUND) * inv_t
         tl.store(part + B, tl.sum(u * pm, 1), mask=row_ok)
         tl.store(part + 2 * B, tl.sum(u_m * pm, 1), mask=row_ok)
     if not GRAD:  # no gradient asked for: dq and dT are zeros

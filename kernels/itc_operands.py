@@ -144,6 +144,35 @@ def _round_tf32(x):
 
 
 @triton.jit
+def _round_nearest_even(x, DROP: tl.constexpr):
+    """fp32 x to the nearest value whose DROP low mantissa bits are zero (ties to even), kept in
+    fp32: 13 leaves 11 significant bits (fp16's, TF32's), 16 leaves bf16's 8. What the GPU's
+    conversions do in their normal range; the interpreter's bf16 cast truncates instead."""
+    bits = x.to(tl.float32).to(tl.uint32, bitcast=True)  # (a bf16 queue's tile, in "bf16" mode)
+    half = (1 << (DROP - 1)) - 1
+    keep = (0xFFFFFFFF >> DROP) << DROP
+    return ((bits + (half + ((bits >> DROP) & 1))) & keep).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rounded_like_operands(x, ROUND: tl.constexpr):
+    """fp32 x rounded as the products round fp32 features (kernels/itc.py:_merge_rounding): "f16"
+    to 11 significant bits (what "f16s" does: fp16 conversion of values scaled by powers of two,
+    in fp16's normal range), "bf16" to bf16, "tf32rn" as _round_tf32; "none": x. The merge's row
+    dots (u . h, ...) then see the logits' operands, so that the loss's target terms cancel
+    against the rounded logits as they do in eager's log_softmax."""
+    if ROUND == "f16":
+        out = _round_nearest_even(x, 13)
+    elif ROUND == "bf16":
+        out = _round_nearest_even(x, 16)
+    elif ROUND == "tf32rn":
+        out = _round_tf32(x)
+    else:
+        out = x
+    return out
+
+
+@triton.jit
 def _operand(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """x as a product operand: cast to DOT_DTYPE, and for "tf32rn" rounded to TF32 (_round_tf32).
     Done once per loaded tile (the query tiles once per program), not once per product: for TF32
@@ -154,8 +183,8 @@ def _operand(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
         out = hi.to(DOT_DTYPE), (x - hi.to(tl.float32)).to(tl.float16).to(DOT_DTYPE)
     elif INPUT_PRECISION == "f16s":  # fp16 values (the interpreter: kept in fp32 tiles, exact products)
         out = x.to(tl.float16).to(DOT_DTYPE)
-    elif INPUT_PRECISION == "bf16":  # bf16 values in fp32 tiles ("medium" under the interpreter)
-        out = x.to(tl.bfloat16).to(DOT_DTYPE)
+    elif INPUT_PRECISION == "bf16":  # bf16 values in fp32 tiles ("medium" under the interpreter),
+        out = _round_nearest_even(x, 16)  # rounded as the GPU's cast does (the interpreter's truncates)
     elif DOT_DTYPE == tl.float32:
         out = x.to(tl.float32)
         if INPUT_PRECISION == "tf32rn":

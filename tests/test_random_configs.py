@@ -29,7 +29,8 @@ SETTINGS = {
     "ALBEF_FAST_CONFIG": ["16,16,16,1,0,1", "16,16,32,0,1,1", "16,16,16,0,0,1,2,0,1", "32,16,16,1,1,1"],
 }
 # error allowed per unit of the largest |value| compared, by the products' precision (bf16's 8
-# bits, truncated by the interpreter's casts, on logits up to 1 / T: the rule's atol is too tight)
+# bits on logits up to 1 / T, and bf16 gradients as the interpreter's casts truncate them: the
+# rule's atol is too tight)
 ATOL = {"highest": 1e-4, "high": 1e-2, "medium": 6e-2, "half": 6e-2}
 
 

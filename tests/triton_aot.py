@@ -130,13 +130,16 @@ def compile_all(flags, summary=None):
     config = itc_configs.make_config(64, 64, flags.get("BLOCK_D", 64), flags.get("KIND_AXIS", 0), flags.get("KT_LOAD", 0),
                                      8, logits_t=flags.get("LOGITS_T", 0))
     split = _compile(itc_split._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"], num_warps=8)
+    # the merge's rounding of fp32 features as the products round them (kernels/itc.py:_merge_rounding)
+    rounding = {"f16s": "f16", "tf32rn": "tf32rn"}.get(flags["PREC"], "none") if flags["TYPE"] == "*fp32" else "none"
     merge = _compile(itc_merge._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=64, CHUNK=4, FINISH=True, BLOCK_B=64,
-                                                                   DBLOCKS=4, MERGE_STAGES=1), flags["TYPE"], num_warps=4)
+                                                                   DBLOCKS=4, MERGE_STAGES=1, ROUND=rounding),
+                     flags["TYPE"], num_warps=4)
     merge_stages = _compile(itc_merge._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=16, CHUNK=16, FINISH=True,
-                                                                  BLOCK_B=64, DBLOCKS=16, MERGE_STAGES=3),
+                                                                  BLOCK_B=64, DBLOCKS=16, MERGE_STAGES=3, ROUND=rounding),
                             flags["TYPE"], num_warps=4, num_stages=3)  # ALBEF_FAST_MERGE=16,16,16,3
     merge_warps = _compile(itc_merge._itc_merge_fwd_kernel, dict(common, BLOCK_M=16, BLOCK_D=16, CHUNK=16, FINISH=True,
-                                                                 BLOCK_B=64, DBLOCKS=16, MERGE_STAGES=1),
+                                                                 BLOCK_B=64, DBLOCKS=16, MERGE_STAGES=1, ROUND=rounding),
                            flags["TYPE"], num_warps=8)  # ALBEF_FAST_MERGE=16,16,16,1,8
     finish = _compile(itc_merge._itc_finish_fwd_kernel, dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=True,
                                                        BLOCK_B=64, DBLOCKS=16), flags["TYPE"], num_warps=4)
