@@ -387,7 +387,8 @@ class _Plan:
         self.merge = _LAUNCH["merge"].prepare(
             (_cdiv(b, merge_m), merge_d_blocks, 2), (*feat_strides, b, d, splits),
             dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk, FINISH=fused, MERGE_STAGES=merge_stages,
-                 ROUND=_merge_rounding(dtype, dot_dtype, input_precision), **finish_blocks), dict(num_warps=merge_warps, num_stages=merge_stages))
+                 ROUND=_merge_rounding(dtype, dot_dtype, input_precision), **finish_blocks),
+            dict(num_warps=merge_warps, num_stages=merge_stages))
         self.finish = None if fused else _LAUNCH["finish"].prepare(
             (1,), (b, merge_d_blocks),
             dict(HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_dtype is not None, **finish_blocks), _FOUR_WARPS)
