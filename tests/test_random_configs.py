@@ -60,7 +60,7 @@ def _atol(case) -> float:
     return ATOL[case["precision"] or "highest"]
 
 
-@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("seed", range(64))  # 16 until session 22, whose search past them found two defects
 def test_random_call_matches_the_oracle(monkeypatch, seed):
     case = _draw(seed)
     for name in [k for k in os.environ if k.startswith("ALBEF_FAST_") and k != "ALBEF_FAST_LAUNCH"]:
