@@ -66,6 +66,13 @@ def oracle_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, t
     return (out[0] + out[1]) / 2, out[0], out[1], terms
 
 
+def every_other_column(queue: torch.Tensor) -> torch.Tensor:
+    """The queue as a view with column stride 2 (read through its strides, not copied)."""
+    wide = torch.zeros(queue.shape[0], 2 * queue.shape[1] + 1, dtype=queue.dtype, device=queue.device)
+    wide[:, 1::2] = queue
+    return wide[:, 1::2]
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 

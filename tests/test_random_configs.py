@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import albef_fast
-from tests.helpers import make_inputs, max_err, oracle_loss
+from tests.helpers import every_other_column, make_inputs, max_err, oracle_loss
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,13 +47,6 @@ def _draw(seed: int) -> dict:
     )
 
 
-def _every_other_column(queue: torch.Tensor) -> torch.Tensor:
-    """The queue as a view with column stride 2 (read through its strides, not copied)."""
-    wide = torch.zeros(queue.shape[0], 2 * queue.shape[1] + 1, dtype=queue.dtype, device=queue.device)
-    wide[:, 1::2] = queue
-    return wide[:, 1::2]
-
-
 def _atol(case) -> float:
     if case["dtype"] != torch.float32 or case["queue_dtype"] is not None:
         return ATOL["half"]
@@ -70,7 +63,7 @@ def test_random_call_matches_the_oracle(monkeypatch, seed):
     x = make_inputs(case["b"], case["q"], case["d"], case["dtype"], DEVICE, queue_dtype=case["queue_dtype"],
                     retrieval=case["retrieval"], seed=seed)
     if case["strided"]:
-        x.image_queue, x.text_queue = _every_other_column(x.image_queue), _every_other_column(x.text_queue)
+        x.image_queue, x.text_queue = every_other_column(x.image_queue), every_other_column(x.text_queue)
     a, b = x.image_feat.clone().requires_grad_(), x.text_feat.clone().requires_grad_()
     temp = torch.tensor(case["temp"], device=DEVICE, requires_grad=True) if case["temp_param"] else case["temp"]
     out = albef_fast.itc_loss(a, b, x.image_feat_m, x.text_feat_m, x.image_queue, x.text_queue, temp,
