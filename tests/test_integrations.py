@@ -1,4 +1,4 @@
-"""AlphaRamp and the Lightning callback, with a real Lightning Trainer on the CPU."""
+"""The Lightning callback, with a real Lightning Trainer on the CPU (AlphaRamp: test_schedules.py)."""
 import pytest
 import torch
 from torch import nn
@@ -8,15 +8,6 @@ import albef_fast
 
 pl = pytest.importorskip("pytorch_lightning")
 from albef_fast.integrations.lightning import ALBEFCallback  # noqa: E402
-
-
-def test_alpha_ramp_is_albefs_warmup():
-    ramp = albef_fast.AlphaRamp(0.4, 10)
-    assert [ramp(s) for s in (0, 5, 10, 25)] == [0.0, 0.2, 0.4, 0.4]
-    with pytest.raises(ValueError, match="warmup_steps"):
-        albef_fast.AlphaRamp(0.4, 0)
-    with pytest.raises(ValueError, match="alpha"):
-        albef_fast.AlphaRamp(1.4, 5)
 
 
 class DualEncoder(pl.LightningModule):

@@ -117,7 +117,7 @@ BAD_CALLS = [
     ("text_feat", lambda x: dict(text_feat=torch.randn(5, 7))),
     ("alpha", lambda x: dict(alpha=2.0)),
     (r"image_feat: expected \[B, 8\] \(embed_dim = 8\)", lambda x: _features(x, d=6)),
-    ("idx", lambda x: dict(idx=None)),
+    ("idx: required when use_idx=True", lambda x: dict(idx=None)),
     ("idx", lambda x: dict(idx=torch.arange(4))),
 ]
 
@@ -152,5 +152,37 @@ def test_queue_dtype_must_be_floating():
 def test_idx_without_use_idx_is_rejected():
     module = albef_fast.ITCLoss(embed_dim=8, queue_size=13)
     x = make_inputs(5, 0, 8, retrieval=True)
-    with pytest.raises(ValueError, match="idx"):
+    with pytest.raises(ValueError, match="idx: required when use_idx=True, not accepted otherwise"):
         module(x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m, idx=x.idx)
+
+
+def test_defaults_are_albefs():
+    module = albef_fast.ITCLoss()
+    assert module.image_queue.shape == module.text_queue.shape == (256, 65536)
+    assert module.temp.item() == pytest.approx(0.07) and module.alpha == 0.4
+    assert module.clamp_temp and not module.use_idx and module.image_queue.dtype == torch.float32
+
+
+@pytest.mark.parametrize("embed_dim,queue_size", [(0, 13), (8, 0), (-1, 13)])
+def test_empty_queue_shapes_are_rejected(embed_dim, queue_size):
+    with pytest.raises(ValueError, match="embed_dim, queue_size"):
+        albef_fast.ITCLoss(embed_dim=embed_dim, queue_size=queue_size)
+
+
+def test_batch_as_large_as_the_queue_replaces_it():
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=5, temp=0.9)
+    x = make_inputs(5, 0, 8)
+    module(x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m)
+    assert torch.equal(module.image_queue, x.image_feat_m.T) and torch.equal(module.text_queue, x.text_feat_m.T)
+    assert module.queue_ptr.item() == 0
+
+
+def test_checkpoint_pointer_names():
+    """ALBEF's queue_ptr wins over a ptr_queue beside it; a checkpoint with neither reports it missing."""
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=13)
+    both = {**module.state_dict(), "queue_ptr": torch.tensor([3]), "ptr_queue": torch.tensor([9])}
+    _, unexpected = module.load_state_dict(both, strict=False)
+    assert module.queue_ptr.item() == 3 and unexpected == ["ptr_queue"]
+    neither = {k: v for k, v in module.state_dict().items() if k != "queue_ptr"}
+    missing, _ = albef_fast.ITCLoss(embed_dim=8, queue_size=13).load_state_dict(neither, strict=False)
+    assert missing == ["queue_ptr"]

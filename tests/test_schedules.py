@@ -1,0 +1,28 @@
+"""AlphaRamp: ALBEF's distillation-weight warm-up, alpha * min(1, step / steps)."""
+import pytest
+
+import albef_fast
+
+
+def test_alpha_ramp_is_albefs_warmup():
+    ramp = albef_fast.AlphaRamp(0.4, 10)
+    assert [ramp(s) for s in (0, 5, 10, 25)] == [0.0, 0.2, 0.4, 0.4]
+
+
+def test_alpha_ramp_defaults_to_albefs_alpha_at_once():
+    ramp = albef_fast.AlphaRamp()
+    assert (ramp.alpha, ramp.warmup_steps) == (0.4, 1)
+    assert [ramp(s) for s in (0, 1, 2)] == [0.0, 0.4, 0.4]
+
+
+@pytest.mark.parametrize("alpha,steps,name", [(0.4, 0, "warmup_steps"), (0.4, -3, "warmup_steps"),
+                                              (0.4, 2.0, "warmup_steps"), (0.4, True, "warmup_steps"),
+                                              (1.4, 5, "alpha"), (-0.1, 5, "alpha")])
+def test_alpha_ramp_rejects_bad_arguments(alpha, steps, name):
+    with pytest.raises(ValueError, match=name):
+        albef_fast.AlphaRamp(alpha, steps)
+
+
+def test_alpha_ramp_rejects_a_negative_step():
+    with pytest.raises(ValueError, match="step"):
+        albef_fast.AlphaRamp(0.4, 10)(-1)
