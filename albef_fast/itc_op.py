@@ -24,13 +24,14 @@ Outputs (all fresh tensors; B rows, D features, W = the work dtype, fp32 or fp64
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+import contextlib
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 from . import streaming
 
-__all__ = ["itc", "itc_apply", "BACKEND_IMPLS", "FUSED_BACKWARDS", "CPP_STEPS", "work_dtype"]
+__all__ = ["itc", "itc_apply", "BACKEND_IMPLS", "FUSED_BACKWARDS", "CPP_STEPS", "work_dtype", "matmul_precision"]
 
 # the eight outputs listed above (spelled out: custom_op infers the schema from it)
 Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -41,12 +42,30 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+@contextlib.contextmanager
+def matmul_precision(precision: Optional[str]) -> Iterator[None]:
+    """torch's float32 matmul precision ("highest" | "high" | "medium") for the block, then the
+    one before (process-wide while it lasts, as torch keeps it); None leaves it as it is."""
+    before = torch.get_float32_matmul_precision()
+    if precision is None or precision == before:
+        yield
+        return
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _torch_backend(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
                    alpha, idx, idx_queue, details, grad, precision) -> Outputs:
     ids_b = None if idx is None else idx.reshape(-1)
     ids_q = None if idx_queue is None else idx_queue.reshape(-1)
-    return streaming.stream_itc(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
-                                alpha, ids_b, ids_q, details=details, grad=grad)
+    # precision= sets the products of fp32 features (cuBLAS's TF32 or not); the other dtypes' fp32
+    # products take torch's setting as it is
+    with matmul_precision(precision if image_feat.dtype == torch.float32 else None):
+        return streaming.stream_itc(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
+                                    alpha, ids_b, ids_q, details=details, grad=grad)
 
 
 # name -> implementation; kernels register "triton" on import (albef_fast.kernels).

@@ -332,3 +332,32 @@ def test_moco_v3_loss_is_a_scaled_itc_loss(backend):
     tol = {} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got.to(expected.dtype), expected, **tol)
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_torch_backend_runs_fp32_products_at_the_precision_asked(monkeypatch, precision):
+    """precision= sets torch's float32 matmul precision for the torch backend's products of fp32
+    features (on CUDA: cuBLAS's TF32 or not), and then restores it, also after an error; half
+    features keep torch's setting. Until session 23 the torch backend ignored precision=."""
+    from albef_fast.itc_op import matmul_precision
+
+    seen, real = [], streaming.stream_itc
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        if kwargs.get("details"):
+            raise RuntimeError("from the products")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "stream_itc", spy)
+    x, half = make_inputs(5, 37, 24), make_inputs(5, 37, 24, torch.bfloat16)
+    with matmul_precision("highest"):
+        got = albef_fast.itc_loss(*_args(x), 0.07, backend="torch", precision=precision)
+        albef_fast.itc_loss(*_args(half), 0.07, backend="torch", precision=precision)
+        with pytest.raises(RuntimeError, match="from the products"):
+            albef_fast.itc_loss(*_args(x), 0.07, backend="torch", precision=precision, return_details=True)
+        after = torch.get_float32_matmul_precision()
+    with matmul_precision(precision):
+        want = albef_fast.itc_loss(*_args(x), 0.07, backend="torch")
+    assert seen == [precision, "highest", precision, precision] and after == "highest"
+    assert torch.equal(got, want)

@@ -9,6 +9,8 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 
+from albef_fast.itc_op import matmul_precision
+
 __all__ = ["time_ms", "peak_extra_mib", "ceilings", "matmul_precision", "device_name"]
 
 
@@ -24,17 +26,6 @@ def device_name(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     return f"CPU {model} x{torch.get_num_threads()} threads"
-
-
-@contextlib.contextmanager
-def matmul_precision(precision: str) -> Iterator[None]:
-    """torch's float32 matmul precision ("highest" | "high" | "medium") for the block."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 @contextlib.contextmanager
