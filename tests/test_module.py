@@ -161,6 +161,18 @@ def test_defaults_are_albefs():
     assert module.image_queue.shape == module.text_queue.shape == (256, 65536)
     assert module.temp.item() == pytest.approx(0.07) and module.alpha == 0.4
     assert module.clamp_temp and not module.use_idx and module.image_queue.dtype == torch.float32
+    retrieval = albef_fast.ITCLoss(embed_dim=8, queue_size=13, use_idx=True)
+    assert retrieval.idx_queue.shape == (1, 13) and (retrieval.idx_queue == -100).all()  # ALBEF's "no id"
+    for queue in (retrieval.image_queue, retrieval.text_queue):  # unit columns, as ALBEF normalizes dim 0
+        torch.testing.assert_close(queue.norm(dim=0), torch.ones(13))
+
+
+@pytest.mark.parametrize("temp,clamped", [(1e-4, 0.001), (0.9, 0.5), (0.07, 0.07)])
+def test_temperature_is_clamped_as_albef(temp, clamped):
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=13, temp=temp)
+    x = make_inputs(5, 0, 8)
+    module(x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m)
+    assert module.temp.item() == pytest.approx(clamped, rel=1e-6)
 
 
 @pytest.mark.parametrize("embed_dim,queue_size", [(0, 13), (8, 0), (-1, 13)])
