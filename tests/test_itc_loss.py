@@ -299,6 +299,17 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
         albef_fast.itc_loss(*_args(x), 0.07, backend="triton")
 
 
+def test_triton_backend_refuses_float64_and_a_missing_triton(monkeypatch):
+    from albef_fast import functional
+
+    x = make_inputs(4, 9, 8, torch.float64)
+    with pytest.raises(ValueError, match="backend: 'triton' does not take float64 features"):
+        albef_fast.itc_loss(*_args(x), 0.07, backend="triton")
+    monkeypatch.setattr(functional, "_triton_registered", lambda: False)
+    with pytest.raises(ValueError, match="backend: 'triton' requested, but triton is not installed"):
+        albef_fast.itc_loss(*_args(make_inputs(4, 9, 8, torch.float32)), 0.07, backend="triton")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_moco_v3_loss_is_a_scaled_itc_loss(backend):
     """README "MoCo-style steps": MoCo v3's symmetric loss ctr(q1, k2) + ctr(q2, k1), each
