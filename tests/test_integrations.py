@@ -64,3 +64,11 @@ def test_lightning_callback_runs_momentum_update_and_alpha_ramp():
         torch.testing.assert_close(got, expected)
     torch.testing.assert_close(model.itc.image_queue, manual.itc.image_queue)
     assert not torch.equal(model.image_enc_m.weight, model.image_enc.weight)  # the EMA lags the model
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(momentum=1.5), "momentum"), (dict(alpha=1.4), "alpha"),
+                                         (dict(warmup_steps=0), "warmup_steps"), (dict(momentum="0.9"), "momentum")])
+def test_lightning_callback_checks_its_arguments_before_fit(kwargs, name):
+    """At construction: fit would copy the online weights into the momentum models first."""
+    with pytest.raises((ValueError, TypeError), match=name):
+        ALBEFCallback(**kwargs)

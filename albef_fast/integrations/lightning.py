@@ -20,6 +20,7 @@ try:
 except ImportError:  # the standalone package
     import pytorch_lightning as pl
 
+from .. import _validate
 from ..modules import ITCLoss
 from ..schedules import AlphaRamp
 from ..state import MomentumUpdater
@@ -40,8 +41,9 @@ class ALBEFCallback(pl.Callback):
 
     def __init__(self, momentum: float = 0.995, alpha: float = 0.4, warmup_steps: Optional[int] = None,
                  model_pairs: Optional[PairsFn] = None, copy_params: bool = True):
-        self.momentum = momentum
-        self.alpha0 = alpha
+        # checked here, not at fit start: by then copy_params() would have written the momentum models
+        self.momentum = _validate.unit_interval("momentum", momentum)
+        self.alpha0 = AlphaRamp(alpha, 1 if warmup_steps is None else warmup_steps).alpha
         self.warmup_steps = warmup_steps
         self.model_pairs = model_pairs or (lambda module: module.model_pairs)
         self.copy_params = copy_params
