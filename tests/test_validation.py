@@ -58,6 +58,13 @@ def test_itc_loss_rejects(name, over, exc):
                             kw.pop("temp"), kw.pop("alpha"), **kw)
 
 
+@pytest.mark.parametrize("b,d", [(0, 24), (5, 0)])
+def test_empty_features_are_rejected(b, d):
+    feats = [torch.randn(b, d) for _ in range(4)]
+    with pytest.raises(ValueError, match=r"image_feat: expected a non-empty \[B, D\] tensor"):
+        albef_fast.itc_loss(*feats, torch.randn(d, 37), torch.randn(d, 37), 0.07)
+
+
 def test_a_queue_in_the_other_layout_is_named_with_albefs():
     with pytest.raises(ValueError, match=r"image_queue: expected shape \[24, Q\] \(\[D, Q\] as ALBEF"):
         albef_fast.itc_loss(*(x0.image_feat, x0.text_feat, x0.image_feat_m, x0.text_feat_m), x0.image_queue.T,
