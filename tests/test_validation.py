@@ -126,6 +126,31 @@ def test_enqueue_rejects_mismatched_queue_lengths():
         albef_fast.enqueue_(queues, [torch.randn(2, 4), torch.randn(2, 3)], torch.zeros(1, dtype=torch.long))
 
 
+def test_enqueue_rejects_a_bare_tensor_and_an_empty_queue():
+    queue, ptr = torch.randn(4, 10), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(TypeError, match="queues, items: expected sequences"):
+        albef_fast.enqueue_(queue, [torch.randn(2, 4)], ptr)
+    with pytest.raises(TypeError, match="queues, items: expected sequences"):
+        albef_fast.enqueue_([queue], torch.randn(2, 4), ptr)
+    with pytest.raises(ValueError, match=r"queues\[0\]: expected a queue with Q >= 1"):
+        albef_fast.enqueue_([torch.randn(4, 0)], [torch.randn(0, 4)], ptr)
+
+
+def test_temperature_tensor_on_another_device_is_rejected():
+    with pytest.raises(ValueError, match="temp: expected a tensor on cpu"):
+        albef_fast.itc_loss(*(x0.image_feat, x0.text_feat, x0.image_feat_m, x0.text_feat_m), x0.image_queue,
+                            x0.text_queue, torch.tensor(0.07, device="meta"))
+
+
+def test_idx_as_a_column_is_albefs_and_a_row_is_rejected():
+    """ALBEF passes idx.view(-1, 1); a [1, B] row is not read as ids."""
+    args = (xr.image_feat, xr.text_feat, xr.image_feat_m, xr.text_feat_m, xr.image_queue, xr.text_queue, 0.07)
+    column = albef_fast.itc_loss(*args, idx=xr.idx.view(-1, 1), idx_queue=xr.idx_queue)
+    assert torch.equal(column, albef_fast.itc_loss(*args, idx=xr.idx, idx_queue=xr.idx_queue))
+    with pytest.raises(ValueError, match=r"idx: expected shape \[5\] or \[5, 1\]"):
+        albef_fast.itc_loss(*args, idx=xr.idx.view(1, -1), idx_queue=xr.idx_queue)
+
+
 def test_ema_rejects_and_changes_nothing():
     p_m = [torch.zeros(3), torch.zeros(4)]
     with pytest.raises(ValueError, match="params\\[1\\]"):
