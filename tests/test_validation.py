@@ -33,6 +33,7 @@ CASES = [
     ("temp", dict(temp=0.0), ValueError),
     ("temp", dict(temp=-0.07), ValueError),
     ("temp", dict(temp=torch.tensor(-0.07)), ValueError),
+    ("temp: expected a positive temperature", dict(temp=torch.tensor(0.0)), ValueError),
     ("temp", dict(temp=torch.tensor([0.07])), ValueError),
     ("temp", dict(temp="hot"), TypeError),
     ("^idx_queue: required with idx", dict(idx=torch.arange(5)), ValueError),
