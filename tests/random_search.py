@@ -4,7 +4,7 @@ core): a kernel change wants a few hundred of them (benchmarks/NOTES.md, session
     python tests/random_search.py START STOP [--seconds S] [--large]
 
 Prints "ok SEED SECONDS" or "FAIL SEED CASE ERROR" per seed. --large redraws the shapes (B 17-70,
-Q 64-513, D 64-160: several row blocks, splits and D blocks; 5-300 s a seed) and keeps the rest
+Q 64-513, D 64-160: several row blocks, splits and D blocks; 5-400 s a seed) and keeps the rest
 of the seed's draw.
 """
 import argparse
