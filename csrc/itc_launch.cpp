@@ -17,6 +17,7 @@
 #include "itc_launch.h"
 
 #include "itc_entry.h"
+#include "packed.h"
 
 #include <torch/autograd.h>
 
@@ -240,12 +241,15 @@ void run(const Plan& plan, const Launch& launch, const Slots& slots) {
 
 // ---- the step with autograd ----
 
+// loss, losses [2], grad_image, grad_text, grad_temp, grad_temp_dirs [2], sims [2, B, B], terms [4]:
+// the fp32 scalars in one allocation, the feature-dtype blocks in another (csrc/packed.h). The
+// scalars are kept apart from the rest so that a loss kept for logging holds 80 bytes, not more.
 std::array<at::Tensor, kNumOutputs> new_outputs(const Plan& plan, const at::Tensor& image_feat) {
-  const auto fp32 = image_feat.options().dtype(at::kFloat);
-  const auto feat = image_feat.options();
-  return {at::empty({}, fp32),  at::empty({2}, fp32), at::empty({plan.b, plan.d}, feat),
-          at::empty({plan.b, plan.d}, feat), at::empty({}, fp32), at::empty({2}, fp32),
-          at::empty({2, plan.b, plan.b}, feat), at::empty({4}, fp32)};
+  const auto [loss, losses, grad_temp, grad_temp_dirs, terms] =
+      packed_empty<5>({{{}, {2}, {}, {2}, {4}}}, image_feat.options().dtype(at::kFloat));
+  const auto [grad_image, grad_text, sims] =
+      packed_empty<3>({{{plan.b, plan.d}, {plan.b, plan.d}, {2, plan.b, plan.b}}}, image_feat.options());
+  return {loss, losses, grad_image, grad_text, grad_temp, grad_temp_dirs, sims, terms};
 }
 
 // A 0-dim zero that depends on the step's differentiable inputs and raises when differentiated
@@ -329,7 +333,8 @@ struct ItcStep : public torch::autograd::Function<ItcStep> {
   static void scaled_in_one_launch(const Plan& plan, const variable_list& saved, const at::Tensor& g,
                                    int64_t temp_dtype, variable_list& out) {
     const at::Tensor inputs[4] = {saved[0], saved[1], saved[2], g};
-    at::Tensor outputs[3] = {at::empty_like(saved[0]), at::empty_like(saved[1]), at::Tensor()};
+    const auto grads = packed_empty<2>({saved[0].sizes(), saved[1].sizes()}, saved[0].options());
+    at::Tensor outputs[3] = {grads[0], grads[1], at::Tensor()};
     if (temp_dtype >= 0) outputs[2] = at::empty({}, saved[2].options().dtype(static_cast<at::ScalarType>(temp_dtype)));
     run(plan, *plan.backward, Slots{inputs, outputs, nullptr, {0.0, 0.0}});
     out[0] = outputs[0];

@@ -145,8 +145,26 @@ def _check_case(case):
     got, outputs = _cpp_launches(prologue, args)
     launches = 3 if os.environ.get("ALBEF_FAST_FINISH") == "kernel" else 2  # split, merge (, finish)
     assert len(expected) == launches and got == expected, (case, expected, got)
+    _check_outputs_are_tensors_of_their_own(outputs)
     _check_backward(outputs, feats, temp)
     return len(got)
+
+
+def _check_outputs_are_tensors_of_their_own(tensors):
+    """The step packs its outputs (and the backward its gradients) into shared allocations
+    (csrc/packed.h): each must still behave as a tensor of its own, 16-byte aligned for the
+    kernels, and the loss must not hold the gradients' memory."""
+    spans = []
+    for t in tensors:
+        assert t._base is None and t.is_contiguous() and t.data_ptr() % 16 == 0, (t.shape, t.data_ptr())
+        spans.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+    spans.sort()
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), spans  # no overlap
+    if len(tensors) == 8:
+        assert tensors[0].untyped_storage().nbytes() <= 80  # the scalars alone
+        logged = tensors[0].detach()
+        logged.add_(1.0)  # in place on a piece: allowed, and its neighbours' versions stay
+        assert tensors[1]._version == 0
 
 
 def _check_backward(outputs, feats, temp):
@@ -165,6 +183,7 @@ def _check_backward(outputs, feats, temp):
     assert len(set(fresh)) == len(fresh) and not set(fresh) & set(saved), values
     assert isinstance(temp, torch.Tensor) or values[6] == saved[0], values  # (a stand-in pointer)
     assert values[7:] == [b * d, 0, 0], values
+    _check_outputs_are_tensors_of_their_own([f.grad for f in feats[:2]])
     for f in feats[:2]:
         assert f.grad.shape == f.shape and f.grad.dtype == f.dtype
         f.grad = None
