@@ -18,8 +18,10 @@ the host time to issue one step (no synchronization, mean over 200) of:
   function-floor a Python autograd.Function with albef_fast's inputs and outputs and no kernels
                  (its forward allocates the 0-d loss, its backward returns the 3 gradients)
   cpp-floor      the same step through a C++ op with autograd in C++ (csrc/host_floor.cpp): the
-                 step's allocations and 3 + 1 empty kernel launches; [0 launches] without them.
-                 What a C++ call path could reach (needs the extension)
+                 step's allocations (3 forward, 2 backward: csrc/packed.h) and 3 + 1 empty kernel
+                 launches; [0 launches] without them; [unpacked] with one allocation per output
+                 (9 forward, 3 backward, as the step before packing). What a C++ call path could
+                 reach (needs the extension)
   aten-floor     (a.sum() + b.sum()) * temp: 3 leaves, 4 aten ops forward, their backward
   engine-floor   a.sum(): one op forward and backward (the autograd engine's own cost)
 The floors bound what any step issued from Python can reach here. The cpp-floor rows need the
@@ -108,10 +110,10 @@ def _steps(case: ITCCase):
         a, b = leaves()
         _NoWork.apply(a, b, case.temp, rest).backward()
 
-    def cpp_floor(launches: int):
+    def cpp_floor(launches: int, packed: bool = True):
         def step():
             a, b = leaves()
-            torch.ops.albef_fast._host_floor_step(a, b, *rest, case.temp, 0.4, launches).backward()
+            torch.ops.albef_fast._host_floor_step(a, b, *rest, case.temp, 0.4, launches, packed).backward()
         return step
 
     def aten_floor():
@@ -127,7 +129,8 @@ def _steps(case: ITCCase):
     if _extension.has_ops() and hasattr(_extension._EXT, "itc_step") and case.device.type == "cuda":
         steps.update({"albef_fast[cpp]": fused_cpp(False), "albef_fast[cpp+entry]": fused_cpp(True)})
     if _extension.has_ops():
-        steps.update({"cpp-floor": cpp_floor(3), "cpp-floor[0 launches]": cpp_floor(0)})
+        steps.update({"cpp-floor": cpp_floor(3), "cpp-floor[unpacked]": cpp_floor(3, packed=False),
+                      "cpp-floor[0 launches]": cpp_floor(0)})
     return dict(steps, **{"aten-floor": aten_floor, "engine-floor": engine_floor})
 
 

@@ -17,7 +17,7 @@ TORCH_LIBRARY(albef_fast, m) {
   m.def("enqueue_(Tensor(a!)[] queues, Tensor[] items, Tensor(b!) ptr) -> ()");
   // A measurement (host_floor.cpp): an ITC step's host cost through C++ with no kernel work.
   m.def("_host_floor_step(Tensor image_feat, Tensor text_feat, Tensor image_feat_m, Tensor text_feat_m, "
-        "Tensor image_queue, Tensor text_queue, Tensor temp, float alpha, int launches) -> Tensor");
+        "Tensor image_queue, Tensor text_queue, Tensor temp, float alpha, int launches, bool packed=True) -> Tensor");
 }
 
 namespace {

@@ -24,13 +24,18 @@ def _devices():
 
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("launches", [0, 3])
-def test_gradients_reach_the_features_and_temperature(device, launches):
+@pytest.mark.parametrize("packed", [True, False])
+def test_gradients_reach_the_features_and_temperature(device, launches, packed):
     (img, txt, img_m, txt_m), (img_q, txt_q), temp = _inputs(device)
-    loss = torch.ops.albef_fast._host_floor_step(img, txt, img_m, txt_m, img_q, txt_q, temp, 0.4, launches)
+    loss = torch.ops.albef_fast._host_floor_step(img, txt, img_m, txt_m, img_q, txt_q, temp, 0.4, launches, packed)
     assert loss.shape == () and loss.dtype == torch.float32 and loss.grad_fn is not None
+    # packed, the loss shares an allocation with the other scalars only (16-byte slots), as the step's
+    assert loss.untyped_storage().nbytes() == (80 if packed else 4)
     loss.backward()
     assert img.grad.shape == img.shape and txt.grad.shape == txt.shape and temp.grad.shape == ()
     assert img_m.grad is None and img_q.grad is None
+    shared = img.grad.untyped_storage().data_ptr() == txt.grad.untyped_storage().data_ptr()
+    assert shared == packed and img.grad.data_ptr() % 16 == txt.grad.data_ptr() % 16 == 0
 
 
 def test_without_gradients_no_graph():
