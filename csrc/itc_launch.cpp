@@ -283,11 +283,14 @@ void no_second_order(const std::vector<at::Tensor>& inputs, variable_list& out) 
 struct ItcStep : public torch::autograd::Function<ItcStep> {
   // Function::apply takes no undefined tensors: without a temperature tensor `temp` is a stand-in
   // (image_feat_m, no gradient) and has_temp false; the ids travel outside the autograd inputs.
+  // Only the losses are the Function's outputs; all eight come back through `outputs_out`. The
+  // other six need no gradient, and as outputs they cost autograd per call (their metadata,
+  // mark_non_differentiable's set, six more slots of the backward's grads).
   static variable_list forward(AutogradContext* ctx, const at::Tensor& image_feat, const at::Tensor& text_feat,
                                const at::Tensor& temp, const at::Tensor& image_feat_m, const at::Tensor& text_feat_m,
                                const at::Tensor& image_queue, const at::Tensor& text_queue,
                                const std::array<at::Tensor, 2>* ids, bool has_temp, double temp_value, double alpha,
-                               int64_t plan_id) {
+                               int64_t plan_id, std::array<at::Tensor, kNumOutputs>* outputs_out) {
     const auto plan = find_plan(plan_id);
     TORCH_CHECK(plan != nullptr, "albef_fast: plan ", plan_id, " was dropped during the call");
     const at::Tensor inputs[kNumInputs] = {image_feat, text_feat,   image_feat_m,  text_feat_m,  image_queue,
@@ -298,18 +301,17 @@ struct ItcStep : public torch::autograd::Function<ItcStep> {
                       {temp_value, alpha}};
     for (const auto& launch : plan->forward) run(*plan, launch, slots);
     ctx->save_for_backward({outputs[2], outputs[3], outputs[4], outputs[5]});
-    // only the losses backpropagate: no autograd metadata for the saved gradients, sims and terms
-    ctx->mark_non_differentiable({outputs[2], outputs[3], outputs[4], outputs[5], outputs[6], outputs[7]});
     ctx->saved_data["plan"] = plan_id;
     ctx->saved_data["temp_dtype"] = has_temp ? static_cast<int64_t>(temp.scalar_type()) : int64_t{-1};
     ctx->saved_data["grad_inputs"] = has_temp ? std::vector<at::Tensor>{image_feat, text_feat, temp}
                                               : std::vector<at::Tensor>{image_feat, text_feat};
     ctx->set_materialize_grads(false);
-    return variable_list(outputs.begin(), outputs.end());
+    *outputs_out = outputs;
+    return {outputs[0], outputs[1]};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(12);  // one per forward argument: image, text, temp get gradients
+    variable_list out(13);  // one per forward argument: image, text, temp get gradients
     const at::Tensor &g_loss = grads[0], &g_losses = grads[1];
     if (!g_loss.defined() && !g_losses.defined()) return out;  // only sims / terms were used
     const variable_list saved = ctx->get_saved_variables();
@@ -393,8 +395,13 @@ std::optional<variable_list> itc_step(int64_t plan_id, const at::Tensor& image_f
                                                                    : std::nullopt);
 #endif
   const std::array<at::Tensor, 2> ids = {inputs[7], inputs[8]};
-  return ItcStep::apply(image_feat, text_feat, temp.has_value() ? *temp : image_feat_m, image_feat_m, text_feat_m,
-                        image_queue, text_queue, &ids, temp.has_value(), temp_value, alpha, plan_id);
+  std::array<at::Tensor, kNumOutputs> outputs;
+  const variable_list losses =
+      ItcStep::apply(image_feat, text_feat, temp.has_value() ? *temp : image_feat_m, image_feat_m, text_feat_m,
+                     image_queue, text_queue, &ids, temp.has_value(), temp_value, alpha, plan_id, &outputs);
+  outputs[0] = losses[0];  // the same tensors, now with their autograd history
+  outputs[1] = losses[1];
+  return variable_list(outputs.begin(), outputs.end());
 }
 
 void bind_itc_launch(py::module_& m) {
