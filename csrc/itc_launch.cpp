@@ -313,7 +313,7 @@ struct ItcStep : public torch::autograd::Function<ItcStep> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(13);  // one per forward argument: image, text, temp get gradients
     const at::Tensor &g_loss = grads[0], &g_losses = grads[1];
-    if (!g_loss.defined() && !g_losses.defined()) return out;  // only sims / terms were used
+    if (!g_loss.defined() && !g_losses.defined()) return out;  // no gradient reached either loss
     const variable_list saved = ctx->get_saved_variables();
     const int64_t temp_dtype = ctx->saved_data["temp_dtype"].toInt();
     const auto plan = find_plan(ctx->saved_data["plan"].toInt());
