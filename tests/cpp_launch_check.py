@@ -169,7 +169,7 @@ def _check_outputs_are_tensors_of_their_own(tensors):
 
 def _check_backward(outputs, feats, temp):
     """loss.backward(): one scale launch on the saved gradients; direction losses: the aten products.
-    Only the losses are differentiable (the rest: marked non-differentiable in C++)."""
+    Only the losses are differentiable (the rest come back beside the C++ autograd Function)."""
     assert [t.requires_grad for t in outputs] == [True, True] + [False] * 6
     b, d = feats[0].shape
     EXT.itc_take_recorded()
