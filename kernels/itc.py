@@ -46,7 +46,7 @@ from .itc_configs import launch_config, launch_options
 from .itc_convert import _itc_keys_fwd_kernel
 from .itc_merge import _itc_finish_fwd_kernel, _itc_merge_fwd_kernel
 from .itc_split import _cdiv, _itc_split_fwd_kernel, _kind_heuristics, _split_grid
-from .launch import DirectLauncher, PreparedLaunch
+from .launch import FIXED_OPTIONS, DirectLauncher, PreparedLaunch
 
 __all__ = ["itc_triton"]
 
@@ -440,7 +440,7 @@ def _converted_bytes(b: int) -> int:
 
 
 def _autotuned_split(ints, constexprs, tensors, floats) -> None:
-    _itc_split_fwd_kernel[_split_grid](*tensors, *ints, *floats, **constexprs)
+    _itc_split_fwd_kernel[_split_grid](*tensors, *ints, *floats, **constexprs, **FIXED_OPTIONS)
 
 
 _PLANS = {}

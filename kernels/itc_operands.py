@@ -11,6 +11,10 @@ operands rounded to nearest (_round_tf32), or one of Triton's input precisions.
 import triton
 import triton.language as tl
 
+# Triton 3.9 reduces a thread's elements as a tree and deprecates reshape's can_reorder (gone in
+# 3.10); before 3.9 a full reduction is one chain unless the tile is reshaped with it (_tile_amax)
+_TREE_REDUCTIONS = tl.constexpr(tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9))
+
 
 @triton.jit
 def _load_keys(base, stride_d, stride_j, d_offs, j_offs, D, N):
@@ -72,10 +76,15 @@ def _scaled_rows(x, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _tile_amax(x):
-    """max |element| of a tile, in three chains a thread, not one: Triton reduces a thread's
-    elements in one chain of dependent FMNMX (70 deep at 64 keys x 256 on 4 warps; 24 this way,
-    the same registers: sm_90a AOT); any order gives the same max."""
-    return tl.max(tl.max(tl.max(tl.reshape(tl.abs(x), (2, 2, x.numel // 4), can_reorder=True), 0), 0))
+    """max |element| of a tile, in short dependency chains. Before 3.9 Triton reduces a thread's
+    elements in one chain of dependent FMNMX (68 deep at 32 keys x 256 on 4 warps, sm_90a AOT),
+    four chains after the reorderable reshape (22 deep, the same registers); 3.9 makes a tree of
+    the plain reduction (11 deep, the same code as the reshape there). Any order gives the same max."""
+    if _TREE_REDUCTIONS:
+        amax = tl.max(tl.abs(x))
+    else:
+        amax = tl.max(tl.max(tl.max(tl.reshape(tl.abs(x), (2, 2, x.numel // 4), can_reorder=True), 0), 0))
+    return amax
 
 
 @triton.jit

@@ -433,6 +433,14 @@ def _itc_split_fwd_kernel(
 
 
 @triton.jit
+def _only_if(cond, mask):
+    """mask where the program-wide condition cond holds, else nothing. Written as a select, not
+    `mask & cond`: Triton 3.9's interpreter makes the broadcast of a scalar comparison an int32
+    block, which `&` keeps and its loads and stores reject as a mask."""
+    return tl.where(cond, mask, False)
+
+
+@triton.jit
 def _store_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count,
                   kind, direction, pid_s, pid_d, rows, d_acc, B, D, NUM_SPLITS, GRAD: tl.constexpr,
                   HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, TEACHER: tl.constexpr):
@@ -446,7 +454,8 @@ def _store_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, mx_s, z_s, acc
         tl.store(ws_max_ptr + stat + kind * kind_off, mx_s, mask=row_ok)
         tl.store(ws_z_ptr + stat + kind * kind_off, z_s, mask=row_ok)
         if RETRIEVAL:
-            tl.store(ws_count_ptr + (direction * NUM_SPLITS + pid_s) * B + rows, count, mask=row_ok & is_student)
+            count_offs = (direction * NUM_SPLITS + pid_s) * B + rows
+            tl.store(ws_count_ptr + count_offs, count, mask=_only_if(is_student, row_ok))
         if TEACHER:
             tl.store(ws_max_ptr + stat + kind_off, mx_m, mask=row_ok)
             tl.store(ws_z_ptr + stat + kind_off, z_m, mask=row_ok)
@@ -455,9 +464,9 @@ def _store_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, mx_s, z_s, acc
     acc_offs = ((direction * n_kinds * NUM_SPLITS + pid_s) * B + rows[:, None]) * D + d_acc[None, :]
     kind_stride = NUM_SPLITS * B * D
     # main state: the student's key sum (slot 0) only if GRAD; the teacher's at slot GRAD
-    tl.store(ws_acc_ptr + acc_offs + kind * GRAD * kind_stride, acc_s, mask=acc_mask & ((kind == 1) | GRAD))
+    tl.store(ws_acc_ptr + acc_offs + kind * GRAD * kind_stride, acc_s, mask=_only_if((kind == 1) | GRAD, acc_mask))
     if RETRIEVAL:
-        tl.store(ws_acc_ptr + acc_offs + (GRAD + HAS_TEACHER) * kind_stride, acc_h, mask=acc_mask & is_student)
+        tl.store(ws_acc_ptr + acc_offs + (GRAD + HAS_TEACHER) * kind_stride, acc_h, mask=_only_if(is_student, acc_mask))
     if TEACHER:
         tl.store(ws_acc_ptr + acc_offs + GRAD * kind_stride, acc_m, mask=acc_mask)
 
@@ -476,14 +485,15 @@ def _load_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, kind, direction
     z_s = tl.load(ws_z_ptr + stat + kind * kind_off, mask=row_ok, other=0.0)
     mx_m = tl.load(ws_max_ptr + stat + kind_off, mask=row_ok & TEACHER, other=float("-inf"))
     z_m = tl.load(ws_z_ptr + stat + kind_off, mask=row_ok & TEACHER, other=0.0)
-    count = tl.load(ws_count_ptr + (direction * NUM_SPLITS + pid_s) * B + rows, mask=row_ok & is_student & RETRIEVAL,
-                    other=0.0)
+    count_offs = (direction * NUM_SPLITS + pid_s) * B + rows
+    count = tl.load(ws_count_ptr + count_offs, mask=_only_if(is_student & RETRIEVAL, row_ok), other=0.0)
     n_kinds = GRAD + HAS_TEACHER + RETRIEVAL
     acc_mask = row_ok[:, None] & (d_acc[None, :] < D)
     acc_offs = ((direction * n_kinds * NUM_SPLITS + pid_s) * B + rows[:, None]) * D + d_acc[None, :]
     kind_stride = NUM_SPLITS * B * D
-    acc_s = tl.load(ws_acc_ptr + acc_offs + kind * GRAD * kind_stride, mask=acc_mask & ((kind == 1) | GRAD), other=0.0)
-    acc_h = tl.load(ws_acc_ptr + acc_offs + (GRAD + HAS_TEACHER) * kind_stride, mask=acc_mask & is_student & RETRIEVAL,
+    acc_s = tl.load(ws_acc_ptr + acc_offs + kind * GRAD * kind_stride, mask=_only_if((kind == 1) | GRAD, acc_mask),
                     other=0.0)
+    acc_h = tl.load(ws_acc_ptr + acc_offs + (GRAD + HAS_TEACHER) * kind_stride,
+                    mask=_only_if(is_student & RETRIEVAL, acc_mask), other=0.0)
     acc_m = tl.load(ws_acc_ptr + acc_offs + GRAD * kind_stride, mask=acc_mask & TEACHER, other=0.0)
     return mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count

@@ -39,14 +39,18 @@ try:
 except ImportError:  # Triton < 3.4: launches go through JITFunction.run (SUPPORTED)
     knobs = None
 
-__all__ = ["DirectLauncher", "PreparedLaunch", "direct_launch_enabled", "RECORDING"]
+__all__ = ["DirectLauncher", "PreparedLaunch", "direct_launch_enabled", "FIXED_OPTIONS", "RECORDING"]
 
 # While a list (kernels/cpp_launch.py records a plan): every launch appends (prepared launch,
 # tensors, floats, its kernel entry (launcher, function, packed metadata, CompiledKernel) or None
 # when it went through JITFunction.run).
 RECORDING = None
 
-SUPPORTED = ("3.6", "3.7", "3.8")  # JITFunction.run -> kernel.run(grid, stream, ..., *bound_args) read in these
+SUPPORTED = ("3.6", "3.7", "3.8", "3.9")  # JITFunction.run -> kernel.run(grid, stream, ..., *bound_args) read in these
+
+# Compile options every launch passes: fused multiply-adds, Triton's default through 3.9, with
+# which the kernels were checked and timed (3.9 warns that 3.10 turns the default off).
+FIXED_OPTIONS = {"enable_fp_fusion": True}
 
 
 def direct_launch_enabled() -> bool:
@@ -68,8 +72,8 @@ def _hooks_installed() -> bool:
 class DirectLauncher:
     """Launch `fn` (a JITFunction whose runtime parameters are tensors, then ints, then floats,
     then constexprs). `prepare` fixes a launch's grid, ints, constexprs (every constexpr
-    parameter, by name) and compile options (num_warps, num_stages, maxnreg); the PreparedLaunch
-    it returns takes the tensors and floats of each call."""
+    parameter, by name) and compile options (num_warps, num_stages, maxnreg; FIXED_OPTIONS
+    added); the PreparedLaunch it returns takes the tensors and floats of each call."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -86,7 +90,7 @@ class DirectLauncher:
     def prepare(self, grid: Sequence[int], ints: Tuple[int, ...], constexprs: Dict[str, Any],
                 options: Dict[str, int]) -> "PreparedLaunch":
         self._prepared += 1
-        return PreparedLaunch(self, self._prepared, grid, ints, constexprs, options)
+        return PreparedLaunch(self, self._prepared, grid, ints, constexprs, {**options, **FIXED_OPTIONS})
 
     def forget(self) -> None:
         """Drop the kernels found for the launches prepared so far (Triton keeps its own cache)."""

@@ -112,3 +112,28 @@ def test_keys_as_is_is_off_by_default_and_only_for_f16s(monkeypatch):
     monkeypatch.setenv("ALBEF_FAST_KEYS_AS_IS", "1")
     assert itc._keys_as_is("f16s") is True
     assert itc._keys_as_is("f16x3") is False and itc._keys_as_is("ieee") is False
+
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="a compiled kernel keeps the globals it was compiled with")
+@pytest.mark.parametrize("precision", ["high", "highest"])  # f16s, f16x3: the modes that take _tile_amax
+@pytest.mark.parametrize("case", ["normalized", "huge"])
+def test_tile_amax_forms_give_the_same_bits(monkeypatch, precision, case):
+    """_tile_amax's two forms, the reorderable reshape (Triton before 3.9) and the plain reduction
+    (3.9 on), give every output bit for bit: each runs here whatever Triton is installed. Each
+    key tile's max picks its power-of-two scale (for "huge" tiles) or whether it is scaled at all
+    ("normalized"): a max 2^8 too small fails every case here (tried)."""
+    x = _scaled_inputs(case)
+    monkeypatch.setenv("ALBEF_FAST_SPLITS", "3")
+    monkeypatch.setenv("ALBEF_FAST_CONFIG", "16,16,32,1,0,1")
+    args = (x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m, x.image_queue, x.text_queue)
+    runs = []
+    for tree in (False, True):
+        monkeypatch.setattr(itc_operands, "_TREE_REDUCTIONS", tl.constexpr(tree))
+        a = args[0].clone().requires_grad_()
+        out = albef_fast.itc_loss(a, *args[1:], 0.07, 0.4, idx=x.idx, idx_queue=x.idx_queue, return_details=True,
+                                  backend="triton", precision=precision)
+        runs.append(list(out) + [torch.autograd.grad(out.loss * 1.3, a)[0]])
+    assert torch.isfinite(runs[0][-1]).all() and runs[0][-1].abs().max() > 0
+    for reshaped, plain in zip(*runs):
+        assert torch.equal(reshaped, plain)

@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels import itc_backward, itc_configs, itc_convert, itc_merge, itc_split  # noqa: E402
+from kernels import itc_backward, itc_configs, itc_convert, itc_merge, itc_split, launch  # noqa: E402
 
 SCALARS = {"B", "Q", "D", "N", "NUM_SPLITS", "NUM_DBLOCKS", "KC_STRIDE", "T0", "T1", "NT"}
 FEATURE_PTRS = {"grad_image_ptr", "grad_text_ptr", "out_image_ptr", "out_text_ptr"}  # the backward's [B, D]
@@ -58,7 +58,8 @@ def _compile(kernel, constexprs, feature_type, num_warps, num_stages=2, maxnreg=
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if name not in constexprs and (name.endswith("_ptr") or name in DIVISIBLE)}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    options = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    options = dict(num_warps=num_warps, num_stages=num_stages, **launch.FIXED_OPTIONS,
+                   **({"maxnreg": maxnreg} if maxnreg else {}))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
@@ -158,13 +159,14 @@ def _sizes(kernel):
 
 def ptx_hash(kernel):
     """A fingerprint of the kernel's code: its PTX without the debug lines (.loc / .file name the
-    source file and line, which moving code changes). Equal before and after a refactor: the
-    same code for the GPU."""
+    source file and line, which moving code changes; the $L__tmp labels mark inlined helpers'
+    scopes for the debug sections, which a new helper adds). Equal before and after a refactor:
+    the same code for the GPU."""
     import hashlib
     import re
     ptx = kernel.asm["ptx"].split(".section\t.debug")[0]
-    return hashlib.sha1("\n".join(line for line in ptx.split("\n")
-                                   if not re.match(r"\s*(\.loc|\.file|//)", line)).encode()).hexdigest()[:12]
+    code = [line for line in ptx.split("\n") if not re.match(r"\s*(\.loc|\.file|//|\$L__tmp\d+:)", line)]
+    return hashlib.sha1("\n".join(code).encode()).hexdigest()[:12]
 
 
 def _ptxas_report(kernel):
@@ -172,7 +174,8 @@ def _ptxas_report(kernel):
     import re
     import subprocess
     import tempfile
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    from triton.backends.nvidia.compiler import get_ptxas  # the one Triton compiles sm_90 with (3.9: ptxas-blackwell)
+    ptxas = get_ptxas(90).path
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
