@@ -435,8 +435,8 @@ def _itc_split_fwd_kernel(
 @triton.jit
 def _only_if(cond, mask):
     """mask where the program-wide condition cond holds, else nothing. Written as a select, not
-    `mask & cond`: Triton 3.9's interpreter makes the broadcast of a scalar comparison an int32
-    block, which `&` keeps and its loads and stores reject as a mask."""
+    `mask & cond`: Triton's interpreter broadcasts a scalar comparison as an int32 block, which
+    `&` keeps, and 3.9's loads and stores reject such a mask (tests/conftest.py does on any)."""
     return tl.where(cond, mask, False)
 
 

@@ -38,8 +38,9 @@ def _boolean_masks_only() -> None:
             return method(self, ptrs, *args)
         return wrapper
 
-    for name in ("create_masked_load", "create_masked_store"):
-        setattr(InterpreterBuilder, name, checked(getattr(InterpreterBuilder, name)))
+    for name in ("create_masked_load", "create_masked_store"):  # (ptrs, mask, ...), (ptrs, value, mask, ...)
+        if hasattr(InterpreterBuilder, name):
+            setattr(InterpreterBuilder, name, checked(getattr(InterpreterBuilder, name)))
 
 
 _boolean_masks_only()
