@@ -22,13 +22,14 @@ The first call with a new key goes through `JITFunction.run` (compiling if neede
 kernel it returns; later calls launch it directly. tests/test_launch.py checks, with a fake
 driver and kernels compiled for sm_90, that the direct path picks the kernel and passes the
 arguments that `JITFunction.run` would. Falls back to `JITFunction.run` under the interpreter, on
-Triton versions not listed in SUPPORTED, while a launch hook is installed (profilers such as
-proton), or with ALBEF_FAST_LAUNCH=jit.
+Triton versions not listed in SUPPORTED (warned once: unsupported_version_note), while a launch
+hook is installed (profilers such as proton), or with ALBEF_FAST_LAUNCH=jit.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Sequence, Tuple
+import warnings
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -39,7 +40,8 @@ try:
 except ImportError:  # Triton < 3.4: launches go through JITFunction.run (SUPPORTED)
     knobs = None
 
-__all__ = ["DirectLauncher", "PreparedLaunch", "direct_launch_enabled", "FIXED_OPTIONS", "RECORDING"]
+__all__ = ["DirectLauncher", "PreparedLaunch", "direct_launch_enabled", "unsupported_version_note", "FIXED_OPTIONS",
+           "RECORDING"]
 
 # While a list (kernels/cpp_launch.py records a plan): every launch appends (prepared launch,
 # tensors, floats, its kernel entry (launcher, function, packed metadata, CompiledKernel) or None
@@ -59,6 +61,29 @@ def direct_launch_enabled() -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("ALBEF_FAST_LAUNCH") == "jit":
         return False
     return triton.__version__.rsplit(".", 1)[0] in SUPPORTED
+
+
+def unsupported_version_note() -> Optional[str]:
+    """Why launches go through JITFunction.run when the installed Triton alone is the cause (a
+    compiled Triton not in SUPPORTED, ALBEF_FAST_LAUNCH not jit), else None. The first such
+    launch warns with it once: the step then pays Triton's binder and goes without the C++ step."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("ALBEF_FAST_LAUNCH") == "jit":
+        return None
+    if triton.__version__.rsplit(".", 1)[0] in SUPPORTED:
+        return None
+    return (f"albef_fast: Triton {triton.__version__} is not among the versions its direct launches were checked "
+            f"with ({', '.join(SUPPORTED)}): kernels launch through Triton's JITFunction.run and the C++ step is "
+            "off, which adds host time to each step (benchmarks/NOTES.md). ALBEF_FAST_LAUNCH=jit takes this path "
+            "without the warning.")
+
+
+_NOTED = set()
+
+
+def _note_once(note: str) -> None:
+    if note not in _NOTED:
+        _NOTED.add(note)
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
 
 
 def _hooks_installed() -> bool:
@@ -81,6 +106,7 @@ class DirectLauncher:
         self._prepared = 0  # PreparedLaunch tokens handed out (part of the cache key)
         # the interpreter's functions have no compiled kernels: always fn[grid] there
         self._direct = isinstance(fn, triton.runtime.JITFunction) and direct_launch_enabled()
+        self._note = unsupported_version_note() if isinstance(fn, triton.runtime.JITFunction) else None
         if isinstance(fn, triton.runtime.JITFunction):
             names = fn.arg_names
             self._constexpr_names = tuple(names[i] for i in sorted(fn.constexprs))
@@ -115,6 +141,8 @@ class PreparedLaunch:
     def __call__(self, tensors: Sequence[torch.Tensor], floats: Tuple[float, ...]) -> None:
         launcher = self.launcher
         if not launcher._direct or _hooks_installed():
+            if launcher._note is not None:
+                _note_once(launcher._note)
             launcher.fn[self.grid](*tensors, *self.ints, *floats, **self.constexprs, **self.options)
             if RECORDING is not None:
                 RECORDING.append((self, tuple(tensors), tuple(floats), None))

@@ -40,3 +40,49 @@ def test_host_step_tool_runs():
     run = subprocess.run([sys.executable, str(tool), "--parts"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "3 Triton launches a step" in run.stdout and "backend (allocations and launches)" in run.stdout
+
+
+def test_unsupported_triton_is_named(monkeypatch):
+    """A compiled Triton that the direct launches were not checked with gets a note naming the
+    version, the versions checked and the switch that takes the slow path knowingly; none under
+    the interpreter, with ALBEF_FAST_LAUNCH=jit, or for a listed version."""
+    import triton
+
+    from albef_fast.kernels import launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("ALBEF_FAST_LAUNCH", raising=False)
+    monkeypatch.setattr(launch, "SUPPORTED", ("3.1",))
+    note = launch.unsupported_version_note()
+    assert triton.__version__ in note and "(3.1)" in note and "ALBEF_FAST_LAUNCH=jit" in note
+    monkeypatch.setattr(launch, "SUPPORTED", (triton.__version__.rsplit(".", 1)[0],))
+    assert launch.unsupported_version_note() is None
+    monkeypatch.setattr(launch, "SUPPORTED", ("3.1",))
+    monkeypatch.setenv("ALBEF_FAST_LAUNCH", "jit")
+    assert launch.unsupported_version_note() is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("ALBEF_FAST_LAUNCH")
+    assert launch.unsupported_version_note() is None
+
+
+def test_unsupported_triton_warns_once(monkeypatch):
+    """The note is a RuntimeWarning at the first launch through JITFunction.run, not at every one."""
+    import warnings
+
+    from albef_fast.kernels import launch
+
+    calls = []
+
+    class _Fn:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    launcher = launch.DirectLauncher.__new__(launch.DirectLauncher)
+    launcher.fn, launcher._direct, launcher._note = _Fn(), False, "albef_fast: a note for this test only"
+    prepared = launch.PreparedLaunch(launcher, 1, (2,), (7,), {"BLOCK": 4}, {"num_warps": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared((), (0.5,))
+        prepared((), (0.5,))
+    assert [str(w.message) for w in caught] == [launcher._note] and caught[0].category is RuntimeWarning
+    assert calls == [((2,), (7, 0.5), {"BLOCK": 4, "num_warps": 1})] * 2
