@@ -55,21 +55,25 @@ SUPPORTED = ("3.6", "3.7", "3.8", "3.9")  # JITFunction.run -> kernel.run(grid, 
 FIXED_OPTIONS = {"enable_fp_fusion": True}
 
 
+def _jit_launches_asked() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("ALBEF_FAST_LAUNCH") == "jit"
+
+
+def _version_supported() -> bool:
+    return triton.__version__.rsplit(".", 1)[0] in SUPPORTED
+
+
 def direct_launch_enabled() -> bool:
     """False under the interpreter, on unsupported Triton versions, or with ALBEF_FAST_LAUNCH=jit
     (read when a launcher is made: at import)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("ALBEF_FAST_LAUNCH") == "jit":
-        return False
-    return triton.__version__.rsplit(".", 1)[0] in SUPPORTED
+    return not _jit_launches_asked() and _version_supported()
 
 
 def unsupported_version_note() -> Optional[str]:
     """Why launches go through JITFunction.run when the installed Triton alone is the cause (a
     compiled Triton not in SUPPORTED, ALBEF_FAST_LAUNCH not jit), else None. The first such
     launch warns with it once: the step then pays Triton's binder and goes without the C++ step."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("ALBEF_FAST_LAUNCH") == "jit":
-        return None
-    if triton.__version__.rsplit(".", 1)[0] in SUPPORTED:
+    if _jit_launches_asked() or _version_supported():
         return None
     return (f"albef_fast: Triton {triton.__version__} is not among the versions its direct launches were checked "
             f"with ({', '.join(SUPPORTED)}): kernels launch through Triton's JITFunction.run and the C++ step is "
