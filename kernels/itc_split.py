@@ -198,6 +198,123 @@ def _fresh_states(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _tile_span(B, Q, NUM_SPLITS, T0, T1, pid_s, PRESCALED: tl.constexpr, INTERLEAVE: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """This split's share of the tile space (tiles of BLOCK_N keys: [in-batch keys ; queue], or the
+    converted chunk [T0, T1) if PRESCALED): (t_begin, t_end, t_step, batch_tiles), batch_tiles
+    = the in-batch keys' tiles."""
+    batch_tiles = tl.cdiv(B, BLOCK_N)
+    if PRESCALED:  # this launch's chunk of the tile space
+        t_first, t_last = T0, T1
+    else:
+        t_first, t_last = 0, batch_tiles + tl.cdiv(Q, BLOCK_N)
+    if INTERLEAVE:  # split s takes tiles s, s + S, ...: the programs running at once read neighbours
+        t_begin, t_end, t_step = t_first + pid_s, t_last, NUM_SPLITS
+    else:  # a contiguous range of tiles
+        tiles_per_split = tl.cdiv(t_last - t_first, NUM_SPLITS)
+        t_begin = t_first + pid_s * tiles_per_split
+        t_end = tl.minimum(t_begin + tiles_per_split, t_last)
+        t_step = 1
+    return t_begin, t_end, t_step, batch_tiles
+
+
+@triton.jit
+def _phase_span(PHASE: tl.constexpr, t_begin, t_end, batch_tiles, NUM_SPLITS, INTERLEAVE: tl.constexpr):
+    """The split's tiles [lo, hi) in phase 0 (the in-batch keys) or 1 (the queue), and shift, the
+    phase's first tile in the tile space: (lo, hi, shift)."""
+    if PHASE == 0:
+        lo, hi, shift = t_begin, tl.minimum(t_end, batch_tiles), 0
+    else:
+        if INTERLEAVE:  # this split's first tile past the in-batch ones
+            lo = t_begin + tl.cdiv(tl.maximum(batch_tiles - t_begin, 0), NUM_SPLITS) * NUM_SPLITS
+        else:
+            lo = tl.maximum(t_begin, batch_tiles)
+        hi, shift = t_end, batch_tiles
+    return lo, hi, shift
+
+
+@triton.jit
+def _key_tile(keys, t, d_offs, j, cols, TRANSPOSED: tl.constexpr, PRESCALED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, KEYS_AS_IS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tile t (keys j, D columns d_offs) as a product operand: (operand [BLOCK_D, BLOCK_N], or
+    [BLOCK_N, BLOCK_D] if TRANSPOSED; its scale; whether it fell outside _f16_as_is, KEYS_AS_IS).
+    keys = (k_base, s_kd, s_kj, n_keys: this phase's keys; kc_ptr, ks_ptr, direction, KC_STRIDE,
+    T0: the converted chunk, PRESCALED; D)."""
+    k_base, s_kd, s_kj, n_keys, kc_ptr, ks_ptr, direction, KC_STRIDE, T0, D = keys
+    if PRESCALED:
+        k, k_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t - T0, d_offs, cols, D, KC_STRIDE, TRANSPOSED,
+                                  DOT_DTYPE, INPUT_PRECISION, BLOCK_N)
+        outside = False
+    elif TRANSPOSED:
+        k, k_up, outside = _key_operand(k_base, s_kj, s_kd, j, d_offs, n_keys, D, DOT_DTYPE, INPUT_PRECISION,
+                                        KEYS_AS_IS)
+    else:
+        k, k_up, outside = _key_operand(k_base, s_kd, s_kj, d_offs, j, D, n_keys, DOT_DTYPE, INPUT_PRECISION,
+                                        KEYS_AS_IS)
+    return k, k_up, outside
+
+
+@triton.jit
+def _blocked_logits(keys, t, j, cols, main_ptr, qm_ptr, stride_fb, stride_fd, rows, B, D, outside,
+                    TEACHER: tl.constexpr, LOGITS_T: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    KEYS_AS_IS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    NUM_DK: tl.constexpr):
+    """The raw logits (s, m [BLOCK_M, BLOCK_N], _logits) of key tile t with D in NUM_DK blocks, the
+    query and key tiles loaded for each, and outside (KEYS_AS_IS) or'ed with whether one of
+    them fell outside _f16_as_is."""
+    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    m = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for dk in range(NUM_DK):
+        d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
+        k, k_up, tile_out = _key_tile(keys, t, d_offs, j, cols, False, False, DOT_DTYPE, INPUT_PRECISION, KEYS_AS_IS,
+                                      BLOCK_N)
+        outside |= tile_out
+        q, qm, q_up, qm_up = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D, TEACHER,
+                                          DOT_DTYPE, INPUT_PRECISION)
+        s_part, m_part = _logits(q, qm, k, q_up, qm_up, k_up, TEACHER, LOGITS_T, DOT_DTYPE, INPUT_PRECISION)
+        s += s_part
+        m += m_part
+    return s, m, outside
+
+
+@triton.jit
+def _unit_step(up_run, t_up, INPUT_PRECISION: tl.constexpr):
+    """Scaled fp16 products: (ratio, up_run), the key sums' move from the previous tile's unit to
+    this one's (t_up; _online_softmax); else (1, up_run)."""
+    if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
+        ratio = up_run / t_up
+        up_run = t_up
+    else:
+        ratio = 1.0
+    return ratio, up_run
+
+
+@triton.jit
+def _store_sims(sim_ptr, s, temp, rows, j, valid, direction, B):
+    """The student's [B, B] sim block of one in-batch key tile (s / temp) into sim [2, B, B]."""
+    sim_mask = (rows[:, None] < B) & valid
+    sim_offs = direction * B * B + rows[:, None] * B + j[None, :]
+    tl.store(sim_ptr + sim_offs, (s / temp).to(sim_ptr.dtype.element_ty), mask=sim_mask)
+
+
+@triton.jit
+def _hard_sums(count, acc_h, id_base, s_id, row_ids, j, n_keys, valid, k_t, ratio, DOT_DTYPE: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, TILE_SUMS: tl.constexpr):
+    """One key tile into the student's hard (retrieval) targets: count [BLOCK_M], the number of
+    keys whose id is the row's, and acc_h [BLOCK_M, BLOCK_D], their key sum."""
+    key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=0)
+    hard = ((row_ids[:, None] == key_ids[None, :]) & valid).to(tl.float32)
+    count += tl.sum(hard, 1)
+    # scaled fp16 products: in the unit of the key sums (_online_softmax)
+    if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
+        acc_h = _key_sum(acc_h * ratio, _operand(hard * 16384.0, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE,
+                         INPUT_PRECISION, TILE_SUMS)
+    else:
+        acc_h += _mma(_operand(hard, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE, INPUT_PRECISION)
+    return count, acc_h
+
+
+@triton.jit
 def _stream_keys(states, queries, ptrs, strides, shapes, program, GRAD: tl.constexpr, RETRIEVAL: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr,
                  TILE_SUMS: tl.constexpr, INTERLEAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -221,97 +338,49 @@ def _stream_keys(states, queries, ptrs, strides, shapes, program, GRAD: tl.const
     temp, scale, rows, row_ids, d_acc, cols, direction, pid_s, pid_d, is_student = program
     up_run = tl.full([], 1.0, tl.float32)  # scaled fp16 modes: the latest key-sum operand's scale
     outside = tl.zeros([], tl.int1)  # KEYS_AS_IS: a key tile outside _f16_as_is was seen
-
-    batch_tiles = tl.cdiv(B, BLOCK_N)
-    if PRESCALED:  # this launch's chunk of the tile space
-        t_first, t_last = T0, T1
-    else:
-        t_first, t_last = 0, batch_tiles + tl.cdiv(Q, BLOCK_N)
-    if INTERLEAVE:  # split s takes tiles s, s + S, ...: the programs running at once read neighbours
-        t_begin, t_end, t_step = t_first + pid_s, t_last, NUM_SPLITS
-    else:  # a contiguous range of tiles
-        tiles_per_split = tl.cdiv(t_last - t_first, NUM_SPLITS)
-        t_begin = t_first + pid_s * tiles_per_split
-        t_end = tl.minimum(t_begin + tiles_per_split, t_last)
-        t_step = 1
+    t_begin, t_end, t_step, batch_tiles = _tile_span(B, Q, NUM_SPLITS, T0, T1, pid_s, PRESCALED, INTERLEAVE, BLOCK_N)
     for phase in tl.static_range(2):
         # phase 0: in-batch keys [B, D] (row layout); phase 1: the queue [D, Q]; one tile space.
         if phase == 0:
             k_base, s_kd, s_kj, n_keys, id_base, s_id = kb_ptr, stride_fd, stride_fb, B, idx_ptr, stride_idx
-            lo, hi, shift = t_begin, tl.minimum(t_end, batch_tiles), 0
         else:
             k_base, s_kd, s_kj, n_keys, id_base, s_id = queue_ptr, stride_qd, stride_qj, Q, idx_queue_ptr, stride_idq
-            if INTERLEAVE:  # this split's first tile past the in-batch ones
-                lo = t_begin + tl.cdiv(tl.maximum(batch_tiles - t_begin, 0), NUM_SPLITS) * NUM_SPLITS
-            else:
-                lo = tl.maximum(t_begin, batch_tiles)
-            hi, shift = t_end, batch_tiles
+        keys = k_base, s_kd, s_kj, n_keys, kc_ptr, ks_ptr, direction, KC_STRIDE, T0, D
+        lo, hi, shift = _phase_span(phase, t_begin, t_end, batch_tiles, NUM_SPLITS, INTERLEAVE)
         for t in range(lo, hi, t_step):
             j = (t - shift) * BLOCK_N + cols
             if NUM_DK == 1:  # the query tiles stay loaded (q_one, qm_one); one key tile serves all
-                if PRESCALED:
-                    k_acc, k_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t - T0, d_acc, cols, D, KC_STRIDE,
-                                                  False, DOT_DTYPE, INPUT_PRECISION, BLOCK_N)
-                else:
-                    k_acc, k_up, tile_out = _key_operand(k_base, s_kd, s_kj, d_acc, j, D, n_keys, DOT_DTYPE,
-                                                              INPUT_PRECISION, KEYS_AS_IS)
-                    outside |= tile_out
+                k_acc, k_up, tile_out = _key_tile(keys, t, d_acc, j, cols, False, PRESCALED, DOT_DTYPE,
+                                                  INPUT_PRECISION, KEYS_AS_IS, BLOCK_N)
+                outside |= tile_out
                 s, m = _logits(q_one, qm_one, k_acc, q_up_one, qm_up_one, k_up, TEACHER, LOGITS_T, DOT_DTYPE,
                                INPUT_PRECISION)
             else:  # D in NUM_DK blocks for the logits, then this program's D block of the keys again
-                s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                m = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                for dk in range(NUM_DK):
-                    d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
-                    k, k_up, tile_out = _key_operand(k_base, s_kd, s_kj, d_offs, j, D, n_keys, DOT_DTYPE,
-                                                     INPUT_PRECISION, KEYS_AS_IS)
-                    outside |= tile_out
-                    q, qm, q_up, qm_up = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_offs, B, D,
-                                                      TEACHER, DOT_DTYPE, INPUT_PRECISION)
-                    s_part, m_part = _logits(q, qm, k, q_up, qm_up, k_up, TEACHER, LOGITS_T, DOT_DTYPE,
-                                             INPUT_PRECISION)
-                    s += s_part
-                    m += m_part
+                s, m, outside = _blocked_logits(keys, t, j, cols, main_ptr, qm_ptr, stride_fb, stride_fd, rows, B,
+                                                D, outside, TEACHER, LOGITS_T, DOT_DTYPE, INPUT_PRECISION, KEYS_AS_IS,
+                                                BLOCK_M, BLOCK_N, BLOCK_D, NUM_DK)
             if KT_LOAD:  # [BLOCK_N, BLOCK_D] loaded as such: no transpose through registers
-                if PRESCALED:
-                    k_t, t_up = _prescaled_keys(kc_ptr, ks_ptr, direction, t - T0, d_acc, cols, D, KC_STRIDE, True,
-                                                DOT_DTYPE, INPUT_PRECISION, BLOCK_N)
-                else:
-                    k_t, t_up, tile_out = _key_operand(k_base, s_kj, s_kd, j, d_acc, n_keys, D, DOT_DTYPE,
-                                                            INPUT_PRECISION, KEYS_AS_IS)
-                    outside |= tile_out
+                k_t, t_up, tile_out = _key_tile(keys, t, d_acc, j, cols, True, PRESCALED, DOT_DTYPE,
+                                                INPUT_PRECISION, KEYS_AS_IS, BLOCK_N)
+                outside |= tile_out
             else:
                 if NUM_DK > 1:
-                    k_acc, k_up, tile_out = _key_operand(k_base, s_kd, s_kj, d_acc, j, D, n_keys, DOT_DTYPE,
-                                                              INPUT_PRECISION, KEYS_AS_IS)
+                    k_acc, k_up, tile_out = _key_tile(keys, t, d_acc, j, cols, False, PRESCALED, DOT_DTYPE,
+                                                      INPUT_PRECISION, KEYS_AS_IS, BLOCK_N)
                     outside |= tile_out
                 k_t, t_up = _trans(k_acc, INPUT_PRECISION), k_up
-            # scaled fp16 products: the key sums from the previous tile's unit to this one's
-            if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
-                ratio = up_run / t_up
-                up_run = t_up
-            else:
-                ratio = 1.0
+            ratio, up_run = _unit_step(up_run, t_up, INPUT_PRECISION)
             valid = j[None, :] < n_keys
             if phase == 0:
                 if (pid_d == 0) & is_student:
-                    sim_mask = (rows[:, None] < B) & valid
-                    sim_offs = direction * B * B + rows[:, None] * B + j[None, :]
-                    tl.store(sim_ptr + sim_offs, (s / temp).to(sim_ptr.dtype.element_ty), mask=sim_mask)
+                    _store_sims(sim_ptr, s, temp, rows, j, valid, direction, B)
             # the main state needs its key sum unless it is a student's with no gradient asked for
             mx_s, z_s, acc_s = _online_softmax(mx_s, z_s, acc_s, s, valid, scale, k_t, ratio, GRAD + GRID_KINDS - 1,
                                                DOT_DTYPE, INPUT_PRECISION, TILE_SUMS)
             if RETRIEVAL:
                 if is_student:
-                    key_ids = tl.load(id_base + j * s_id, mask=j < n_keys, other=0)
-                    hard = ((row_ids[:, None] == key_ids[None, :]) & valid).to(tl.float32)
-                    count += tl.sum(hard, 1)
-                    # scaled fp16 products: in the unit of the key sums (_online_softmax)
-                    if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
-                        acc_h = _key_sum(acc_h * ratio, _operand(hard * 16384.0, DOT_DTYPE, INPUT_PRECISION), k_t,
-                                         DOT_DTYPE, INPUT_PRECISION, TILE_SUMS)
-                    else:
-                        acc_h += _mma(_operand(hard, DOT_DTYPE, INPUT_PRECISION), k_t, DOT_DTYPE, INPUT_PRECISION)
+                    count, acc_h = _hard_sums(count, acc_h, id_base, s_id, row_ids, j, n_keys, valid, k_t, ratio,
+                                              DOT_DTYPE, INPUT_PRECISION, TILE_SUMS)
             if TEACHER:
                 mx_m, z_m, acc_m = _online_softmax(mx_m, z_m, acc_m, m, valid, scale, k_t, ratio, True, DOT_DTYPE,
                                                    INPUT_PRECISION, TILE_SUMS)
