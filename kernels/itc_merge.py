@@ -58,6 +58,62 @@ def _combine_slots(mc, zc, gc, ACC: tl.constexpr):
 
 
 @triton.jit
+def _merged_splits(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, direction, rows, d_offs, row_ok, B, D, NUM_SPLITS,
+                   GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, MERGE_STAGES: tl.constexpr):
+    """Every split's states of one (row block, D block, direction), in one pass over the splits:
+    CHUNK slots merged elementwise (_merge_slots), combined after the loop (_combine_slots).
+    Returns (max, Z [BLOCK_M], key sum [BLOCK_M, BLOCK_D]) of the student (the sum if GRAD, else
+    zeros) and of the teacher (HAS_TEACHER), and the hard targets' count [BLOCK_M] and key sum
+    (RETRIEVAL); a state not kept is returned as the student's, unused."""
+    stat = direction * 2 * NUM_SPLITS * B  # ws_max, ws_z [2, 2, S, B]: student, then teacher
+    acc0 = direction * (GRAD + HAS_TEACHER + RETRIEVAL) * NUM_SPLITS * B  # ws_acc [2, n_sums, S, B, D]
+    mc_s = tl.full([CHUNK, BLOCK_M, 1], float("-inf"), tl.float32)
+    zc_s = tl.zeros([CHUNK, BLOCK_M, 1], tl.float32)
+    gc = tl.zeros([CHUNK, BLOCK_M, BLOCK_D], tl.float32)
+    mc_m, zc_m, pc, hc, cc = mc_s, zc_s, gc, gc, zc_s
+    for s0 in tl.range(0, NUM_SPLITS, CHUNK, num_stages=MERGE_STAGES):
+        sp = s0 + tl.arange(0, CHUNK)
+        sr = (sp[:, None] * B + rows[None, :])[:, :, None]  # (split, row, 1) of a [S, B] array
+        ok = ((sp[:, None] < NUM_SPLITS) & row_ok[None, :])[:, :, None]
+        acc_offs = sr * D + d_offs[None, None, :]
+        acc_mask = ok & (d_offs[None, None, :] < D)
+        # every load of the round before the arithmetic
+        m_sp, z_sp, a_s = _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr + acc0 * D, stat + sr, acc_offs, ok,
+                                        acc_mask, GRAD)
+        if HAS_TEACHER:
+            m_sp_m, z_sp_m, a_m = _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr + (acc0 + GRAD * NUM_SPLITS * B) * D,
+                                                stat + NUM_SPLITS * B + sr, acc_offs, ok, acc_mask, True)
+        if RETRIEVAL:  # plain sums: hard-target key sums and their counts
+            c_sp = tl.load(ws_count_ptr + direction * NUM_SPLITS * B + sr, mask=ok, other=0.0)
+            h_ptr = ws_acc_ptr + (acc0 + (GRAD + HAS_TEACHER) * NUM_SPLITS * B) * D
+            a_h = tl.load(h_ptr + acc_offs, mask=acc_mask, other=0.0)
+        mc_s, zc_s, gc = _merge_slots(mc_s, zc_s, gc, m_sp, z_sp, a_s, GRAD)
+        if HAS_TEACHER:
+            mc_m, zc_m, pc = _merge_slots(mc_m, zc_m, pc, m_sp_m, z_sp_m, a_m, True)
+        if RETRIEVAL:
+            cc += c_sp
+            hc += a_h
+    mx_s, z_s, g = _combine_slots(mc_s, zc_s, gc, GRAD)
+    mx_m, z_m, pm, count, h = mx_s, z_s, g, z_s, g
+    if HAS_TEACHER:
+        mx_m, z_m, pm = _combine_slots(mc_m, zc_m, pc, True)
+    if RETRIEVAL:
+        count = tl.reshape(tl.sum(cc, 0), (BLOCK_M,))
+        h = tl.sum(hc, 0)
+    return mx_s, z_s, g, mx_m, z_m, pm, count, h
+
+
+@triton.jit
+def _finite_rows(mx, z, acc, row_ok):
+    """A merged state (max, Z, key sum) with finite values on the rows past B (max 0, Z 1), and
+    its key sum over Z."""
+    mx = tl.where(row_ok, mx, 0.0)
+    z = tl.where(row_ok, z, 1.0)
+    return mx, z, acc / z[:, None]
+
+
+@triton.jit
 def _itc_merge_fwd_kernel(
     # pointers
     img_ptr, txt_ptr, img_m_ptr, txt_m_ptr, temp_ptr, ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr,
@@ -94,50 +150,12 @@ def _itc_merge_fwd_kernel(
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < B
     mask = row_ok[:, None] & (d_offs[None, :] < D)
-    stat = direction * 2 * NUM_SPLITS * B  # ws_max, ws_z [2, 2, S, B]: student, then teacher
-    acc0 = direction * (GRAD + HAS_TEACHER + RETRIEVAL) * NUM_SPLITS * B  # ws_acc [2, n_sums, S, B, D]
-
-    # One pass over the splits for every state, CHUNK slots merged elementwise (_merge_slots), the
-    # slots combined after the loop
-    mc_s = tl.full([CHUNK, BLOCK_M, 1], float("-inf"), tl.float32)
-    zc_s = tl.zeros([CHUNK, BLOCK_M, 1], tl.float32)
-    gc = tl.zeros([CHUNK, BLOCK_M, BLOCK_D], tl.float32)
-    mc_m, zc_m, pc, hc, cc = mc_s, zc_s, gc, gc, zc_s
-    for s0 in tl.range(0, NUM_SPLITS, CHUNK, num_stages=MERGE_STAGES):
-        sp = s0 + tl.arange(0, CHUNK)
-        sr = (sp[:, None] * B + rows[None, :])[:, :, None]  # (split, row, 1) of a [S, B] array
-        ok = ((sp[:, None] < NUM_SPLITS) & row_ok[None, :])[:, :, None]
-        acc_offs = sr * D + d_offs[None, None, :]
-        acc_mask = ok & (d_offs[None, None, :] < D)
-        # every load of the round before the arithmetic
-        m_sp, z_sp, a_s = _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr + acc0 * D, stat + sr, acc_offs, ok,
-                                        acc_mask, GRAD)
-        if HAS_TEACHER:
-            m_sp_m, z_sp_m, a_m = _split_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr + (acc0 + GRAD * NUM_SPLITS * B) * D,
-                                                stat + NUM_SPLITS * B + sr, acc_offs, ok, acc_mask, True)
-        if RETRIEVAL:  # plain sums: hard-target key sums and their counts
-            c_sp = tl.load(ws_count_ptr + direction * NUM_SPLITS * B + sr, mask=ok, other=0.0)
-            h_ptr = ws_acc_ptr + (acc0 + (GRAD + HAS_TEACHER) * NUM_SPLITS * B) * D
-            a_h = tl.load(h_ptr + acc_offs, mask=acc_mask, other=0.0)
-        mc_s, zc_s, gc = _merge_slots(mc_s, zc_s, gc, m_sp, z_sp, a_s, GRAD)
-        if HAS_TEACHER:
-            mc_m, zc_m, pc = _merge_slots(mc_m, zc_m, pc, m_sp_m, z_sp_m, a_m, True)
-        if RETRIEVAL:
-            cc += c_sp
-            hc += a_h
-    mx_s, z_s, g = _combine_slots(mc_s, zc_s, gc, GRAD)
+    mx_s, z_s, g, mx_m, z_m, pm, count, h = _merged_splits(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, direction,
+                                                           rows, d_offs, row_ok, B, D, NUM_SPLITS, GRAD, HAS_TEACHER,
+                                                           RETRIEVAL, BLOCK_M, BLOCK_D, CHUNK, MERGE_STAGES)
+    mx_s, z_s, g = _finite_rows(mx_s, z_s, g, row_ok)
     if HAS_TEACHER:
-        mx_m, z_m, pm = _combine_slots(mc_m, zc_m, pc, True)
-    if RETRIEVAL:
-        count = tl.reshape(tl.sum(cc, 0), (BLOCK_M,))
-        h = tl.sum(hc, 0)
-    mx_s = tl.where(row_ok, mx_s, 0.0)  # rows past B: finite, and Z = 1
-    z_s = tl.where(row_ok, z_s, 1.0)
-    g = g / z_s[:, None]
-    if HAS_TEACHER:
-        mx_m = tl.where(row_ok, mx_m, 0.0)
-        z_m = tl.where(row_ok, z_m, 1.0)
-        pm = pm / z_m[:, None]
+        mx_m, z_m, pm = _finite_rows(mx_m, z_m, pm, row_ok)
     else:
         mx_m, z_m = mx_s, z_s
     q = _load_rows(q_ptr, stride_fb, stride_fd, rows, d_offs, B, D).to(tl.float32)
