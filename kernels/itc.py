@@ -360,8 +360,8 @@ class _Plan:
         config, waves = launch_config(b, dot_dtype, prescaled or input_precision)
         n_sums = max(1, int(grad) + int(teacher) + int(retrieval))
         splits = _split_count(b, q, d, teacher, n_sums, dev, config, waves)
-        merge_m, merge_d, chunk, merge_stages, merge_warps = _merge_blocks(b, d)
-        merge_d_blocks = _cdiv(d, merge_d)
+        merge = _merge_blocks(b, d)  # (BLOCK_M, BLOCK_D, CHUNK, stages, warps)
+        merge_d_blocks = _cdiv(d, merge[1])
         self.ws_shapes = _Workspace.shapes(splits, b, d, n_sums, merge_d_blocks)
         flags = dict(GRAD=grad, HAS_TEACHER=teacher, RETRIEVAL=retrieval, TEMP_FROM_PTR=temp_dtype is not None)
         id_strides = ids[2:] if retrieval else (1, 1)
@@ -369,29 +369,25 @@ class _Plan:
         split_flags = dict(flags, DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision,
                            TILE_SUMS=_tile_sums(input_precision), STAGE_ROWS=_stage_rows(input_precision),
                            INTERLEAVE=_interleave())
-        plain = dict(split_flags, PRESCALED=False, RESUME=False, KEYS_AS_IS=_keys_as_is(input_precision))
         self.converted_sizes = None
+        self.splits = self._split_launches(config, split_ints, split_flags, prescaled, b, q, d, splits, teacher,
+                                           feat_strides, queue_strides)
+        rounding = _merge_rounding(dtype, dot_dtype, input_precision)
+        self.merge, self.finish = _merge_launches(merge, flags, rounding, feat_strides, b, d, splits)
+
+    def _split_launches(self, config, split_ints, split_flags, prescaled, b: int, q: int, d: int, splits: int,
+                        teacher: bool, feat_strides, queue_strides):
+        """[(conversion or None, split)]: one launch of the split kernel, the autotuner's (config
+        None), or one per chunk of converted key tiles (_chunked_splits)."""
+        plain = dict(split_flags, PRESCALED=False, RESUME=False, KEYS_AS_IS=_keys_as_is(split_flags["INPUT_PRECISION"]))
         if config is None:  # autotune over candidates(): through the autotuner at each call
-            self.splits = [(None, functools.partial(_autotuned_split, split_ints + (1, 0, 0), plain))]
-        else:
-            grid, meta = _split_meta(config, b, d, splits, teacher)
-            split = functools.partial(_LAUNCH["split"].prepare, grid, options=launch_options(config))
-            if prescaled and meta["BLOCK_D"] >= d:
-                self.splits = self._chunked_splits(split, split_ints, dict(meta, **split_flags), b, q, d, feat_strides,
-                                                   queue_strides)
-            else:
-                self.splits = [(None, split(split_ints + (1, 0, 0), dict(meta, **plain)))]
-        dblocks = _next_pow2(merge_d_blocks)  # the finish loads 4 [dblocks, BLOCK_B] tiles of <= 2048 values
-        finish_blocks = dict(BLOCK_B=min(_next_pow2(b), max(16, 2048 // dblocks)), DBLOCKS=dblocks)
-        fused = _finish_in_merge()
-        self.merge = _LAUNCH["merge"].prepare(
-            (_cdiv(b, merge_m), merge_d_blocks, 2), (*feat_strides, b, d, splits),
-            dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk, FINISH=fused, MERGE_STAGES=merge_stages,
-                 ROUND=_merge_rounding(dtype, dot_dtype, input_precision), **finish_blocks),
-            dict(num_warps=merge_warps, num_stages=merge_stages))
-        self.finish = None if fused else _LAUNCH["finish"].prepare(
-            (1,), (b, merge_d_blocks),
-            dict(HAS_TEACHER=teacher, TEMP_FROM_PTR=temp_dtype is not None, **finish_blocks), _FOUR_WARPS)
+            return [(None, functools.partial(_autotuned_split, split_ints + (1, 0, 0), plain))]
+        grid, meta = _split_meta(config, b, d, splits, teacher)
+        split = functools.partial(_LAUNCH["split"].prepare, grid, options=launch_options(config))
+        if prescaled and meta["BLOCK_D"] >= d:
+            return self._chunked_splits(split, split_ints, dict(meta, **split_flags), b, q, d, feat_strides,
+                                        queue_strides)
+        return [(None, split(split_ints + (1, 0, 0), dict(meta, **plain)))]
 
     def workspace(self, device) -> "_Workspace":
         return _Workspace(device, self.ws_shapes)
@@ -489,6 +485,26 @@ def _split_meta(config, b: int, d: int, splits: int, teacher: bool):
 
 
 _FOUR_WARPS = {"num_warps": 4}
+
+
+def _merge_launches(merge, flags, rounding: str, feat_strides, b: int, d: int, splits: int):
+    """(merge, finish or None) prepared launches: the merge's blocks (_merge_blocks: BLOCK_M,
+    BLOCK_D, CHUNK, stages, warps), the finish in the merge's last program (_finish_in_merge)
+    or a kernel of its own."""
+    merge_m, merge_d, chunk, merge_stages, merge_warps = merge
+    merge_d_blocks = _cdiv(d, merge_d)
+    dblocks = _next_pow2(merge_d_blocks)  # the finish loads 4 [dblocks, BLOCK_B] tiles of <= 2048 values
+    finish_blocks = dict(BLOCK_B=min(_next_pow2(b), max(16, 2048 // dblocks)), DBLOCKS=dblocks)
+    fused = _finish_in_merge()
+    merge_launch = _LAUNCH["merge"].prepare(
+        (_cdiv(b, merge_m), merge_d_blocks, 2), (*feat_strides, b, d, splits),
+        dict(flags, BLOCK_M=merge_m, BLOCK_D=merge_d, CHUNK=chunk, FINISH=fused, MERGE_STAGES=merge_stages,
+             ROUND=rounding, **finish_blocks),
+        dict(num_warps=merge_warps, num_stages=merge_stages))
+    finish_launch = None if fused else _LAUNCH["finish"].prepare(
+        (1,), (b, merge_d_blocks),
+        dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=flags["TEMP_FROM_PTR"], **finish_blocks), _FOUR_WARPS)
+    return merge_launch, finish_launch
 # one launcher per kernel: the split kernel's JIT function sits under autotune -> heuristics
 _LAUNCH = {"split": DirectLauncher(_itc_split_fwd_kernel.fn.fn), "merge": DirectLauncher(_itc_merge_fwd_kernel),
            "finish": DirectLauncher(_itc_finish_fwd_kernel), "keys": DirectLauncher(_itc_keys_fwd_kernel)}
