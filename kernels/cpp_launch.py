@@ -134,6 +134,17 @@ def _backward_spec(outputs, temp):
 def _launch_spec(record, inputs, floats, workspace, outputs):
     """(function, grid, threads, shared memory, [(kind, value, aligned)]) of one recorded launch."""
     prepared, tensors, call_floats, entry = record
+    kernel = _recordable_kernel(prepared, call_floats, entry, floats)
+    params = _params(kernel, prepared, tensors, call_floats, inputs, workspace, outputs)
+    _check_abi(kernel, params)
+    function = entry[1] if isinstance(entry[1], int) else 0  # 0: a test driver's stand-in
+    grid = tuple(prepared._grid3)
+    return function, grid, 32 * kernel.metadata.num_warps, kernel.metadata.shared, params
+
+
+def _recordable_kernel(prepared, call_floats, entry, floats):
+    """The compiled kernel of a recorded launch, if the C++ step can replay it: a compiled
+    kernel, no clusters, scratch memory or launch attributes, and the call's floats."""
     if entry is None:
         raise _NotRecordable(f"{prepared.launcher.fn.__name__} went through JITFunction.run (no compiled kernel)")
     kernel = entry[3]
@@ -144,11 +155,17 @@ def _launch_spec(record, inputs, floats, workspace, outputs):
         raise _NotRecordable(f"{kernel.name}: clusters, scratch memory or launch attributes")
     if tuple(call_floats) != tuple(floats[:len(call_floats)]):
         raise _NotRecordable(f"{kernel.name}: floats {call_floats} are not the call's (temp_value, alpha)")
-    fn = prepared.launcher.fn
+    return kernel
+
+
+def _params(kernel, prepared, tensors, call_floats, inputs, workspace, outputs):
+    """[(kind, value, aligned)] of the kernel's parameters, constexprs left out, in its order:
+    pointers as the call's tensors (_pointer), ints by value, floats by their place among the
+    call's floats; then the two scratch pointers."""
     values = (*tensors, *prepared.ints, *call_floats, *prepared._consts)
     signature = kernel.src.signature
     params = []
-    for position, (name, value) in enumerate(zip(fn.arg_names, values)):
+    for position, (name, value) in enumerate(zip(prepared.launcher.fn.arg_names, values)):
         kind = signature[name]
         if kind == "constexpr":
             continue
@@ -160,11 +177,7 @@ def _launch_spec(record, inputs, floats, workspace, outputs):
             params.append((F32, position - len(tensors) - len(prepared.ints), -1))
         else:
             raise _NotRecordable(f"{kernel.name}: parameter {name} of type {kind}")
-    params += [(NULL, 0, -1), (NULL, 0, -1)]  # global and profile scratch
-    _check_abi(kernel, params)
-    function = entry[1] if isinstance(entry[1], int) else 0  # 0: a test driver's stand-in
-    grid = tuple(prepared._grid3)
-    return function, grid, 32 * meta.num_warps, meta.shared, params
+    return params + [(NULL, 0, -1), (NULL, 0, -1)]  # global and profile scratch
 
 
 def _pointer(tensor, inputs, workspace, outputs, name):
