@@ -2,6 +2,7 @@
 
     python tests/triton_aot.py   ->  one JSON line per flag set: kernel -> (shared bytes, cubin bytes)
     python tests/triton_aot.py --hashes   ->  kernel -> ptx_hash (compare before / after a refactor)
+    python tests/triton_aot.py --tuned-hashes   ->  the same for the split kernel of every TUNED config
     python tests/triton_aot.py --report [flags ...]   ->  registers, spills, programs per SM per config
 
 Run by tests/test_triton_compile.py in a process without TRITON_INTERPRET (under the
@@ -211,7 +212,24 @@ def report(names=()):
                               "mma": sass_mma, "async_loads": pipelined}), flush=True)
 
 
+def tuned_hashes():
+    """ptx_hash of the split kernel for the TUNED configs of each REPORT flag set with an entry
+    there ("f16x3-tile": f16x3's), plain and with retrieval targets."""
+    for name in (n for n in REPORT if n.replace("-tile", "") in itc_configs.TUNED):
+        for retrieval in (False, True):
+            flags = dict(REPORT[name], RETRIEVAL=retrieval)
+            for _, spec, _ in itc_configs.TUNED[name.replace("-tile", "")]:
+                config = itc_configs.parse_config(spec)
+                k = _compile(itc_split._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"],
+                             config.num_warps, config.num_stages, config.maxnreg)
+                print(json.dumps({"flags": name, "retrieval": retrieval, "config": spec, "split": ptx_hash(k)}),
+                      flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--tuned-hashes"]:
+        tuned_hashes()
+        sys.exit()
     if sys.argv[1:2] == ["--report"]:  # [--report [flags ...]]
         report(sys.argv[2:])
         sys.exit()
