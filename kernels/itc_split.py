@@ -256,9 +256,9 @@ def _key_tile(keys, t, d_offs, j, cols, TRANSPOSED: tl.constexpr, PRESCALED: tl.
 
 @triton.jit
 def _blocked_logits(keys, t, j, cols, main_ptr, qm_ptr, stride_fb, stride_fd, rows, B, D, outside,
-                    TEACHER: tl.constexpr, LOGITS_T: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                    KEYS_AS_IS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    NUM_DK: tl.constexpr):
+                    TEACHER: tl.constexpr, LOGITS_T: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, KEYS_AS_IS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DK: tl.constexpr):
     """The raw logits (s, m [BLOCK_M, BLOCK_N], _logits) of key tile t with D in NUM_DK blocks, the
     query and key tiles loaded for each, and outside (KEYS_AS_IS) or'ed with whether one of
     them fell outside _f16_as_is."""
@@ -387,6 +387,49 @@ def _stream_keys(states, queries, ptrs, strides, shapes, program, GRAD: tl.const
     return mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count, up_run, outside
 
 
+@triton.jit
+def _initial_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, kind, direction, pid_s, rows, d_acc, B, D,
+                    NUM_SPLITS, GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr, RETRIEVAL: tl.constexpr,
+                    TEACHER: tl.constexpr, RESUME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The states a program starts from (mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count): fresh
+    ones, or with RESUME those the previous chunk's launch left in the workspace, the key sums in
+    units of 2^14 (the running unit up_run starts at 1)."""
+    mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count = _fresh_states(BLOCK_M, BLOCK_D)
+    if RESUME:
+        mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count = _load_states(
+            ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, kind, direction, pid_s, rows, d_acc, B, D, NUM_SPLITS,
+            GRAD, HAS_TEACHER, RETRIEVAL, TEACHER)
+        acc_s, acc_m, acc_h = acc_s * 16384.0, acc_m * 16384.0, acc_h * 16384.0
+    return mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count
+
+
+@triton.jit
+def _program_queries(main_ptr, qm_ptr, qc_ptr, qs_ptr, ws_acc_ptr, stride_fb, stride_fd, direction, kind, pid_s, pid_m,
+                     rows, d_acc, B, D, NUM_SPLITS, GRAD: tl.constexpr, HAS_TEACHER: tl.constexpr,
+                     RETRIEVAL: tl.constexpr, TEACHER: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr, STAGE_ROWS: tl.constexpr,
+                     NUM_DK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The program's query operands of its D block d_acc and their row scales, (q_one, qm_one,
+    q_up_one, qm_up_one) (_query_tiles; qm_one the teacher's if TEACHER, else q_one's): the
+    converted rows if PRESCALED, else the features' rows, passed through ws_acc for "f16s"
+    (STAGE_ROWS with GRAD and D in one block: _staged_rows)."""
+    if PRESCALED:  # converted rows: [direction, kind (student, teacher)] of qc
+        q_one, q_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + kind, rows, d_acc, B, D, DOT_DTYPE,
+                                          INPUT_PRECISION)
+        if TEACHER:
+            qm_one, qm_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + 1, rows, d_acc, B, D, DOT_DTYPE,
+                                                INPUT_PRECISION)
+        else:
+            qm_one, qm_up_one = q_one, q_up_one
+    else:
+        q_one, qm_one, q_up_one, qm_up_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D,
+                                                          TEACHER, DOT_DTYPE, INPUT_PRECISION)
+        if STAGE_ROWS and GRAD and (NUM_DK == 1) and (INPUT_PRECISION == "f16s"):
+            q_one, qm_one = _staged_rows(ws_acc_ptr, q_one, qm_one, direction, kind, pid_s, pid_m, rows, d_acc, B, D,
+                                         NUM_SPLITS, DOT_DTYPE, HAS_TEACHER, RETRIEVAL, TEACHER, BLOCK_M)
+    return q_one, qm_one, q_up_one, qm_up_one
+
+
 @triton.autotune(configs=candidates(), key=["B", "D", "GRAD", "HAS_TEACHER", "RETRIEVAL", "DOT_DTYPE", "INPUT_PRECISION"])
 @triton.heuristics({
     "NUM_DK": lambda args: _cdiv(args["D"], args["BLOCK_D"]),
@@ -457,29 +500,11 @@ def _itc_split_fwd_kernel(
     if RETRIEVAL:
         row_ids = tl.load(idx_ptr + rows * stride_idx, mask=rows < B, other=0)  # padded rows: never stored
 
-    mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count = _fresh_states(BLOCK_M, BLOCK_D)
-    if RESUME:  # the key sums in units of 2^14 (the running unit up_run starts at 1)
-        mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count = _load_states(
-            ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, kind, direction, pid_s, rows, d_acc, B, D, NUM_SPLITS,
-            GRAD, HAS_TEACHER, RETRIEVAL, TEACHER)
-        acc_s, acc_m, acc_h = acc_s * 16384.0, acc_m * 16384.0, acc_h * 16384.0
-
-    if PRESCALED:  # converted rows: [direction, kind (student, teacher)] of qc
-        q_one, q_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + kind, rows, d_acc, B, D, DOT_DTYPE,
-                                          INPUT_PRECISION)
-        if TEACHER:
-            qm_one, qm_up_one = _prescaled_rows(qc_ptr, qs_ptr, direction * 2 + 1, rows, d_acc, B, D, DOT_DTYPE,
-                                                INPUT_PRECISION)
-        else:
-            qm_one, qm_up_one = q_one, q_up_one
-    else:
-        q_one, qm_one, q_up_one, qm_up_one = _query_tiles(main_ptr, qm_ptr, stride_fb, stride_fd, rows, d_acc, B, D,
-                                                          TEACHER, DOT_DTYPE, INPUT_PRECISION)
-        if STAGE_ROWS and GRAD and (NUM_DK == 1) and (INPUT_PRECISION == "f16s"):
-            q_one, qm_one = _staged_rows(ws_acc_ptr, q_one, qm_one, direction, kind, pid_s, pid_m, rows, d_acc, B, D,
-                                         NUM_SPLITS, DOT_DTYPE, HAS_TEACHER, RETRIEVAL, TEACHER, BLOCK_M)
-    states = mx_s, z_s, acc_s, mx_m, z_m, acc_m, acc_h, count
-    queries = q_one, qm_one, q_up_one, qm_up_one
+    states = _initial_states(ws_max_ptr, ws_z_ptr, ws_acc_ptr, ws_count_ptr, kind, direction, pid_s, rows, d_acc, B, D,
+                             NUM_SPLITS, GRAD, HAS_TEACHER, RETRIEVAL, TEACHER, RESUME, BLOCK_M, BLOCK_D)
+    queries = _program_queries(main_ptr, qm_ptr, qc_ptr, qs_ptr, ws_acc_ptr, stride_fb, stride_fd, direction, kind,
+                               pid_s, pid_m, rows, d_acc, B, D, NUM_SPLITS, GRAD, HAS_TEACHER, RETRIEVAL, TEACHER,
+                               DOT_DTYPE, INPUT_PRECISION, PRESCALED, STAGE_ROWS, NUM_DK, BLOCK_M)
     ptrs = main_ptr, qm_ptr, kb_ptr, queue_ptr, idx_ptr, idx_queue_ptr, sim_ptr, kc_ptr, ks_ptr
     strides = stride_fb, stride_fd, stride_qd, stride_qj, stride_idx, stride_idq
     shapes = B, Q, D, NUM_SPLITS, KC_STRIDE, T0, T1
