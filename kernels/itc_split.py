@@ -266,6 +266,7 @@ def _blocked_logits(keys, t, j, cols, main_ptr, qm_ptr, stride_fb, stride_fd, ro
     m = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for dk in range(NUM_DK):
         d_offs = dk * BLOCK_D + tl.arange(0, BLOCK_D)
+        # as it is, not transposed; never PRESCALED (its tiles have D in one block)
         k, k_up, tile_out = _key_tile(keys, t, d_offs, j, cols, False, False, DOT_DTYPE, INPUT_PRECISION, KEYS_AS_IS,
                                       BLOCK_N)
         outside |= tile_out
