@@ -485,6 +485,9 @@ def _split_meta(config, b: int, d: int, splits: int, teacher: bool):
 
 
 _FOUR_WARPS = {"num_warps": 4}
+# one launcher per kernel: the split kernel's JIT function sits under autotune -> heuristics
+_LAUNCH = {"split": DirectLauncher(_itc_split_fwd_kernel.fn.fn), "merge": DirectLauncher(_itc_merge_fwd_kernel),
+           "finish": DirectLauncher(_itc_finish_fwd_kernel), "keys": DirectLauncher(_itc_keys_fwd_kernel)}
 
 
 def _merge_launches(merge, flags, rounding: str, feat_strides, b: int, d: int, splits: int):
@@ -505,9 +508,6 @@ def _merge_launches(merge, flags, rounding: str, feat_strides, b: int, d: int, s
         (1,), (b, merge_d_blocks),
         dict(HAS_TEACHER=flags["HAS_TEACHER"], TEMP_FROM_PTR=flags["TEMP_FROM_PTR"], **finish_blocks), _FOUR_WARPS)
     return merge_launch, finish_launch
-# one launcher per kernel: the split kernel's JIT function sits under autotune -> heuristics
-_LAUNCH = {"split": DirectLauncher(_itc_split_fwd_kernel.fn.fn), "merge": DirectLauncher(_itc_merge_fwd_kernel),
-           "finish": DirectLauncher(_itc_finish_fwd_kernel), "keys": DirectLauncher(_itc_keys_fwd_kernel)}
 
 
 def _common_strides(feats):

@@ -215,10 +215,11 @@ def report(names=()):
 def tuned_hashes():
     """ptx_hash of the split kernel for the TUNED configs of each REPORT flag set with an entry
     there ("f16x3-tile": f16x3's), plain and with retrieval targets."""
-    for name in (n for n in REPORT if n.replace("-tile", "") in itc_configs.TUNED):
+    tuned = {name: itc_configs.TUNED.get(name.replace("-tile", "")) for name in REPORT}
+    for name in (n for n in REPORT if tuned[n]):
         for retrieval in (False, True):
             flags = dict(REPORT[name], RETRIEVAL=retrieval)
-            for _, spec, _ in itc_configs.TUNED[name.replace("-tile", "")]:
+            for _, spec, _ in tuned[name]:
                 config = itc_configs.parse_config(spec)
                 k = _compile(itc_split._itc_split_fwd_kernel, _split_constexprs(flags, config), flags["TYPE"],
                              config.num_warps, config.num_stages, config.maxnreg)
