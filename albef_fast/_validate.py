@@ -6,6 +6,7 @@ nothing. None of them reads a device tensor's value (no host synchronization).
 """
 from __future__ import annotations
 
+import collections.abc
 import numbers
 from typing import Optional, Sequence
 
@@ -50,6 +51,35 @@ def unit_interval(name: str, value) -> float:
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name}: expected a value in [0, 1], got {value}")
     return float(value)
+
+
+def count(name: str, value, least: int = 1) -> int:
+    """An int >= least (numpy's integers too; a bool or a float is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int >= {least}, got {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{name}: expected an int >= {least}, got {value}")
+    return int(value)
+
+
+def tensors(name: str, value) -> list:
+    """A list of the iterable's items (a generator such as model.parameters() too), not a bare tensor."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, collections.abc.Iterable):
+        raise TypeError(f"{name}: expected a sequence of tensors, got {type(value).__name__}")
+    return list(value)
+
+
+def overlapping(tensor: torch.Tensor) -> bool:
+    """Whether elements share memory as an expand()ed tensor's do: an in-place write to it would
+    depend on the order of the writes (ATen's has_internal_overlap "Yes"; csrc/checks.h)."""
+    return any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride()))
+
+
+def writable(name: str, values: Sequence[torch.Tensor]) -> None:
+    for k, value in enumerate(values):
+        if overlapping(value):
+            raise ValueError(f"{name}[{k}]: expected a tensor whose elements do not share memory (an in-place "
+                             f"update is undefined there), got strides {list(value.stride())}; clone() it")
 
 
 def temperature(value, device: torch.device) -> None:

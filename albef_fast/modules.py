@@ -37,8 +37,7 @@ class ITCLoss(nn.Module):
     def __init__(self, embed_dim: int = 256, queue_size: int = 65536, temp: float = 0.07, alpha: float = 0.4, *,
                  clamp_temp: bool = True, use_idx: bool = False, queue_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if embed_dim < 1 or queue_size < 1:
-            raise ValueError(f"embed_dim, queue_size: expected >= 1, got {embed_dim}, {queue_size}")
+        embed_dim, queue_size = _validate.count("embed_dim", embed_dim), _validate.count("queue_size", queue_size)
         if not isinstance(queue_dtype, torch.dtype) or not queue_dtype.is_floating_point:
             raise TypeError(f"queue_dtype: expected a floating-point torch.dtype, got {queue_dtype}")
         _validate.temperature(temp, torch.device("cpu"))

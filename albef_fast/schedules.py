@@ -15,9 +15,7 @@ class AlphaRamp:
 
     def __init__(self, alpha: float = 0.4, warmup_steps: int = 1):
         self.alpha = _validate.unit_interval("alpha", alpha)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"warmup_steps: expected an int >= 1, got {warmup_steps!r}")
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = _validate.count("warmup_steps", warmup_steps)
 
     def __call__(self, step: int) -> float:
         if step < 0:

@@ -5,6 +5,7 @@ fallbacks; either way they are validated first and change nothing on bad input.
 """
 from __future__ import annotations
 
+import collections.abc
 from typing import Iterable, List, Sequence, Tuple
 
 import torch
@@ -21,7 +22,7 @@ def ema_update_(params_m: Iterable[torch.Tensor], params: Iterable[torch.Tensor]
     params_m, params: matching sequences of tensors (same shape, dtype, device per pair; any
     layout: channels_last weights and views too); momentum: float in [0, 1].
     """
-    params_m, params = list(params_m), list(params)
+    params_m, params = _validate.tensors("params_m", params_m), _validate.tensors("params", params)
     _validate.ema_inputs(params_m, params, momentum)
     _ema_update_checked(params_m, params, float(momentum))
 
@@ -30,9 +31,10 @@ def ema_update_(params_m: Iterable[torch.Tensor], params: Iterable[torch.Tensor]
 def _ema_update_checked(params_m: List[torch.Tensor], params: List[torch.Tensor], momentum: float) -> None:
     if not params_m:
         return
-    if _extension.has_ops():
+    if _extension.has_ops():  # the op checks for overlapping params_m itself (csrc/checks.h)
         torch.ops.albef_fast.ema_update_(params_m, params, momentum)
     else:
+        _validate.writable("params_m", params_m)
         fallbacks.ema_update_(params_m, params, momentum)
 
 
@@ -45,9 +47,10 @@ def enqueue_(queues: Sequence[torch.Tensor], items: Sequence[torch.Tensor], ptr:
     _validate.enqueue_inputs(queues, items, ptr)
     if items[0].shape[0] == 0:
         return
-    if _extension.has_ops():
+    if _extension.has_ops():  # the op checks for overlapping queues itself (csrc/checks.h)
         torch.ops.albef_fast.enqueue_(list(queues), [item.detach() for item in items], ptr)
     else:
+        _validate.writable("queues", queues)
         fallbacks.enqueue_(queues, items, ptr)
 
 
@@ -73,9 +76,12 @@ class MomentumUpdater:
 
     def __init__(self, model_pairs: Sequence[Tuple[nn.Module, nn.Module]], momentum: float = 0.995):
         _validate.unit_interval("momentum", momentum)
+        if isinstance(model_pairs, nn.Module) or not isinstance(model_pairs, collections.abc.Iterable):
+            raise TypeError(f"model_pairs: expected a list of (model, model_m) pairs, got {type(model_pairs).__name__}")
+        model_pairs = list(model_pairs)  # a generator is walked once
         for k, pair in enumerate(model_pairs):
-            if len(pair) != 2 or not all(isinstance(m, nn.Module) for m in pair):
-                raise TypeError(f"model_pairs[{k}]: expected a (model, model_m) pair of nn.Modules")
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(m, nn.Module) for m in pair)):
+                raise TypeError(f"model_pairs[{k}]: expected a (model, model_m) pair of nn.Modules, got {pair!r:.80}")
         self.model_pairs = [tuple(pair) for pair in model_pairs]
         self.momentum = float(momentum)
         self._key: tuple = ()

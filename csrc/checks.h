@@ -3,8 +3,17 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 namespace albef_fast {
+
+// An in-place write to a tensor whose elements share memory (an expand()ed one) would depend on
+// the order of the writes: a ValueError naming it, as albef_fast._validate.writable raises.
+inline void check_writable(const at::Tensor& t, const char* name, size_t k) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, name, "[", k,
+                    "]: expected a tensor whose elements do not share memory (an in-place update is undefined ",
+                    "there), got strides ", t.strides(), "; clone() it");
+}
 
 inline void check_ema_args(at::TensorList params_m, at::TensorList params, at::DeviceType device) {
   TORCH_CHECK(params_m.size() == params.size(), "ema_update_: params has ", params.size(),
@@ -17,6 +26,7 @@ inline void check_ema_args(at::TensorList params_m, at::TensorList params, at::D
     TORCH_CHECK(pm.device().type() == device && p.device() == pm.device(), "ema_update_: params[", i,
                 "] and params_m[", i, "] must be on the same ", device, " device");
     TORCH_CHECK(at::isFloatingType(pm.scalar_type()), "ema_update_: params_m[", i, "] must be floating point");
+    check_writable(pm, "params_m", i);
   }
 }
 
@@ -35,6 +45,7 @@ inline void check_enqueue_args(at::TensorList queues, at::TensorList items, cons
                 "], items[", k, "] and ptr must share one device");
     TORCH_CHECK(at::isFloatingType(queues[k].scalar_type()) == at::isFloatingType(items[k].scalar_type()),
                 "enqueue_: items[", k, "] dtype does not fit queues[", k, "]");
+    check_writable(queues[k], "queues", k);
   }
 }
 

@@ -1,6 +1,7 @@
 """ITCLoss: ALBEF's step semantics (clamp, loss on the pre-step queue, enqueue), state and errors."""
 import io
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,10 +176,18 @@ def test_temperature_is_clamped_as_albef(temp, clamped):
     assert module.temp.item() == pytest.approx(clamped, rel=1e-6)
 
 
-@pytest.mark.parametrize("embed_dim,queue_size", [(0, 13), (8, 0), (-1, 13)])
-def test_empty_queue_shapes_are_rejected(embed_dim, queue_size):
-    with pytest.raises(ValueError, match="embed_dim, queue_size"):
+@pytest.mark.parametrize("embed_dim,queue_size,exc,name", [
+    (0, 13, ValueError, "embed_dim"), (8, 0, ValueError, "queue_size"), (-1, 13, ValueError, "embed_dim"),
+    (2.5, 13, TypeError, "embed_dim"), ("8", 13, TypeError, "embed_dim"), (True, 13, TypeError, "embed_dim"),
+    (None, 13, TypeError, "embed_dim"), (8, 13.0, TypeError, "queue_size")])
+def test_queue_shapes_must_be_positive_ints(embed_dim, queue_size, exc, name):
+    with pytest.raises(exc, match=f"{name}: expected an int >= 1"):
         albef_fast.ITCLoss(embed_dim=embed_dim, queue_size=queue_size)
+
+
+def test_queue_shapes_take_numpys_ints():
+    module = albef_fast.ITCLoss(embed_dim=np.int64(8), queue_size=np.int32(13))
+    assert module.image_queue.shape == (8, 13) and module.queue_size == 13
 
 
 def test_batch_as_large_as_the_queue_replaces_it():

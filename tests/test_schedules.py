@@ -15,11 +15,11 @@ def test_alpha_ramp_defaults_to_albefs_alpha_at_once():
     assert [ramp(s) for s in (0, 1, 2)] == [0.0, 0.4, 0.4]
 
 
-@pytest.mark.parametrize("alpha,steps,name", [(0.4, 0, "warmup_steps"), (0.4, -3, "warmup_steps"),
-                                              (0.4, 2.0, "warmup_steps"), (0.4, True, "warmup_steps"),
-                                              (1.4, 5, "alpha"), (-0.1, 5, "alpha")])
-def test_alpha_ramp_rejects_bad_arguments(alpha, steps, name):
-    with pytest.raises(ValueError, match=name):
+@pytest.mark.parametrize("alpha,steps,exc,name", [
+    (0.4, 0, ValueError, "warmup_steps"), (0.4, -3, ValueError, "warmup_steps"), (0.4, 2.0, TypeError, "warmup_steps"),
+    (0.4, True, TypeError, "warmup_steps"), (1.4, 5, ValueError, "alpha"), (-0.1, 5, ValueError, "alpha")])
+def test_alpha_ramp_rejects_bad_arguments(alpha, steps, exc, name):
+    with pytest.raises(exc, match=name):
         albef_fast.AlphaRamp(alpha, steps)
 
 

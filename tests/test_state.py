@@ -102,6 +102,15 @@ def test_momentum_updater_copy_and_update_match_albef():
         assert torch.equal(got, exp)
 
 
+def test_momentum_updater_takes_pairs_from_a_generator():
+    """Walked once: the pairs are kept as a list (a generator left none to update before)."""
+    model, model_m = _pair()
+    updater = albef_fast.MomentumUpdater(pair for pair in [(model, model_m)])
+    updater.copy_params()
+    assert updater.model_pairs == [(model, model_m)]
+    assert all(torch.equal(p, p_m) for p, p_m in zip(model.parameters(), model_m.parameters()))
+
+
 def test_momentum_updater_follows_a_changed_parameter_set():
     model, model_m = _pair()
     updater = albef_fast.MomentumUpdater([(model, model_m)], momentum=0.5)
@@ -120,6 +129,10 @@ def test_momentum_updater_follows_a_changed_parameter_set():
 def test_momentum_updater_rejects_bad_pairs():
     with pytest.raises(TypeError, match="model_pairs"):
         albef_fast.MomentumUpdater([(nn.Linear(2, 2),)])
+    with pytest.raises(TypeError, match=r"model_pairs: expected a list of \(model, model_m\) pairs, got NoneType"):
+        albef_fast.MomentumUpdater(None)
+    with pytest.raises(TypeError, match=r"model_pairs\[0\]: expected a \(model, model_m\) pair"):
+        albef_fast.MomentumUpdater((nn.Linear(2, 2), nn.Linear(2, 2)))  # one pair, not a list of pairs
     with pytest.raises(ValueError, match="momentum"):
         albef_fast.MomentumUpdater([_pair()], momentum=2.0)
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import albef_fast
+from albef_fast import _extension
 from tests.helpers import make_inputs
 
 
@@ -165,3 +166,56 @@ def test_ema_rejects_and_changes_nothing():
     with pytest.raises(ValueError, match="params\\[0\\]"):
         albef_fast.ema_update_(p_m, [torch.ones(3, dtype=torch.float64), torch.ones(4)], 0.9)
     assert all(p.abs().sum() == 0 for p in p_m)
+
+
+def test_ema_and_enqueue_reject_what_is_not_a_sequence_of_tensors():
+    p, ptr = [torch.zeros(3)], torch.zeros(1, dtype=torch.long)
+    with pytest.raises(TypeError, match="params_m: expected a sequence of tensors, got Tensor"):
+        albef_fast.ema_update_(torch.zeros(3), p, 0.9)
+    with pytest.raises(TypeError, match="params: expected a sequence of tensors, got NoneType"):
+        albef_fast.ema_update_(p, None, 0.9)
+    albef_fast.ema_update_((t for t in p), iter([torch.ones(3)]), 0.5)  # generators: model.parameters()
+    assert torch.equal(p[0], torch.full((3,), 0.5))
+    with pytest.raises(TypeError, match="queues, items"):
+        albef_fast.enqueue_(None, [torch.zeros(1, 3)], ptr)
+
+
+def _ops(monkeypatch, ops: bool) -> None:
+    if ops and not _extension.has_ops():
+        pytest.skip("C++ extension not built")
+    monkeypatch.setattr(_extension, "has_ops", lambda: ops)
+
+
+@pytest.mark.parametrize("ops", [True, False], ids=["op", "fallback"])
+def test_ema_rejects_a_momentum_tensor_whose_elements_share_memory(monkeypatch, ops):
+    """An expand()ed params_m after a strided one (updated first, one pair at a time): the update
+    of the first was kept and a RuntimeError raised until session 27."""
+    _ops(monkeypatch, ops)
+    strided, expanded = torch.zeros(3, 2).t(), torch.zeros(1).expand(4)
+    with pytest.raises(ValueError, match=r"params_m\[1\]: expected a tensor whose elements do not share memory"):
+        albef_fast.ema_update_([strided, expanded], [torch.ones(2, 3), torch.ones(4)], 0.5)
+    assert not strided.any() and not expanded.any()
+    albef_fast.ema_update_([strided], [torch.ones(1).expand(2, 3)], 0.5)  # reading from one is fine
+    assert torch.equal(strided, torch.full((2, 3), 0.5))
+
+
+@pytest.mark.parametrize("ops", [True, False], ids=["op", "fallback"])
+def test_enqueue_rejects_a_queue_whose_elements_share_memory(monkeypatch, ops):
+    """Written in place, an expand()ed queue kept one of the columns meant for it, silently."""
+    _ops(monkeypatch, ops)
+    queue, shared, ptr = torch.zeros(4, 10), torch.zeros(3, 1).expand(3, 10), torch.tensor([3])
+    with pytest.raises(ValueError, match=r"queues\[1\]: expected a tensor whose elements do not share memory"):
+        albef_fast.enqueue_([queue, shared], [torch.ones(2, 4), torch.ones(2, 3)], ptr)
+    assert not queue.any() and not shared.any() and ptr.tolist() == [3]
+
+
+def test_state_ops_reject_a_tensor_whose_elements_share_memory_when_called_directly():
+    """The C++ op's own check (csrc/checks.h), for calls that bypass albef_fast.ema_update_."""
+    if not _extension.has_ops():
+        pytest.skip("C++ extension not built")
+    expanded = torch.zeros(1).expand(4)
+    with pytest.raises(ValueError, match=r"params_m\[0\]"):
+        torch.ops.albef_fast.ema_update_([expanded], [torch.ones(4)], 0.5)
+    with pytest.raises(ValueError, match=r"queues\[0\]"):
+        torch.ops.albef_fast.enqueue_([torch.zeros(2, 1).expand(2, 4)], [torch.ones(1, 2)], torch.tensor([0]))
+    assert not expanded.any()
