@@ -1,6 +1,8 @@
 """ALBEF's distillation-weight warm-up: alpha = alpha0 * min(1, step / steps), as a small schedule."""
 from __future__ import annotations
 
+import numbers
+
 from . import _validate
 
 __all__ = ["AlphaRamp"]
@@ -18,6 +20,8 @@ class AlphaRamp:
         self.warmup_steps = _validate.count("warmup_steps", warmup_steps)
 
     def __call__(self, step: int) -> float:
+        if isinstance(step, bool) or not isinstance(step, numbers.Real):
+            raise TypeError(f"step: expected a number >= 0, got {type(step).__name__}")
         if step < 0:
             raise ValueError(f"step: expected >= 0, got {step}")
         return self.alpha * min(1.0, step / self.warmup_steps)

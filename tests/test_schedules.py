@@ -26,3 +26,7 @@ def test_alpha_ramp_rejects_bad_arguments(alpha, steps, exc, name):
 def test_alpha_ramp_rejects_a_negative_step():
     with pytest.raises(ValueError, match="step"):
         albef_fast.AlphaRamp(0.4, 10)(-1)
+    for step in ("3", None, True):
+        with pytest.raises(TypeError, match="step: expected a number >= 0"):
+            albef_fast.AlphaRamp(0.4, 10)(step)
+    assert albef_fast.AlphaRamp(0.4, 10)(2.5) == pytest.approx(0.1)  # a fractional step, as an epoch fraction
