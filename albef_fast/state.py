@@ -20,7 +20,8 @@ def ema_update_(params_m: Iterable[torch.Tensor], params: Iterable[torch.Tensor]
     """In place, for every pair: p_m <- p_m * m + p * (1 - m) (bit-exact to ALBEF for fp32).
 
     params_m, params: matching sequences of tensors (same shape, dtype, device per pair; any
-    layout: channels_last weights and views too); momentum: float in [0, 1].
+    layout: channels_last weights and views too; pairs may sit on several GPUs, not on the CPU
+    and a GPU in one call); momentum: float in [0, 1].
     """
     params_m, params = _validate.tensors("params_m", params_m), _validate.tensors("params", params)
     _validate.ema_inputs(params_m, params, momentum)

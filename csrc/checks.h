@@ -23,8 +23,11 @@ inline void check_ema_args(at::TensorList params_m, at::TensorList params, at::D
     const auto& p = params[i];
     TORCH_CHECK(pm.sizes() == p.sizes() && pm.scalar_type() == p.scalar_type(), "ema_update_: params[", i,
                 "] must match params_m[", i, "] in shape and dtype");
-    TORCH_CHECK(pm.device().type() == device && p.device() == pm.device(), "ema_update_: params[", i,
-                "] and params_m[", i, "] must be on the same ", device, " device");
+    // named: the Python API checks pairs, not that all of them share a device type
+    TORCH_CHECK_VALUE(pm.device().type() == device, "params_m[", i, "]: expected a tensor on a ", device,
+                      " device like params_m[0], got ", pm.device(), " (one call per device type)");
+    TORCH_CHECK_VALUE(p.device() == pm.device(), "params[", i, "]: expected a tensor on ", pm.device(),
+                      " like params_m[", i, "], got ", p.device());
     TORCH_CHECK(at::isFloatingType(pm.scalar_type()), "ema_update_: params_m[", i, "] must be floating point");
     check_writable(pm, "params_m", i);
   }

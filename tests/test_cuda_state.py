@@ -40,6 +40,29 @@ def test_ema_any_layout_on_cuda(dtype):
     check_ema_layouts(dtype, "cuda")
 
 
+@pytest.mark.skipif(not HAS_CUDA_OPS, reason="extension built without CUDA")
+def test_ema_rejects_a_cpu_pair_among_cuda_ones_before_any_write():
+    """Every pair is checked before the op writes any (strided pairs go one at a time, first); a
+    RuntimeError until session 27, a ValueError naming the pair now."""
+    strided = torch.zeros(3, 2, device="cuda").t()
+    with pytest.raises(ValueError, match=r"params_m\[1\]: expected a tensor on a cuda device"):
+        albef_fast.ema_update_([strided, torch.zeros(4)], [torch.ones(2, 3, device="cuda"), torch.ones(4)], 0.5)
+    assert not strided.any()
+
+
+@pytest.mark.skipif(not HAS_CUDA_OPS or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ema_updates_pairs_on_two_gpus_in_one_call():
+    """A model split over two GPUs: one launch per (device, dtype) group, each on its device
+    (until session 27 the op raised at the first pair off params_m[0]'s GPU, the strided pairs before it
+    written)."""
+    params_m = [torch.randn(1000, device=f"cuda:{k}") for k in (0, 1, 0)] + [torch.randn(4, 3, device="cuda:1").t()]
+    params = [torch.randn_like(p) for p in params_m]
+    expected = [p.clone() for p in params_m]
+    reference.ema_update_(expected, params, 0.995)
+    albef_fast.ema_update_(params_m, params, 0.995)
+    assert all(torch.equal(got, exp) for got, exp in zip(params_m, expected))
+
+
 @pytest.mark.parametrize("q,n,start", [(10, 3, 8), (10, 10, 4), (65536, 64, 65500)])
 def test_enqueue_on_cuda_matches_reference(q, n, start):
     queues = [torch.randn(4, q, device="cuda"), torch.randn(3, q, device="cuda").bfloat16(),

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -131,21 +132,38 @@ void launch_group(at::TensorList params_m, at::TensorList params, const std::vec
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void ema_update_cuda(at::TensorList params_m, at::TensorList params, double momentum) {
-  check_ema_args(params_m, params, at::kCUDA);
-  if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(params_m[0].device());
-  std::vector<std::vector<size_t>> groups(static_cast<size_t>(at::ScalarType::NumOptions));
+// The flat pairs by (device, dtype), in order of first appearance: one launch each, so that a
+// model split over several GPUs is updated on each (a handful of groups: a linear search).
+struct Group {
+  c10::Device device;
+  at::ScalarType dtype;
+  std::vector<size_t> members;
+};
+
+std::vector<Group> flat_groups(at::TensorList params_m, at::TensorList params) {
+  std::vector<Group> groups;
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].device() == params_m[0].device(), "ema_update_: all tensors must be on one device");
-    if (ema_flat_pair(params_m[i], params[i])) {
-      groups[static_cast<size_t>(params[i].scalar_type())].push_back(i);
-    } else {
-      ema_strided_pair(params_m[i], params[i], momentum);
-    }
+    if (!ema_flat_pair(params_m[i], params[i])) continue;
+    const c10::Device device = params_m[i].device();
+    const at::ScalarType dtype = params_m[i].scalar_type();
+    auto it = std::find_if(groups.begin(), groups.end(),
+                           [&](const Group& g) { return g.device == device && g.dtype == dtype; });
+    if (it == groups.end()) it = groups.insert(groups.end(), Group{device, dtype, {}});
+    it->members.push_back(i);
   }
-  for (const auto& members : groups) {
-    if (!members.empty()) launch_group(params_m, params, members, momentum);
+  return groups;
+}
+
+void ema_update_cuda(at::TensorList params_m, at::TensorList params, double momentum) {
+  check_ema_args(params_m, params, at::kCUDA);  // every pair, before any write
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (ema_flat_pair(params_m[i], params[i])) continue;
+    const c10::cuda::CUDAGuard guard(params_m[i].device());
+    ema_strided_pair(params_m[i], params[i], momentum);
+  }
+  for (const Group& group : flat_groups(params_m, params)) {
+    const c10::cuda::CUDAGuard guard(group.device);
+    launch_group(params_m, params, group.members, momentum);
   }
 }
 
