@@ -128,7 +128,12 @@ def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ratio, ACC: tl.conste
     new_mx = tl.maximum(mx, tl.max(l2, 1))
     rescale = tl.exp2(mx - new_mx)
     if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
-        p = tl.exp2(l2 - (new_mx[:, None] - 14.0))
+        # the weights' shift: from |max| = 2^25 on (fp32 spacing >= 4) max - 14 can round down by
+        # 2 or more, and a weight of 2^16 overflows fp16; there one spacing up keeps each <= 2^14
+        # (below 2^25 the subtraction is off by at most half a spacing: left as it is)
+        shift = new_mx - 14.0
+        shift = tl.where(new_mx - shift > 15.0, shift + tl.abs(shift) * 1.1920928955078125e-07, shift)
+        p = tl.exp2(l2 - shift[:, None])
         z = z * rescale + tl.sum(p, 1) * (1.0 / 16384.0)
         rescale = rescale * ratio
     else:

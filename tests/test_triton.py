@@ -449,6 +449,21 @@ def test_albefs_temperature_bounds_with_aligned_pairs(dtype, precision, atol, te
     _check_rule(x, 0.4, temp=temp, atol=atol, relative=True, precision=precision)
 
 
+@pytest.mark.parametrize("precision,env,atol", [("highest", {}, 1e-5), ("high", {}, 1e-2),
+                                                ("high", {"ALBEF_FAST_TF32": "f16p"}, 1e-2)])
+def test_fp16_operand_modes_past_unit_norm(monkeypatch, precision, env, atol):
+    """Features 200x unit norm at T = 0.001: base-2 logits up to 5.8e7, past 2^25, where the
+    weights' shift max - 14 rounds down by 2 and an unguarded weight of 2^16 overflowed fp16 (NaN
+    loss until session 27; kernels/itc_split.py:_online_softmax)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    x = make_inputs(7, 41, 24, torch.float32, DEVICE, retrieval=True, seed=3)
+    x.text_feat_m, x.image_feat_m = x.image_feat.clone(), x.text_feat.clone()
+    for name in ("image_feat", "text_feat", "image_feat_m", "text_feat_m", "image_queue", "text_queue"):
+        setattr(x, name, getattr(x, name) * 200.0)
+    _check_rule(x, 0.4, temp=0.001, atol=atol, relative=True, precision=precision)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_features_and_queues(dtype):
     _check_rule(make_inputs(5, 37, 24, dtype, DEVICE), 0.4, atol=1e-3)
