@@ -69,15 +69,12 @@ def tensors(name: str, value) -> list:
     return list(value)
 
 
-def overlapping(tensor: torch.Tensor) -> bool:
-    """Whether elements share memory as an expand()ed tensor's do: an in-place write to it would
-    depend on the order of the writes (ATen's has_internal_overlap "Yes"; csrc/checks.h)."""
-    return any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride()))
-
-
 def writable(name: str, values: Sequence[torch.Tensor]) -> None:
+    """No tensor whose elements share memory, as an expand()ed one's do (a dimension of size > 1
+    and stride 0: ATen's has_internal_overlap "Yes", csrc/checks.h): an in-place write to it would
+    depend on the order of the writes."""
     for k, value in enumerate(values):
-        if overlapping(value):
+        if any(stride == 0 and size > 1 for size, stride in zip(value.shape, value.stride())):
             raise ValueError(f"{name}[{k}]: expected a tensor whose elements do not share memory (an in-place "
                              f"update is undefined there), got strides {list(value.stride())}; clone() it")
 

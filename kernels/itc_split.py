@@ -129,7 +129,7 @@ def _online_softmax(mx, z, acc, logits, valid, scale, k_t, ratio, ACC: tl.conste
     rescale = tl.exp2(mx - new_mx)
     if (INPUT_PRECISION == "f16s") | (INPUT_PRECISION == "f16x3"):
         # the weights' shift: from |max| = 2^25 on (fp32 spacing >= 4) max - 14 can round down by
-        # 2 or more, and a weight of 2^16 overflows fp16; there one spacing up keeps each <= 2^14
+        # 2 or more, and a weight of 2^16 overflows fp16; there 1-2 spacings up keep each <= 2^14
         # (below 2^25 the subtraction is off by at most half a spacing: left as it is)
         shift = new_mx - 14.0
         shift = tl.where(new_mx - shift > 15.0, shift + tl.abs(shift) * 1.1920928955078125e-07, shift)
