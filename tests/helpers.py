@@ -1,12 +1,15 @@
-"""Shared test inputs, the independent float64 formulation of SPEC section 1, and the EMA's
-parameter-layout check (CPU and CUDA)."""
+"""Shared test inputs, the independent float64 formulation of SPEC section 1, the EMA's
+parameter-layout check (CPU and CUDA) and the choice of the state ops' implementation."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Optional
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+from albef_fast import _extension
 
 
 def make_inputs(b=5, q=37, d=24, dtype=torch.float32, device="cpu", queue_dtype=None, retrieval=False,
@@ -125,3 +128,11 @@ def check_ema_layouts(dtype, device):
     for (p_m, _), exp, stride in zip(pairs, expected, strides):
         assert torch.equal(p_m, exp) and p_m.stride() == stride
     assert torch.equal(wide[:, 1::2], others)
+
+
+def use_state_ops(monkeypatch, ops: bool) -> None:
+    """The state ops through the C++ extension (ops; skipped where it is not built) or the
+    pure-PyTorch fallbacks."""
+    if ops and not _extension.has_ops():
+        pytest.skip("C++ extension not built")
+    monkeypatch.setattr(_extension, "has_ops", lambda: ops)

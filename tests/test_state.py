@@ -5,7 +5,7 @@ from torch import nn
 
 import albef_fast
 from albef_fast import _extension, reference
-from tests.helpers import check_ema_layouts
+from tests.helpers import check_ema_layouts, use_state_ops
 
 SHAPES = [(7,), (3, 5), (1,), (129, 33), (2, 3, 4), (1000,)]
 
@@ -52,9 +52,7 @@ def test_ema_fallback_rounds_as_albef(monkeypatch, dtype):
 @pytest.mark.parametrize("ops", [True, False], ids=["op", "fallback"])
 def test_ema_any_layout_gives_the_contiguous_bits(monkeypatch, dtype, ops):
     """channels_last weights and views: the C++ op required contiguous tensors until session 20."""
-    if ops and not _extension.has_ops():
-        pytest.skip("C++ extension not built")
-    monkeypatch.setattr(_extension, "has_ops", lambda: ops)
+    use_state_ops(monkeypatch, ops)
     check_ema_layouts(dtype, "cpu")
 
 

@@ -4,7 +4,7 @@ import torch
 
 import albef_fast
 from albef_fast import _extension
-from tests.helpers import make_inputs
+from tests.helpers import make_inputs, use_state_ops
 
 
 def _kw(x, **over):
@@ -180,17 +180,11 @@ def test_ema_and_enqueue_reject_what_is_not_a_sequence_of_tensors():
         albef_fast.enqueue_(None, [torch.zeros(1, 3)], ptr)
 
 
-def _ops(monkeypatch, ops: bool) -> None:
-    if ops and not _extension.has_ops():
-        pytest.skip("C++ extension not built")
-    monkeypatch.setattr(_extension, "has_ops", lambda: ops)
-
-
 @pytest.mark.parametrize("ops", [True, False], ids=["op", "fallback"])
 def test_ema_rejects_a_momentum_tensor_whose_elements_share_memory(monkeypatch, ops):
     """An expand()ed params_m after a strided one (updated first, one pair at a time): the update
     of the first was kept and a RuntimeError raised until session 27."""
-    _ops(monkeypatch, ops)
+    use_state_ops(monkeypatch, ops)
     strided, expanded = torch.zeros(3, 2).t(), torch.zeros(1).expand(4)
     with pytest.raises(ValueError, match=r"params_m\[1\]: expected a tensor whose elements do not share memory"):
         albef_fast.ema_update_([strided, expanded], [torch.ones(2, 3), torch.ones(4)], 0.5)
@@ -202,7 +196,7 @@ def test_ema_rejects_a_momentum_tensor_whose_elements_share_memory(monkeypatch, 
 @pytest.mark.parametrize("ops", [True, False], ids=["op", "fallback"])
 def test_enqueue_rejects_a_queue_whose_elements_share_memory(monkeypatch, ops):
     """Written in place, an expand()ed queue kept one of the columns meant for it, silently."""
-    _ops(monkeypatch, ops)
+    use_state_ops(monkeypatch, ops)
     queue, shared, ptr = torch.zeros(4, 10), torch.zeros(3, 1).expand(3, 10), torch.tensor([3])
     with pytest.raises(ValueError, match=r"queues\[1\]: expected a tensor whose elements do not share memory"):
         albef_fast.enqueue_([queue, shared], [torch.ones(2, 4), torch.ones(2, 3)], ptr)
