@@ -14,17 +14,30 @@ import torch
 
 BACKENDS = ("torch", "triton")
 PRECISIONS = ("highest", "high", "medium")
+# What every path computes in: features, queues and the temperature of the loss (the Triton path
+# all but float64), the EMA's parameters. float8 and complex have no kernels in any of them.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# What enqueue_ writes on every device: the CUDA op's kinds (csrc/cuda/enqueue.cu), which the CPU
+# op and the fallback cover too (csrc/checks.h holds the ops to the same list)
+QUEUE_DTYPES = FLOAT_DTYPES + (torch.int64, torch.int32)
+
+
+def _dtype_names(dtypes) -> str:
+    names = [str(t).replace("torch.", "") for t in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def tensor(name: str, value, ndim: Optional[int], floating: Optional[bool] = True) -> torch.Tensor:
-    """A tensor of `ndim` dims (None: any); floating True / False / None (either)."""
+    """A tensor of `ndim` dims (None: any); floating True: one of FLOAT_DTYPES, False: an
+    integer (or bool) dtype, None: either (the caller checks)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {list(value.shape)}")
-    if floating is not None and value.is_floating_point() != floating:
-        kind = "a floating-point" if floating else "an integer"
-        raise TypeError(f"{name}: expected {kind} dtype, got {value.dtype}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating-point dtype ({_dtype_names(FLOAT_DTYPES)}), got {value.dtype}")
+    if floating is False and (value.is_floating_point() or value.is_complex()):
+        raise TypeError(f"{name}: expected an integer dtype, got {value.dtype}")
     return value
 
 
@@ -82,8 +95,9 @@ def writable(name: str, values: Sequence[torch.Tensor]) -> None:
 def temperature(value, device: torch.device) -> None:
     """temp: a positive number, or a 0-dim floating tensor (value checked only on the CPU)."""
     if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or not value.is_floating_point():
-            raise ValueError(f"temp: expected a 0-dim floating tensor, got shape {list(value.shape)} {value.dtype}")
+        if value.dim() != 0 or value.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"temp: expected a 0-dim floating tensor ({_dtype_names(FLOAT_DTYPES)}), "
+                             f"got shape {list(value.shape)} {value.dtype}")
         if value.device != device:
             raise ValueError(f"temp: expected a tensor on {device} like the features, got {value.device}")
         # Reading the value is free on the CPU; on CUDA (or while tracing) it would be a sync.
@@ -146,15 +160,15 @@ def _itc_usual_ok(image_feat, text_feat, image_feat_m, text_feat_m, image_queue,
         return False
     shape, dtype, device = image_feat.shape, image_feat.dtype, image_feat.device
     queue_shape, queue_dtype = image_queue.shape, image_queue.dtype
-    if not (len(shape) == 2 and shape[0] >= 1 and shape[1] >= 1 and image_feat.is_floating_point()
-            and image_queue.is_floating_point() and len(queue_shape) == 2 and queue_shape[0] == shape[1]
+    if not (len(shape) == 2 and shape[0] >= 1 and shape[1] >= 1 and dtype in FLOAT_DTYPES
+            and queue_dtype in FLOAT_DTYPES and len(queue_shape) == 2 and queue_shape[0] == shape[1]
             and text_queue.shape == queue_shape and text_queue.dtype == queue_dtype
             and image_queue.device == device and text_queue.device == device
             and all([f.shape == shape and f.dtype == dtype and f.device == device for f in feats[1:]])):
         return False
     if type(temp) is float:
         return temp > 0.0
-    if not (isinstance(temp, Tensor) and temp.dim() == 0 and temp.is_floating_point() and temp.device == device):
+    if not (isinstance(temp, Tensor) and temp.dim() == 0 and temp.dtype in FLOAT_DTYPES and temp.device == device):
         return False
     # the value only where reading it is free, as temperature()
     return device.type != "cpu" or torch.compiler.is_compiling() or bool(temp.detach() > 0)
@@ -192,6 +206,7 @@ def enqueue_inputs(queues, items, ptr) -> None:
     for k, (queue, item) in enumerate(zip(queues, items)):
         if not (isinstance(queue, torch.Tensor) and isinstance(item, torch.Tensor) and queue.dim() == 2
                 and queue.shape[1] == q and item.shape == (n, queue.shape[0])
+                and queue.dtype in QUEUE_DTYPES and item.dtype in QUEUE_DTYPES
                 and item.is_floating_point() == queue.is_floating_point()
                 and queue.device == device and item.device == device):
             _enqueue_pair_error(k, queue, item, q, n, device)  # the slow path only names the problem
@@ -202,6 +217,9 @@ def _enqueue_pair_error(k: int, queue, item, q: int, n: int, device: torch.devic
     dk = tensor(f"queues[{k}]", queue, 2, floating=None).shape[0]
     shape(f"queues[{k}]", queue, [dk, q], "[D_k, Q] with the Q of queues[0]")
     shape(f"items[{k}]", tensor(f"items[{k}]", item, 2, floating=None), [n, dk], "[N, D_k] like its queue")
+    for name, value in ((f"queues[{k}]", queue), (f"items[{k}]", item)):
+        if value.dtype not in QUEUE_DTYPES:
+            raise TypeError(f"{name}: expected dtype {_dtype_names(QUEUE_DTYPES)}, got {value.dtype}")
     if item.is_floating_point() != queue.is_floating_point():
         raise TypeError(f"items[{k}]: dtype {item.dtype} does not fit queues[{k}] of dtype {queue.dtype}")
     same_device(device, **{f"queues[{k}]": queue, f"items[{k}]": item})
@@ -238,6 +256,6 @@ def ema_inputs(params_m, params, momentum) -> None:
 def _ema_pairs_ok(params_m, params) -> bool:
     """Every pair: two floating-point tensors of one shape, dtype and device."""
     Tensor = torch.Tensor
-    return all(isinstance(p_m, Tensor) and isinstance(p, Tensor) and p_m.is_floating_point()
+    return all(isinstance(p_m, Tensor) and isinstance(p, Tensor) and p_m.dtype in FLOAT_DTYPES
                and p.dtype == p_m.dtype and p.shape == p_m.shape and p.device == p_m.device
                for p_m, p in zip(params_m, params))

@@ -61,9 +61,11 @@ def _triton_registered() -> bool:
     return "triton" in BACKEND_IMPLS
 
 
-def resolve_backend(backend: Optional[str], precision: Optional[str], feat: torch.Tensor) -> Tuple[str, str]:
-    """Pick (backend, precision). Automatic: Triton for CUDA tensors (fp32 at "highest" too:
-    three fp16 products of (hi, lo) pairs there, kernels/itc.py:_dot_flags), else torch."""
+def resolve_backend(backend: Optional[str], precision: Optional[str], feat: torch.Tensor,
+                    queue: Optional[torch.Tensor] = None) -> Tuple[str, str]:
+    """Pick (backend, precision) for features `feat` and queues like `queue`. Automatic: Triton
+    for CUDA tensors (fp32 at "highest" too: three fp16 products of (hi, lo) pairs there,
+    kernels/itc.py:_dot_flags), else torch; float64 features or queues only on torch."""
     if precision is None:
         precision = _matmul_precision() if feat.dtype == torch.float32 else "medium"
     if feat.dtype == torch.float64:
@@ -71,12 +73,14 @@ def resolve_backend(backend: Optional[str], precision: Optional[str], feat: torc
     if backend is None:
         backend = _env_backend() or None
         _validate.choice("ALBEF_FAST_BACKEND", backend, _validate.BACKENDS)
+    wide_queue = queue is not None and queue.dtype == torch.float64
     if backend is None:
-        triton_ok = feat.is_cuda and feat.dtype != torch.float64 and _triton_registered()
+        triton_ok = feat.is_cuda and feat.dtype != torch.float64 and not wide_queue and _triton_registered()
         backend = "triton" if triton_ok else "torch"
     if backend == "triton":
-        if feat.dtype == torch.float64:
-            raise ValueError("backend: 'triton' does not take float64 features; use backend='torch'")
+        if feat.dtype == torch.float64 or wide_queue:
+            what = "features" if feat.dtype == torch.float64 else "queues (image_queue, text_queue)"
+            raise ValueError(f"backend: 'triton' does not take float64 {what}; use backend='torch'")
         if not feat.is_cuda and not _interpreting():  # checked before triton is first imported
             raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {feat.device}")
         if not _triton_registered():
@@ -125,7 +129,7 @@ def itc_loss(
             return ITCOutput._make(out) if return_details else out
     _validate.itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
                          alpha, idx, idx_queue, backend, precision)
-    backend, precision = resolve_backend(backend, precision, image_feat)
+    backend, precision = resolve_backend(backend, precision, image_feat, image_queue)
     temp_t = temp if isinstance(temp, torch.Tensor) else None
     temp_v = 0.0 if temp_t is not None else float(temp)
     grad = torch.is_grad_enabled() and any(

@@ -38,8 +38,8 @@ class ITCLoss(nn.Module):
                  clamp_temp: bool = True, use_idx: bool = False, queue_dtype: torch.dtype = torch.float32):
         super().__init__()
         embed_dim, queue_size = _validate.count("embed_dim", embed_dim), _validate.count("queue_size", queue_size)
-        if not isinstance(queue_dtype, torch.dtype) or not queue_dtype.is_floating_point:
-            raise TypeError(f"queue_dtype: expected a floating-point torch.dtype, got {queue_dtype}")
+        if queue_dtype not in _validate.FLOAT_DTYPES:
+            raise TypeError(f"queue_dtype: expected one of {list(_validate.FLOAT_DTYPES)}, got {queue_dtype}")
         _validate.temperature(temp, torch.device("cpu"))
         self.alpha = _validate.unit_interval("alpha", alpha)
         self.clamp_temp = clamp_temp

@@ -15,6 +15,15 @@ inline void check_writable(const at::Tensor& t, const char* name, size_t k) {
                     "there), got strides ", t.strides(), "; clone() it");
 }
 
+// The dtypes the ops are built for, as albef_fast._validate lists them (FLOAT_DTYPES, QUEUE_DTYPES):
+// checked for every tensor before the first write (a dispatch failing on the k-th would leave the
+// ones before it written).
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+inline bool is_queue_dtype(at::ScalarType t) { return is_float_dtype(t) || t == at::kLong || t == at::kInt; }
+
 inline void check_ema_args(at::TensorList params_m, at::TensorList params, at::DeviceType device) {
   TORCH_CHECK(params_m.size() == params.size(), "ema_update_: params has ", params.size(),
               " tensors, expected one per params_m tensor (", params_m.size(), ")");
@@ -28,7 +37,8 @@ inline void check_ema_args(at::TensorList params_m, at::TensorList params, at::D
                       " device like params_m[0], got ", pm.device(), " (one call per device type)");
     TORCH_CHECK_VALUE(p.device() == pm.device(), "params[", i, "]: expected a tensor on ", pm.device(),
                       " like params_m[", i, "], got ", p.device());
-    TORCH_CHECK(at::isFloatingType(pm.scalar_type()), "ema_update_: params_m[", i, "] must be floating point");
+    TORCH_CHECK_TYPE(is_float_dtype(pm.scalar_type()), "params_m[", i,
+                     "]: expected dtype float32, bfloat16, float16 or float64, got ", pm.scalar_type());
     check_writable(pm, "params_m", i);
   }
 }
@@ -46,6 +56,12 @@ inline void check_enqueue_args(at::TensorList queues, at::TensorList items, cons
                 "enqueue_: items[", k, "] must be [", n, ", ", queues[k].size(0), "]");
     TORCH_CHECK(queues[k].device() == ptr.device() && items[k].device() == ptr.device(), "enqueue_: queues[", k,
                 "], items[", k, "] and ptr must share one device");
+    TORCH_CHECK_TYPE(is_queue_dtype(queues[k].scalar_type()), "queues[", k,
+                     "]: expected dtype float32, bfloat16, float16, float64, int64 or int32, got ",
+                     queues[k].scalar_type());
+    TORCH_CHECK_TYPE(is_queue_dtype(items[k].scalar_type()), "items[", k,
+                     "]: expected dtype float32, bfloat16, float16, float64, int64 or int32, got ",
+                     items[k].scalar_type());
     TORCH_CHECK(at::isFloatingType(queues[k].scalar_type()) == at::isFloatingType(items[k].scalar_type()),
                 "enqueue_: items[", k, "] dtype does not fit queues[", k, "]");
     check_writable(queues[k], "queues", k);

@@ -261,7 +261,7 @@ def test_env_variable_picks_the_backend(monkeypatch):
 
 def test_automatic_backend_is_triton_for_cuda_but_fp64(monkeypatch):
     """backend=None: Triton for CUDA features at every precision (fp32 "highest" too, since
-    session 8: f16x3 products), torch for fp64 and off CUDA. The rule alone, on stand-in
+    session 8: f16x3 products), torch for fp64 features or queues and off CUDA. The rule alone, on stand-in
     features (the CUDA test in test_triton.py checks it on real ones)."""
     from types import SimpleNamespace
 
@@ -274,6 +274,8 @@ def test_automatic_backend_is_triton_for_cuda_but_fp64(monkeypatch):
         assert functional.resolve_backend(None, precision, cuda(torch.float32))[0] == "triton"
     assert functional.resolve_backend(None, None, cuda(torch.bfloat16))[0] == "triton"
     assert functional.resolve_backend(None, None, cuda(torch.float64)) == ("torch", "highest")
+    assert functional.resolve_backend(None, None, cuda(torch.float32), cuda(torch.float64))[0] == "torch"
+    assert functional.resolve_backend(None, None, cuda(torch.float32), cuda(torch.bfloat16))[0] == "triton"
     assert functional.resolve_backend(None, "highest", torch.zeros(1))[0] == "torch"
 
 

@@ -145,9 +145,10 @@ def test_batch_larger_than_queue_is_rejected_before_the_clamp():
     assert module.temp.item() == pytest.approx(0.9) and module.queue_ptr.item() == 0
 
 
-def test_queue_dtype_must_be_floating():
+@pytest.mark.parametrize("dtype", [torch.long, torch.float8_e4m3fn, "float32"])
+def test_queue_dtype_must_be_one_the_loss_computes_in(dtype):
     with pytest.raises(TypeError, match="queue_dtype"):
-        albef_fast.ITCLoss(embed_dim=8, queue_size=13, queue_dtype=torch.long)
+        albef_fast.ITCLoss(embed_dim=8, queue_size=13, queue_dtype=dtype)
 
 
 def test_idx_without_use_idx_is_rejected():

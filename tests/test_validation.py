@@ -50,6 +50,13 @@ CASES = [
     ("text_queue", dict(text_queue=torch.randn(24, 37).bfloat16()), TypeError),
     ("backend", dict(backend="cuda"), ValueError),
     ("precision", dict(precision="fp8"), ValueError),
+    # dtypes no path has kernels for (the torch path raised torch's own error, the Triton path ran)
+    ("^image_feat: expected a floating-point dtype", dict(image_feat=torch.randn(5, 24).to(torch.float8_e4m3fn)),
+     TypeError),
+    ("image_queue", dict(image_queue=torch.randn(24, 37).to(torch.float8_e5m2),
+                         text_queue=torch.randn(24, 37).to(torch.float8_e5m2)), TypeError),
+    ("temp", dict(temp=torch.tensor(0.07).to(torch.float8_e4m3fn)), ValueError),
+    ("idx", dict(idx=torch.arange(5).to(torch.complex64), idx_queue=torch.zeros(37, dtype=torch.long)), TypeError),
 ]
 
 
@@ -122,6 +129,62 @@ def test_enqueue_rejects_and_changes_nothing(name, items_fn, ptr):
     assert all(torch.equal(q, b) for q, b in zip(queues, before))
     if ptr_before is not None:
         assert torch.equal(ptr, ptr_before)
+
+
+@pytest.mark.parametrize("ops", [True, False], ids=["op", "fallback"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int8, torch.complex64, torch.float8_e4m3fn])
+def test_enqueue_rejects_a_dtype_without_kernels_before_any_write(monkeypatch, ops, dtype):
+    """The queues and items the CUDA op writes (float32, bfloat16, float16, float64, int64, int32),
+    on every device: the CPU op wrote the queues before the failing one, then raised its dispatch
+    error (bool, complex, float8), and took int8 where CUDA does not."""
+    use_state_ops(monkeypatch, ops)
+    queue, odd, ptr = torch.zeros(4, 10), torch.zeros(1, 10, dtype=dtype), torch.tensor([3])
+    with pytest.raises(TypeError, match=r"queues\[1\]: expected dtype float32, .* or int32, got"):
+        albef_fast.enqueue_([queue, odd], [torch.ones(2, 4), torch.ones(2, 1, dtype=dtype)], ptr)
+    with pytest.raises(TypeError, match=r"items\[0\]: expected dtype"):
+        albef_fast.enqueue_([queue], [torch.ones(2, 4).to(torch.float8_e4m3fn)], ptr)
+    assert not queue.any() and ptr.tolist() == [3]
+
+
+@pytest.mark.parametrize("ops", [True, False], ids=["op", "fallback"])
+def test_ema_rejects_a_dtype_without_kernels_before_any_write(monkeypatch, ops):
+    """A float8 pair after an fp32 one: both implementations updated the first, then raised."""
+    use_state_ops(monkeypatch, ops)
+    first, odd = torch.zeros(3), torch.zeros(2).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"params_m\[1\]: expected a floating-point dtype \(float32, "):
+        albef_fast.ema_update_([first, odd], [torch.ones(3), torch.ones(2).to(odd.dtype)], 0.5)
+    assert not first.any()
+
+
+def test_state_ops_check_every_dtype_before_writing_when_called_directly():
+    """The C++ ops' own dtype checks (csrc/checks.h), for calls that bypass the Python API."""
+    if not _extension.has_ops():
+        pytest.skip("C++ extension not built")
+    first, odd, ptr = torch.zeros(3), torch.zeros(2).to(torch.float8_e4m3fn), torch.tensor([0])
+    with pytest.raises(TypeError, match=r"params_m\[1\]: expected dtype float32"):
+        torch.ops.albef_fast.ema_update_([first, odd], [torch.ones(3), torch.ones(2).to(odd.dtype)], 0.5)
+    queue = torch.zeros(3, 4)
+    with pytest.raises(TypeError, match=r"queues\[1\]: expected dtype float32"):
+        torch.ops.albef_fast.enqueue_([queue, torch.zeros(1, 4, dtype=torch.int8)],
+                                      [torch.ones(2, 3), torch.ones(2, 1, dtype=torch.int8)], ptr)
+    with pytest.raises(TypeError, match=r"items\[0\]: expected dtype float32"):
+        torch.ops.albef_fast.enqueue_([queue], [torch.ones(2, 3).to(torch.float8_e5m2)], ptr)
+    assert not first.any() and not queue.any() and ptr.tolist() == [0]
+
+
+def test_triton_backend_names_a_float64_queue():
+    """float64 queues with fp32 features: the Triton path failed inside its kernels (on the CPU's
+    interpreter, a bitcast error); the automatic choice takes the torch path for them."""
+    from albef_fast import functional
+
+    wide = [q.double() for q in (x0.image_queue, x0.text_queue)]
+    with pytest.raises(ValueError, match=r"backend: 'triton' does not take float64 queues"):
+        albef_fast.itc_loss(x0.image_feat, x0.text_feat, x0.image_feat_m, x0.text_feat_m, *wide, 0.07,
+                            backend="triton")
+    expected = albef_fast.itc_loss(x0.image_feat.double(), x0.text_feat.double(), x0.image_feat_m.double(),
+                                   x0.text_feat_m.double(), *wide, 0.07)
+    got = albef_fast.itc_loss(x0.image_feat, x0.text_feat, x0.image_feat_m, x0.text_feat_m, *wide, 0.07)
+    assert got.dtype == torch.float32 and abs(got.item() - expected.item()) < 1e-5
 
 
 def test_enqueue_rejects_mismatched_queue_lengths():
