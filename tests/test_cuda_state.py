@@ -77,6 +77,21 @@ def test_enqueue_on_cuda_matches_reference(q, n, start):
         assert torch.equal(got, exp)
 
 
+def test_enqueue_on_cuda_takes_more_queues_than_one_launch_writes():
+    """11 queues: the op writes 8 a launch (csrc/cuda/enqueue.cu), then advances ptr once."""
+    q, n, start = 12, 5, 9
+    queues = [torch.randn(k + 1, q, device="cuda").to(torch.bfloat16 if k % 3 else torch.float32) for k in range(10)]
+    queues.append(torch.full((1, q), -100, device="cuda"))
+    items = [torch.randn(n, queue.shape[0], device="cuda") for queue in queues[:-1]]
+    items.append(torch.arange(n, device="cuda")[:, None])
+    expected = [x.clone() for x in queues]
+    ptr, ptr_ref = torch.tensor([start], device="cuda"), torch.tensor([start], device="cuda")
+    reference.enqueue_(expected, items, ptr_ref)
+    albef_fast.enqueue_(queues, items, ptr)
+    assert ptr.item() == ptr_ref.item() == (start + n) % q
+    assert all(torch.equal(got, exp) for got, exp in zip(queues, expected))
+
+
 def test_training_step_captures_in_a_cuda_graph():
     """EMA, loss (Triton forward + backward) and enqueue replay from a CUDA graph: no host sync."""
     torch.manual_seed(0)

@@ -1,11 +1,14 @@
 // CUDA enqueue with no host synchronization: the write kernel reads ptr on the device, writes
-// every queue's N columns (one grid row per queue, coalesced along the queue's columns), and a
-// one-thread kernel then advances ptr. Stream order keeps the two launches consistent.
+// every queue's N columns (one grid row per queue, coalesced along the queue's columns; up to 8
+// queues a launch), and a one-thread kernel then advances ptr. Stream order keeps the launches
+// consistent.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "../checks.h"
 
@@ -84,25 +87,34 @@ int kind_of(at::ScalarType t) {
   }
 }
 
-void enqueue_cuda(at::TensorList queues, at::TensorList items, at::Tensor ptr) {
-  check_enqueue_args(queues, items, ptr);
-  TORCH_CHECK(queues.size() <= kMaxQueues, "enqueue_: at most ", kMaxQueues, " queues per call");
-  const int64_t q = queues[0].size(1), n = items[0].size(0);
+// One launch writes up to kMaxQueues queues (their views travel as a kernel argument); more
+// queues take more launches, each reading ptr before the one advance after them (stream order).
+void launch_writes(at::TensorList queues, at::TensorList items, size_t first, const int64_t* ptr, int64_t n,
+                   int64_t q, cudaStream_t stream) {
+  const size_t count = std::min<size_t>(kMaxQueues, queues.size() - first);
   EnqueueArgs args{};
   int64_t most = 0;
-  for (size_t k = 0; k < queues.size(); ++k) {
-    const at::Tensor &queue = queues[k], &item = items[k];
+  for (size_t k = 0; k < count; ++k) {
+    const at::Tensor &queue = queues[first + k], &item = items[first + k];
     args.views[k] = {queue.data_ptr(), item.const_data_ptr(), queue.size(0), queue.stride(0), queue.stride(1),
                      item.stride(0), item.stride(1), kind_of(queue.scalar_type()), kind_of(item.scalar_type())};
     most = std::max(most, n * queue.size(0));
   }
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((most + kThreads - 1) / kThreads, 1024)),
+                  static_cast<unsigned>(count));
+  enqueue_kernel<<<grid, kThreads, 0, stream>>>(args, ptr, n, q);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void enqueue_cuda(at::TensorList queues, at::TensorList items, at::Tensor ptr) {
+  check_enqueue_args(queues, items, ptr);
+  const int64_t q = queues[0].size(1), n = items[0].size(0);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(ptr.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((most + kThreads - 1) / kThreads, 1024)),
-                  static_cast<unsigned>(queues.size()));
-  enqueue_kernel<<<grid, kThreads, 0, stream>>>(args, ptr.const_data_ptr<int64_t>(), n, q);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (size_t first = 0; first < queues.size(); first += kMaxQueues) {
+    launch_writes(queues, items, first, ptr.const_data_ptr<int64_t>(), n, q, stream);
+  }
   advance_ptr_kernel<<<1, 1, 0, stream>>>(ptr.data_ptr<int64_t>(), n, q);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
