@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validate, distributed
-from .functional import ITCOutput, itc_loss
+from .functional import ITCOutput, itc_loss, resolve_backend
 from .state import enqueue_
 
 __all__ = ["ITCLoss"]
@@ -83,6 +83,7 @@ class ITCLoss(nn.Module):
             raise ValueError(f"image_feat: expected [B, {d}] (embed_dim = {d}), got {list(image_feat.shape)}")
         _validate.itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
                              self.temp, alpha, idx, idx_queue, None, None)
+        resolve_backend(None, None, image_feat, self.image_queue)  # its errors (ALBEF_FAST_BACKEND) before the clamp
         distributed.check_equal_rows("image_feat_m", image_feat_m.shape[0])
         n = image_feat_m.shape[0] * distributed.world_size()
         if n > self.queue_size:

@@ -137,6 +137,21 @@ def test_failed_call_leaves_state_unchanged(name, over):
         assert torch.equal(value, before[key]), key
 
 
+@pytest.mark.parametrize("backend", ["gpu", "triton"])
+def test_a_backend_that_cannot_run_is_rejected_before_the_clamp(monkeypatch, backend):
+    """ALBEF_FAST_BACKEND naming no backend, or Triton for CPU tensors without the interpreter:
+    itc_loss raised after the temperature was clamped, until session 28."""
+    from albef_fast import functional
+
+    monkeypatch.setenv("ALBEF_FAST_BACKEND", backend)
+    monkeypatch.setattr(functional, "_interpreting", lambda: False)
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=13, temp=0.9)
+    x = make_inputs(5, 0, 8)
+    with pytest.raises(ValueError, match="ALBEF_FAST_BACKEND" if backend == "gpu" else "needs CUDA tensors"):
+        module(x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m)
+    assert module.temp.item() == pytest.approx(0.9) and module.queue_ptr.item() == 0
+
+
 def test_batch_larger_than_queue_is_rejected_before_the_clamp():
     module = albef_fast.ITCLoss(embed_dim=8, queue_size=4, temp=0.9)
     x = make_inputs(5, 0, 8)
