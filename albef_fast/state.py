@@ -109,4 +109,8 @@ class MomentumUpdater:
     def update(self) -> None:
         """One EMA step: p_m <- p_m * momentum + p * (1 - momentum), in place."""
         params_m, params = self._params()  # validated when the parameter set was cached
+        # model.half() or .to() since then keeps the Parameter objects: the op checks every pair
+        # before its first write (csrc/checks.h), the fallback would mix dtypes or devices
+        if not _extension.has_ops():
+            _validate.ema_inputs(params_m, params, self.momentum)
         _ema_update_checked(params_m, params, self.momentum)

@@ -30,8 +30,11 @@ inline void check_ema_args(at::TensorList params_m, at::TensorList params, at::D
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& pm = params_m[i];
     const auto& p = params[i];
-    TORCH_CHECK(pm.sizes() == p.sizes() && pm.scalar_type() == p.scalar_type(), "ema_update_: params[", i,
-                "] must match params_m[", i, "] in shape and dtype");
+    // named as albef_fast._validate.ema_inputs does: MomentumUpdater.update leaves the check of pairs
+    // whose dtype changed since it cached them (model.half() keeps the Parameter objects) to this one
+    TORCH_CHECK_VALUE(pm.sizes() == p.sizes() && pm.scalar_type() == p.scalar_type(), "params[", i, "]: expected ",
+                      pm.sizes(), " ", pm.scalar_type(), " like params_m[", i, "], got ", p.sizes(), " ",
+                      p.scalar_type());
     // named: the Python API checks pairs, not that all of them share a device type
     TORCH_CHECK_VALUE(pm.device().type() == device, "params_m[", i, "]: expected a tensor on a ", device,
                       " device like params_m[0], got ", pm.device(), " (one call per device type)");

@@ -124,6 +124,26 @@ def test_momentum_updater_follows_a_changed_parameter_set():
         updater.update()
 
 
+@pytest.mark.parametrize("ops", [True, False], ids=["op", "fallback"])
+@pytest.mark.parametrize("convert", ["momentum model to fp16", "online model to fp64"])
+def test_momentum_updater_names_a_pair_whose_dtype_changed_since_it_was_cached(monkeypatch, ops, convert):
+    """model.half() keeps the Parameter objects, so the cached lists look unchanged: the fallback
+    mixed the dtypes silently and the op raised a RuntimeError, until session 28."""
+    use_state_ops(monkeypatch, ops)
+    model, model_m = _pair()
+    updater = albef_fast.MomentumUpdater([(model, model_m)], momentum=0.5)
+    updater.copy_params()
+    updater.update()  # caches the parameter lists
+    if convert == "momentum model to fp16":
+        model_m.half()
+    else:
+        model.double()
+    before = [p.clone() for p in model_m.parameters()]
+    with pytest.raises(ValueError, match=r"params\[0\]: expected \[.*like params_m\[0\]"):
+        updater.update()
+    assert all(torch.equal(p, b) for p, b in zip(model_m.parameters(), before))
+
+
 def test_momentum_updater_rejects_bad_pairs():
     with pytest.raises(TypeError, match="model_pairs"):
         albef_fast.MomentumUpdater([(nn.Linear(2, 2),)])
