@@ -72,3 +72,28 @@ def test_lightning_callback_checks_its_arguments_before_fit(kwargs, name):
     """At construction: fit would copy the online weights into the momentum models first."""
     with pytest.raises((ValueError, TypeError), match=name):
         ALBEFCallback(**kwargs)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """The data as batches from an iterator without len(): Lightning's epoch length is inf."""
+
+    def __iter__(self):
+        data = _data()
+        return (data[i : i + 4] for i in range(0, 24, 4))
+
+
+@pytest.mark.parametrize("warmup_steps", [None, 3])
+def test_lightning_callback_on_a_dataset_without_length(warmup_steps):
+    """No epoch length to ramp over: warmup_steps is asked for by name (was math.ceil's
+    OverflowError); given, the ramp runs as usual."""
+    model = DualEncoder()
+    trainer = pl.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ALBEFCallback(momentum=0.9, alpha=0.4, warmup_steps=warmup_steps)])
+    loader = torch.utils.data.DataLoader(_Stream(), batch_size=None)
+    if warmup_steps is None:
+        with pytest.raises(ValueError, match="warmup_steps: required where the epoch length is unknown"):
+            trainer.fit(model, loader)
+    else:
+        trainer.fit(model, loader)
+        assert model.alphas == pytest.approx([0.4 * min(1.0, s / 3) for s in range(5)])

@@ -58,7 +58,13 @@ class ALBEFCallback(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         # The epoch length is known from here on; ramp in optimizer steps (global_step).
-        steps = self.warmup_steps or math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        steps = self.warmup_steps
+        if steps is None:
+            batches = trainer.num_training_batches  # inf for a dataset without len()
+            if not math.isfinite(batches):
+                raise ValueError("warmup_steps: required where the epoch length is unknown (a dataset without "
+                                 f"len(): num_training_batches = {batches}); pass the ramp's length in steps")
+            steps = math.ceil(batches / trainer.accumulate_grad_batches)
         self.ramp = AlphaRamp(self.alpha0, max(1, int(steps)))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
