@@ -47,6 +47,19 @@ def test_rounds_time_the_providers_in_turn_and_keep_the_median_round(tmp_path, m
         bench.parse_args(["--rounds", "0"])
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--batch", "0"], "--batch: expected an int >= 1, got 0"), (["--batch", ","], "--batch: expected comma"),
+    (["--queue", "-1"], "--queue: expected an int >= 1"), (["--dim", "0"], "--dim: expected an int >= 1"),
+    (["--reps", "1.5"], "--reps: expected an int >= 1, got '1.5'"), (["--device", "tpu"], "--device: expected a torch"),
+])
+def test_cli_names_a_bad_count_or_device_before_it_runs(args, message, capsys):
+    """Each was a traceback from deep inside the run (a [0, 256] feature tensor, a negative
+    dimension, torch.device's parse) after the ceilings had been measured."""
+    with pytest.raises(SystemExit):
+        bench.parse_args(args)
+    assert message in capsys.readouterr().err
+
+
 def _row(date, provider, precision, b, ms, mib=16.0, suite="itc", mode="fwd+bwd", pct=10.0):
     return dict(date=date, device="NVIDIA H200", suite=suite, provider=provider, mode=mode, precision=precision,
                 B=b, median_ms=ms, peak_extra_mib=mib, roofline_pct=pct)

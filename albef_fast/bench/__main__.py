@@ -22,8 +22,34 @@ SWEEP = cases.SWEEP_DEFAULT
 SUITE_NAMES = ("itc", "ema", "enqueue")
 
 
-def _ints(text: str) -> List[int]:
-    return [int(v) for v in text.split(",") if v]
+def _at_least(least: int):
+    """argparse type: an int >= least."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {least}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an int >= {least}, got {value}")
+        return value
+    return parse
+
+
+def _batches(text: str) -> List[int]:
+    """argparse type: comma-separated ints >= 1 (batch sizes)."""
+    values = [_at_least(1)(v) for v in text.split(",") if v]
+    if not values:
+        raise argparse.ArgumentTypeError("expected comma-separated ints >= 1, got none")
+    return values
+
+
+def _device(text: str) -> str:
+    """argparse type: a device torch knows (cuda, cuda:1, cpu)."""
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cuda, cuda:1 or cpu, got {text!r}") from None
+    return text
 
 
 def _names(options):
@@ -39,18 +65,18 @@ def _names(options):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m albef_fast.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--batch", type=_ints, default=[64], help="comma-separated batch sizes (default 64)")
+    p.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--batch", type=_batches, default=[64], help="comma-separated batch sizes (default 64)")
     p.add_argument("--sweep", action="store_true", help=f"sweep B over {SWEEP}")
-    p.add_argument("--queue", type=int, default=65536, help="queue size Q (default 65536)")
-    p.add_argument("--dim", type=int, default=256, help="embedding dim D (default 256)")
+    p.add_argument("--queue", type=_at_least(1), default=65536, help="queue size Q (default 65536)")
+    p.add_argument("--dim", type=_at_least(1), default=256, help="embedding dim D (default 256)")
     p.add_argument("--precision", type=_names(cases.PRECISIONS), default=["fp32"], help="fp32,tf32,bf16")
     p.add_argument("--mode", type=_names(cases.MODES), default=["fwd+bwd"], help="fwd,fwd+bwd")
     p.add_argument("--providers", type=_names(cases.PROVIDERS), default=["eager", "albef_fast"],
                    help="eager,compile,albef_fast")
     p.add_argument("--suite", type=_names(SUITE_NAMES), default=["itc"], help=",".join(SUITE_NAMES))
-    p.add_argument("--reps", type=int, default=10, help="timed repetitions on the CPU (default 10)")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--reps", type=_at_least(1), default=10, help="timed repetitions on the CPU (default 10)")
+    p.add_argument("--rounds", type=_at_least(1), default=1,
                    help="time the providers in turn this many times, each row the median round (default 1)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the CSV and PNG")
     p.add_argument("--tag", default="", help="suffix of the PNG's name (the CSV is shared)")
@@ -58,8 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true", help="write the CSV rows but no PNG")
     p.add_argument("--no-save", action="store_true", help="print only; write no CSV or PNG")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be at least 1, got {args.rounds}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if any(v.endswith("[graph]") for v in args.providers) and not device.startswith("cuda"):
         p.error("providers '...[graph]' replay CUDA graphs: they need --device cuda")
