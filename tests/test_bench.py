@@ -94,3 +94,16 @@ def test_targets_read_the_latest_side_by_side_rows(tmp_path, capsys):
     assert out.strip().endswith("3 of 8 met")
     assert targets.main([path, "--since", "2026-01-03"]) == 0  # the later rows alone: no pair anywhere
     assert capsys.readouterr().out.strip().endswith("0 of 8 met")
+
+
+@pytest.mark.parametrize("content,message", [(None, "cannot read"), ("a,b\n1,2\n", "is not a benchmark CSV (no date")])
+def test_targets_names_a_file_that_is_not_a_benchmark_csv(tmp_path, content, message, capsys):
+    """A missing file or another CSV: an argparse error naming it (was FileNotFoundError / KeyError)."""
+    from albef_fast.bench import targets
+
+    path = tmp_path / "rows.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit):
+        targets.main([str(path)])
+    assert message in capsys.readouterr().err

@@ -86,8 +86,15 @@ def main(argv=None) -> int:
     p.add_argument("csv")
     p.add_argument("--since", default="", help="only rows whose date stamp is >= this (ISO prefix)")
     args = p.parse_args(argv)
-    with open(args.csv, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["date"] >= args.since]
+    try:
+        with open(args.csv, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in ("date", "device", "suite", "provider") if c not in (reader.fieldnames or [])]
+            if missing:
+                p.error(f"csv: {args.csv} is not a benchmark CSV (no {', '.join(missing)} column)")
+            rows = [r for r in reader if r["date"] >= args.since]
+    except OSError as err:
+        p.error(f"csv: cannot read {args.csv}: {err.strerror}")
     devices = sorted({r["device"] for r in rows})
     lines = itc_lines(rows) + state_lines(rows)
     print(f"SPEC section 6 targets, {args.csv} ({', '.join(devices) or 'no rows'})")
