@@ -81,6 +81,9 @@ class ITCLoss(nn.Module):
         d = self.image_queue.shape[0]
         if isinstance(image_feat, torch.Tensor) and image_feat.dim() == 2 and image_feat.shape[1] != d:
             raise ValueError(f"image_feat: expected [B, {d}] (embed_dim = {d}), got {list(image_feat.shape)}")
+        if isinstance(image_feat, torch.Tensor) and image_feat.device != self.image_queue.device:
+            raise ValueError(f"image_feat: expected a tensor on {self.image_queue.device}, where the module's queues "
+                             f"are, got {image_feat.device}; move the module with .to({str(image_feat.device)!r})")
         _validate.itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
                              self.temp, alpha, idx, idx_queue, None, None)
         resolve_backend(None, None, image_feat, self.image_queue)  # its errors (ALBEF_FAST_BACKEND) before the clamp

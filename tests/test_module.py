@@ -120,6 +120,8 @@ BAD_CALLS = [
     (r"image_feat: expected \[B, 8\] \(embed_dim = 8\)", lambda x: _features(x, d=6)),
     ("idx: required when use_idx=True", lambda x: dict(idx=None)),
     ("idx", lambda x: dict(idx=torch.arange(4))),
+    (r"image_feat: expected a tensor on cpu, where the module's queues are, got meta; move the module with "
+     r"\.to\('meta'\)", lambda x: {k: v.to("meta") for k, v in _features(x, d=8).items()}),
 ]
 
 
