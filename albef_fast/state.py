@@ -76,7 +76,7 @@ class MomentumUpdater:
     """
 
     def __init__(self, model_pairs: Sequence[Tuple[nn.Module, nn.Module]], momentum: float = 0.995):
-        _validate.unit_interval("momentum", momentum)
+        self.momentum = momentum  # checked first, by the setter
         if isinstance(model_pairs, nn.Module) or not isinstance(model_pairs, collections.abc.Iterable):
             raise TypeError(f"model_pairs: expected a list of (model, model_m) pairs, got {type(model_pairs).__name__}")
         model_pairs = list(model_pairs)  # a generator is walked once
@@ -84,9 +84,17 @@ class MomentumUpdater:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(m, nn.Module) for m in pair)):
                 raise TypeError(f"model_pairs[{k}]: expected a (model, model_m) pair of nn.Modules, got {pair!r:.80}")
         self.model_pairs = [tuple(pair) for pair in model_pairs]
-        self.momentum = float(momentum)
         self._key: tuple = ()
         self._lists: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
+
+    @property
+    def momentum(self) -> float:
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value: float) -> None:
+        # a schedule may set it every step (MoCo v3's cosine ramp): checked here, not per update
+        self._momentum = _validate.unit_interval("momentum", value)
 
     def _params(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         params = [p for model, _ in self.model_pairs for p in model.parameters()]

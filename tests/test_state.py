@@ -144,6 +144,22 @@ def test_momentum_updater_names_a_pair_whose_dtype_changed_since_it_was_cached(m
     assert all(torch.equal(p, b) for p, b in zip(model_m.parameters(), before))
 
 
+def test_momentum_updater_takes_a_scheduled_momentum_and_checks_it():
+    """Set per step by a schedule (MoCo v3's cosine ramp): used by the next update, checked when
+    set (until session 28 a value out of [0, 1] went to the update unchecked)."""
+    model, model_m = _pair()
+    updater = albef_fast.MomentumUpdater([(model, model_m)], momentum=0.9)
+    expected = [p_m.detach() * 0.25 + p.detach() * 0.75 for p_m, p in zip(model_m.parameters(), model.parameters())]
+    updater.momentum = 0.25
+    updater.update()
+    assert all(torch.equal(got, exp) for got, exp in zip(model_m.parameters(), expected))
+    with pytest.raises(ValueError, match=r"momentum: expected a value in \[0, 1\], got 1.5"):
+        updater.momentum = 1.5
+    with pytest.raises(TypeError, match="momentum"):
+        updater.momentum = "0.9"
+    assert updater.momentum == 0.25
+
+
 def test_momentum_updater_rejects_bad_pairs():
     with pytest.raises(TypeError, match="model_pairs"):
         albef_fast.MomentumUpdater([(nn.Linear(2, 2),)])
