@@ -97,3 +97,13 @@ def test_lightning_callback_on_a_dataset_without_length(warmup_steps):
     else:
         trainer.fit(model, loader)
         assert model.alphas == pytest.approx([0.4 * min(1.0, s / 3) for s in range(5)])
+
+
+def test_lightning_callback_names_a_module_without_model_pairs():
+    """Was the AttributeError of the default's lambda."""
+    model = DualEncoder()
+    del model.model_pairs
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ALBEFCallback()])
+    with pytest.raises(ValueError, match="model_pairs: DualEncoder has no model_pairs attribute"):
+        trainer.fit(model, torch.utils.data.DataLoader(_data(), batch_size=4))

@@ -30,6 +30,14 @@ __all__ = ["ALBEFCallback"]
 PairsFn = Callable[[nn.Module], Sequence[Tuple[nn.Module, nn.Module]]]
 
 
+def _model_pairs_attribute(module: nn.Module) -> Sequence[Tuple[nn.Module, nn.Module]]:
+    """The default pairs: the LightningModule's ``model_pairs``, as ALBEF names them."""
+    if not hasattr(module, "model_pairs"):
+        raise ValueError(f"model_pairs: {type(module).__name__} has no model_pairs attribute ([(model, model_m), "
+                         "...], as ALBEF's); set one, or pass ALBEFCallback(model_pairs=lambda module: [...])")
+    return module.model_pairs
+
+
 class ALBEFCallback(pl.Callback):
     """Momentum update + alpha ramp for ALBEF/BLIP-style LightningModules.
 
@@ -45,7 +53,7 @@ class ALBEFCallback(pl.Callback):
         self.momentum = _validate.unit_interval("momentum", momentum)
         self.alpha0 = AlphaRamp(alpha, 1 if warmup_steps is None else warmup_steps).alpha
         self.warmup_steps = warmup_steps
-        self.model_pairs = model_pairs or (lambda module: module.model_pairs)
+        self.model_pairs = model_pairs or _model_pairs_attribute
         self.copy_params = copy_params
         self.ramp: Optional[AlphaRamp] = None
         self.updater: Optional[MomentumUpdater] = None
