@@ -103,7 +103,7 @@ def temperature(value, device: torch.device) -> None:
         # Reading the value is free on the CPU; on CUDA (or while tracing) it would be a sync.
         checkable = value.device.type == "cpu" and not torch.compiler.is_compiling()
         if checkable and not bool(value.detach() > 0):
-            raise ValueError(f"temp: expected a positive temperature, got {float(value)}")
+            raise ValueError(f"temp: expected a positive temperature, got {float(value.detach())}")
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"temp: expected a float or a 0-dim tensor, got {type(value).__name__}")

@@ -84,8 +84,11 @@ class ITCLoss(nn.Module):
         if isinstance(image_feat, torch.Tensor) and image_feat.device != self.image_queue.device:
             raise ValueError(f"image_feat: expected a tensor on {self.image_queue.device}, where the module's queues "
                              f"are, got {image_feat.device}; move the module with .to({str(image_feat.device)!r})")
+        # With the clamp (ALBEF's forward clamps first) temp is positive when the loss reads it, even
+        # where an optimizer step left it <= 0, which the CPU check (it reads the value) would reject
+        temp = 0.5 if self.clamp_temp else self.temp  # a positive stand-in
         _validate.itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
-                             self.temp, alpha, idx, idx_queue, None, None)
+                             temp, alpha, idx, idx_queue, None, None)
         resolve_backend(None, None, image_feat, self.image_queue)  # its errors (ALBEF_FAST_BACKEND) before the clamp
         distributed.check_equal_rows("image_feat_m", image_feat_m.shape[0])
         n = image_feat_m.shape[0] * distributed.world_size()

@@ -194,6 +194,27 @@ def test_temperature_is_clamped_as_albef(temp, clamped):
     assert module.temp.item() == pytest.approx(clamped, rel=1e-6)
 
 
+@pytest.mark.parametrize("clamp_temp", [True, False])
+def test_a_temperature_an_optimizer_step_left_negative(clamp_temp):
+    """ALBEF clamps first, so a step that left temp <= 0 trains on at T = 0.001; the CPU check
+    (which reads temp's value) rejected it before the clamp until session 28. Without the clamp
+    (ALBEF's retrieval model) it stays an error."""
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=13, clamp_temp=clamp_temp)
+    with torch.no_grad():
+        module.temp.fill_(-0.06)
+    x = make_inputs(5, 13, 8)
+    queues = (module.image_queue.clone(), module.text_queue.clone())
+    if not clamp_temp:
+        with pytest.raises(ValueError, match="temp: expected a positive temperature"):
+            module(x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m)
+        assert module.queue_ptr.item() == 0
+        return
+    out = module(x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m, alpha=0.4)
+    assert module.temp.item() == pytest.approx(0.001)
+    expected = reference.itc_loss(x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m, *queues, 0.001, 0.4)
+    torch.testing.assert_close(out.loss, expected)
+
+
 @pytest.mark.parametrize("embed_dim,queue_size,exc,name", [
     (0, 13, ValueError, "embed_dim"), (8, 0, ValueError, "queue_size"), (-1, 13, ValueError, "embed_dim"),
     (2.5, 13, TypeError, "embed_dim"), ("8", 13, TypeError, "embed_dim"), (True, 13, TypeError, "embed_dim"),
