@@ -107,3 +107,27 @@ def test_lightning_callback_names_a_module_without_model_pairs():
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[ALBEFCallback()])
     with pytest.raises(ValueError, match="model_pairs: DualEncoder has no model_pairs attribute"):
         trainer.fit(model, torch.utils.data.DataLoader(_data(), batch_size=4))
+
+
+def test_lightning_callback_keeps_the_restored_momentum_models_on_resume(tmp_path):
+    """A fit resumed from a checkpoint: the momentum models are the checkpoint's (copy_params()
+    at fit start wrote the online weights over them until session 28), still frozen, and the
+    resumed step is the uninterrupted run's bit for bit (the step after an epoch's end: Lightning
+    restarts a loader that is not resumable at its first batch, which that step reads anyway)."""
+    def trainer(steps):
+        return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                          callbacks=[ALBEFCallback(momentum=0.9, alpha=0.4)])
+
+    loader = lambda: torch.utils.data.DataLoader(_data(), batch_size=4)  # noqa: E731  (6 batches an epoch)
+    straight = DualEncoder()
+    trainer(7).fit(straight, loader())
+    first, ckpt = DualEncoder(), str(tmp_path / "epoch0.ckpt")
+    run = trainer(6)
+    run.fit(first, loader())
+    run.save_checkpoint(ckpt)
+    resumed = DualEncoder()
+    trainer(7).fit(resumed, loader(), ckpt_path=ckpt)
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    assert not any(p.requires_grad for p in resumed.image_enc_m.parameters())

@@ -2,11 +2,13 @@
 
     trainer = pl.Trainer(callbacks=[ALBEFCallback(momentum=0.995, alpha=0.4)])
 
+At fit start it copies the online weights into the momentum models and freezes them, once: a fit
+resumed from a checkpoint (``ckpt_path=``) keeps the momentum models it restores.
 Before every training batch (where ALBEF calls ``_momentum_update()`` and computes alpha) it
   - sets the distillation weight alpha = alpha0 * min(1, global_step / warmup_steps) on every
     albef_fast.ITCLoss inside the LightningModule (warmup_steps defaults to one epoch, as ALBEF);
   - runs the momentum (EMA) update of the module's ``model_pairs`` ([(model, model_m), ...],
-    ALBEF's attribute name), after copying and freezing the momentum copies once at fit start.
+    ALBEF's attribute name).
 """
 from __future__ import annotations
 
@@ -58,11 +60,24 @@ class ALBEFCallback(pl.Callback):
         self.ramp: Optional[AlphaRamp] = None
         self.updater: Optional[MomentumUpdater] = None
         self.alpha = 0.0
+        self.copied = False  # kept in checkpoints: a resumed fit must not copy over the restored EMA
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.updater = MomentumUpdater(self.model_pairs(pl_module), momentum=self.momentum)
-        if self.copy_params:
+        if not self.copy_params:
+            return
+        if self.copied:  # resumed: the checkpoint's momentum models, frozen as copy_params() leaves them
+            for _, model_m in self.updater.model_pairs:
+                model_m.requires_grad_(False)
+        else:
             self.updater.copy_params()
+            self.copied = True
+
+    def state_dict(self) -> dict:
+        return {"copied": self.copied}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.copied = bool(state_dict.get("copied", False))
 
     def on_train_start(self, trainer, pl_module) -> None:
         # The epoch length is known from here on; ramp in optimizer steps (global_step).
