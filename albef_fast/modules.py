@@ -29,8 +29,10 @@ class ITCLoss(nn.Module):
 
     Under torch.distributed: the first forward broadcasts rank 0's queues and ptr, so ranks
     seeded differently agree from the start; every step then enqueues the same gathered rows on
-    every rank, so the queues stay identical (DDP's broadcast_buffers=False is safe and cheaper);
-    every rank must bring the same batch size (checked on the host over gloo, no device sync).
+    every rank, so the queues stay identical (DDP without its per-forward buffer sync,
+    forward_sync_buffers=False or, before torch 2.14, broadcast_buffers=False, is safe and
+    cheaper); every rank must bring the same batch size (checked on the host over gloo, no device
+    sync).
     The loss of each rank uses its local batch plus the queue, as in ALBEF.
     """
 
