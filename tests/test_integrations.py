@@ -111,7 +111,7 @@ def test_lightning_callback_names_a_module_without_model_pairs():
 
 def test_lightning_callback_keeps_the_restored_momentum_models_on_resume(tmp_path):
     """A fit resumed from a checkpoint: the momentum models are the checkpoint's (copy_params()
-    at fit start wrote the online weights over them until session 28), still frozen, and the
+    in on_fit_start wrote the online weights over them until session 28), still frozen, and the
     resumed step is the uninterrupted run's bit for bit (the step after an epoch's end: Lightning
     restarts a loader that is not resumable at its first batch, which that step reads anyway)."""
     def trainer(steps):
@@ -131,3 +131,30 @@ def test_lightning_callback_keeps_the_restored_momentum_models_on_resume(tmp_pat
     for name, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
     assert not any(p.requires_grad for p in resumed.image_enc_m.parameters())
+
+
+class _SavingDualEncoder(DualEncoder):
+    """Writes each rank's state and the momentum models' requires_grad where training ends."""
+
+    def __init__(self, out_dir):
+        super().__init__()
+        self.out_dir = out_dir
+
+    def on_train_end(self):
+        frozen = not any(p.requires_grad for p in self.image_enc_m.parameters())
+        torch.save({"state": self.state_dict(), "frozen": frozen}, f"{self.out_dir}/rank{self.global_rank}.pt")
+
+
+def test_lightning_callback_under_ddp(tmp_path):
+    """Lightning's DDP strategy, 2 CPU processes: the momentum models are frozen before DDP wraps
+    the module (frozen in on_fit_start, after the wrap, they were parameters DDP waited on for
+    gradients: an error at the second step until session 28); both ranks end with one state."""
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ALBEFCallback(momentum=0.9, alpha=0.4)])
+    trainer.fit(_SavingDualEncoder(str(tmp_path)), torch.utils.data.DataLoader(_data(), batch_size=4))
+    ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in range(2)]
+    assert all(r["frozen"] for r in ranks)
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][name], value), name
+    assert ranks[0]["state"]["itc.queue_ptr"].item() == 3 * 2 * 4 % 16  # 3 steps of 2 ranks x 4 rows

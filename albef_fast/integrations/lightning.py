@@ -2,8 +2,9 @@
 
     trainer = pl.Trainer(callbacks=[ALBEFCallback(momentum=0.995, alpha=0.4)])
 
-At fit start it copies the online weights into the momentum models and freezes them, once: a fit
-resumed from a checkpoint (``ckpt_path=``) keeps the momentum models it restores.
+At setup for fit it copies the online weights into the momentum models and freezes them, once,
+before the strategy wraps the module (DDP) and before a checkpoint (``ckpt_path=``) is restored,
+whose momentum models a resumed fit then keeps.
 Before every training batch (where ALBEF calls ``_momentum_update()`` and computes alpha) it
   - sets the distillation weight alpha = alpha0 * min(1, global_step / warmup_steps) on every
     albef_fast.ITCLoss inside the LightningModule (warmup_steps defaults to one epoch, as ALBEF);
@@ -46,12 +47,12 @@ class ALBEFCallback(pl.Callback):
     momentum: EMA momentum; alpha: the distillation weight after warm-up;
     warmup_steps: alpha's ramp length in optimizer steps (None: the first epoch's batches);
     model_pairs: function of the LightningModule giving its (model, model_m) pairs
-        (default: its ``model_pairs`` attribute); copy_params: copy and freeze at fit start.
+        (default: its ``model_pairs`` attribute); copy_params: copy and freeze at setup for fit.
     """
 
     def __init__(self, momentum: float = 0.995, alpha: float = 0.4, warmup_steps: Optional[int] = None,
                  model_pairs: Optional[PairsFn] = None, copy_params: bool = True):
-        # checked here, not at fit start: by then copy_params() would have written the momentum models
+        # checked here, not at setup: by then copy_params() would have written the momentum models
         self.momentum = _validate.unit_interval("momentum", momentum)
         self.alpha0 = AlphaRamp(alpha, 1 if warmup_steps is None else warmup_steps).alpha
         self.warmup_steps = warmup_steps
@@ -60,24 +61,18 @@ class ALBEFCallback(pl.Callback):
         self.ramp: Optional[AlphaRamp] = None
         self.updater: Optional[MomentumUpdater] = None
         self.alpha = 0.0
-        self.copied = False  # kept in checkpoints: a resumed fit must not copy over the restored EMA
+        self.copied = False  # once per callback: a second fit with it keeps the EMA
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.updater = MomentumUpdater(self.model_pairs(pl_module), momentum=self.momentum)
-        if not self.copy_params:
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Before the strategy wraps the module (DDP registers the parameters that require grad: the
+        # momentum models' frozen later never get one) and before a checkpoint is restored (its
+        # weights then overwrite the copy: a resumed fit keeps its EMA)
+        if stage != "fit":
             return
-        if self.copied:  # resumed: the checkpoint's momentum models, frozen as copy_params() leaves them
-            for _, model_m in self.updater.model_pairs:
-                model_m.requires_grad_(False)
-        else:
+        self.updater = MomentumUpdater(self.model_pairs(pl_module), momentum=self.momentum)
+        if self.copy_params and not self.copied:
             self.updater.copy_params()
             self.copied = True
-
-    def state_dict(self) -> dict:
-        return {"copied": self.copied}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.copied = bool(state_dict.get("copied", False))
 
     def on_train_start(self, trainer, pl_module) -> None:
         # The epoch length is known from here on; ramp in optimizer steps (global_step).
