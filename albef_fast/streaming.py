@@ -26,7 +26,7 @@ The row means of those dots, times a small coefficient matrix, give every output
 from __future__ import annotations
 
 import functools
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -260,6 +260,7 @@ _ROW_COEFFICIENTS = {
     "x": ((0, 0, 1, 0), (0, 0, 0, 0)),
 }
 _COEFFICIENTS: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+_KEPT_WHILE_CAPTURED: List[torch.Tensor] = []  # pinned sources of copies in CUDA graphs (_to_device)
 
 
 def _coefficients(names: Tuple[str, ...], teacher: bool, alpha: float, like: torch.Tensor) -> torch.Tensor:
@@ -275,7 +276,12 @@ def _coefficients(names: Tuple[str, ...], teacher: bool, alpha: float, like: tor
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Without a host sync (pinned memory, asynchronous copy) on CUDA."""
-    if device.type == "cuda":
-        return t.contiguous().pin_memory().to(device, non_blocking=True)
-    return t.contiguous().to(device)
+    """Without a host sync (pinned memory, asynchronous copy) on CUDA. A copy captured in a CUDA
+    graph reads its pinned source at every replay: kept for the process then (as the CUDA EMA
+    keeps its table, csrc/cuda/ema.cu), since older torch recycles a freed pinned block."""
+    if device.type != "cuda":
+        return t.contiguous().to(device)
+    pinned = t.contiguous().pin_memory()
+    if torch.cuda.is_current_stream_capturing():
+        _KEPT_WHILE_CAPTURED.append(pinned)
+    return pinned.to(device, non_blocking=True)

@@ -92,6 +92,34 @@ def test_enqueue_on_cuda_takes_more_queues_than_one_launch_writes():
     assert all(torch.equal(got, exp) for got, exp in zip(queues, expected))
 
 
+@pytest.mark.skipif(not HAS_CUDA_OPS, reason="extension built without CUDA")
+def test_ema_replays_from_a_cuda_graph_after_pinned_memory_is_reused():
+    """The op copies its pointer table to the device from pinned memory, a copy the graph repeats
+    at every replay: pinned tensors allocated and overwritten after the capture (a DataLoader's
+    batches) must not change what the replays update (csrc/cuda/ema.cu: keep_while_captured;
+    torch before pytorch#161583 recycled the freed block)."""
+    params = [torch.randn(1000, device="cuda"), torch.randn(3, 5, device="cuda")]
+    params_m = [torch.zeros_like(p) for p in params]
+    expected = [p.clone() for p in params_m]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        albef_fast.ema_update_(params_m, params, 0.5)  # warm up
+    torch.cuda.current_stream().wait_stream(side)
+    reference.ema_update_(expected, params, 0.5)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        albef_fast.ema_update_(params_m, params, 0.5)
+    # pinned blocks that may be the table's, freed after the capture: written with 255s
+    pinned = [torch.full((n,), 255, dtype=torch.uint8).pin_memory() for n in (80, 128, 512, 4096) for _ in range(8)]
+    for _ in range(3):
+        graph.replay()
+        reference.ema_update_(expected, params, 0.5)
+    torch.cuda.synchronize()
+    del pinned
+    assert all(torch.equal(got, exp) for got, exp in zip(params_m, expected))
+
+
 def test_training_step_captures_in_a_cuda_graph():
     """EMA, loss (Triton forward + backward) and enqueue replay from a CUDA graph: no host sync."""
     torch.manual_seed(0)

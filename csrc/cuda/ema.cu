@@ -6,12 +6,14 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "../checks.h"
@@ -101,11 +103,25 @@ bool aligned16(const void* a, const void* b) {
   return (reinterpret_cast<uintptr_t>(a) % 16 == 0) && (reinterpret_cast<uintptr_t>(b) % 16 == 0);
 }
 
+// A copy captured in a CUDA graph reads its pinned source at every replay, so the source has to
+// outlive the graph, which this op cannot see; torch's host allocator before pytorch#161583
+// (2025) recycles the freed block, and a replay then copies whatever was written to it since (a
+// DataLoader's pinned batches) as the table's pointers. Kept for the process when capturing: one
+// small table per capture (never freed: at exit the allocator may already be gone).
+void keep_while_captured(const at::Tensor& host) {
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) return;
+  static std::mutex mutex;
+  static auto* kept = new std::vector<at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  kept->push_back(host);
+}
+
 // Builds the table in pinned memory and copies it to the device asynchronously (no host sync).
 at::Tensor upload_table(const std::vector<EmaEntry>& entries, const at::Device& device) {
   const int64_t bytes = static_cast<int64_t>(entries.size() * sizeof(EmaEntry));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), entries.data(), bytes);
+  keep_while_captured(host);
   return host.to(device, /*non_blocking=*/true);
 }
 
