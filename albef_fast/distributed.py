@@ -19,6 +19,10 @@ _CPU_GROUP: Optional[Tuple[object, object]] = None
 # older releases may lack the new name (neither exists in a torch built without distributed
 # support, where nothing calls it)
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+try:  # what torch.compile traces (c10d's in-place collectives break a fullgraph trace)
+    from torch.distributed import _functional_collectives as _funcol
+except ImportError:  # a torch built without distributed support
+    _funcol = None
 
 
 def is_initialized() -> bool:
@@ -35,6 +39,8 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     x = x.detach().contiguous()
+    if torch.compiler.is_compiling():
+        return _funcol.all_gather_tensor(x, 0, dist.group.WORLD)
     out = x.new_empty((world_size() * x.shape[0],) + tuple(x.shape[1:]))
     _all_gather_single(out, x)
     return out
@@ -46,7 +52,10 @@ def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
     if world_size() == 1:
         return
     for t in tensors:
-        dist.broadcast(t, src)
+        if torch.compiler.is_compiling():
+            t.copy_(_funcol.broadcast(t, src, dist.group.WORLD))
+        else:
+            dist.broadcast(t, src)
 
 
 def _cpu_group():
@@ -66,9 +75,11 @@ def _cpu_group():
 def check_equal_rows(name: str, n: int) -> None:
     """Raise ValueError on every rank unless all ranks pass the same n.
 
-    The sizes travel as CPU tensors over gloo: no device synchronization in the step.
+    The sizes travel as CPU tensors over gloo: no device synchronization in the step. Not under
+    torch.compile, which cannot trace a host-side exchange (uneven batches then fail in the
+    gather, as they would in ALBEF's concat_all_gather).
     """
-    if world_size() == 1:
+    if world_size() == 1 or torch.compiler.is_compiling():
         return
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world_size())]
     dist.all_gather(sizes, torch.tensor([n]), group=_cpu_group())

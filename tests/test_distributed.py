@@ -126,3 +126,35 @@ def test_two_ranks_keep_identical_queues(tmp_path, backend):
             assert torch.equal(value, ranks[rank]["steps"][-1]["state"][key]), key
         assert torch.isfinite(ranks[rank]["after_reinit"])
         assert ranks[rank]["cpu_group_live"]
+
+
+def _compiled_worker(rank, world, out_dir):
+    """Each step through ITCLoss eagerly and through torch.compile(fullgraph=True) side by side,
+    from one state: the first step's broadcast and every step's gather traced (functional
+    collectives) must give the eager step's loss, gradient and state."""
+    _init("gloo", rank, world, out_dir, "store_compiled")
+    torch.manual_seed(42 + rank)
+    eager = albef_fast.ITCLoss(embed_dim=D, queue_size=Q, use_idx=True)
+    traced = albef_fast.ITCLoss(embed_dim=D, queue_size=Q, use_idx=True)
+    traced.load_state_dict(eager.state_dict())
+    compiled = torch.compile(lambda module, feats, idx: module(*feats, alpha=0.4, idx=idx).loss, fullgraph=True)
+    record = []
+    for step in range(STEPS):
+        (a, b, am, bm), idx = _batch(step, rank)
+        a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+        loss1 = eager(a1, b, am, bm, alpha=0.4, idx=idx).loss
+        loss1.backward()
+        loss2 = compiled(traced, (a2, b, am, bm), idx)
+        loss2.backward()
+        same_state = all(torch.equal(v, traced.state_dict()[k]) for k, v in eager.state_dict().items())
+        record.append((torch.equal(loss1, loss2), torch.equal(a1.grad, a2.grad), same_state))
+    torch.save(record, os.path.join(out_dir, f"compiled{rank}.pt"))
+    _finish()
+
+
+def test_a_compiled_step_matches_the_eager_one_across_ranks(tmp_path):
+    """torch.compile(fullgraph=True) over ITCLoss under torch.distributed: c10d's in-place
+    broadcast and all-gather and the host-side batch-size check broke the trace until session 28."""
+    mp.spawn(_compiled_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"compiled{rank}.pt") == [(True, True, True)] * STEPS
