@@ -25,7 +25,10 @@ class ITCLoss(nn.Module):
     forward(image_feat, text_feat, image_feat_m, text_feat_m, alpha=None, idx=None) -> ITCOutput:
     clamps temp in place to [0.001, 0.5] (unless clamp_temp=False, as ALBEF's retrieval model),
     computes the loss against the queues as they were, then enqueues the momentum features
-    (gathered from all ranks under torch.distributed) and ids at queue_ptr.
+    (gathered from all ranks under torch.distributed) and ids at queue_ptr. In eval mode
+    (``module.eval()``, e.g. a validation step that reuses the training step) it changes nothing,
+    as BatchNorm leaves its statistics: the loss against the queues with temp clamped out of
+    place, no enqueue, no collective, any batch size on any rank.
 
     Under torch.distributed: the first forward broadcasts rank 0's queues and ptr, so ranks
     seeded differently agree from the start; every step then enqueues the same gathered rows on
@@ -63,6 +66,10 @@ class ITCLoss(nn.Module):
                 idx: Optional[torch.Tensor] = None) -> ITCOutput:
         alpha = self.alpha if alpha is None else alpha
         idx_queue = self._check(image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx)
+        if not self.training:  # evaluation changes no state: no clamp in place, no enqueue, no collective
+            temp = self.temp.clamp(0.001, 0.5) if self.clamp_temp else self.temp
+            return itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
+                            temp, alpha, idx=idx, idx_queue=idx_queue, return_details=True)
         if distributed.world_size() > 1 and not self._queues_synced:
             distributed.broadcast_(self._state_buffers())
             self._queues_synced = True
@@ -92,6 +99,8 @@ class ITCLoss(nn.Module):
         _validate.itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
                              temp, alpha, idx, idx_queue, None, None)
         resolve_backend(None, None, image_feat, self.image_queue)  # its errors (ALBEF_FAST_BACKEND) before the clamp
+        if not self.training:  # nothing enqueued: any batch size, on any rank
+            return idx_queue
         distributed.check_equal_rows("image_feat_m", image_feat_m.shape[0])
         n = image_feat_m.shape[0] * distributed.world_size()
         if n > self.queue_size:

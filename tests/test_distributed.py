@@ -148,13 +148,21 @@ def _compiled_worker(rank, world, out_dir):
         loss2.backward()
         same_state = all(torch.equal(v, traced.state_dict()[k]) for k, v in eager.state_dict().items())
         record.append((torch.equal(loss1, loss2), torch.equal(a1.grad, a2.grad), same_state))
+    # evaluation: no collective, so the ranks' batch sizes may differ (a validation set's last batch)
+    state = {k: v.clone() for k, v in eager.state_dict().items()}
+    (a, b, am, bm), idx = _batch(99, rank)
+    n = B - rank
+    loss = eager.eval()(a[:n], b[:n], am[:n], bm[:n], alpha=0.4, idx=idx[:n]).loss
+    unchanged = all(torch.equal(v, state[k]) for k, v in eager.state_dict().items())
+    record.append((bool(torch.isfinite(loss)), unchanged, True))
     torch.save(record, os.path.join(out_dir, f"compiled{rank}.pt"))
     _finish()
 
 
 def test_a_compiled_step_matches_the_eager_one_across_ranks(tmp_path):
     """torch.compile(fullgraph=True) over ITCLoss under torch.distributed: c10d's in-place
-    broadcast and all-gather and the host-side batch-size check broke the trace until session 28."""
+    broadcast and all-gather and the host-side batch-size check broke the trace until session 28.
+    Then an evaluation with uneven batches: a finite loss, no state changed (the last record)."""
     mp.spawn(_compiled_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        assert torch.load(tmp_path / f"compiled{rank}.pt") == [(True, True, True)] * STEPS
+        assert torch.load(tmp_path / f"compiled{rank}.pt") == [(True, True, True)] * (STEPS + 1)

@@ -194,6 +194,25 @@ def test_temperature_is_clamped_as_albef(temp, clamped):
     assert module.temp.item() == pytest.approx(clamped, rel=1e-6)
 
 
+def test_eval_mode_changes_nothing():
+    """module.eval() (a validation step reusing the training step; Lightning's sanity check runs
+    it before the first training step): the loss against the queues as they are, with temp
+    clamped out of place, and no state written; train() enqueues again. Until session 28 an
+    evaluation enqueued its features into the training queues."""
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=13, temp=0.9, use_idx=True)
+    x = make_inputs(5, 13, 8, retrieval=True)
+    feats = (x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    expected = reference.itc_loss(*feats, module.image_queue, module.text_queue, 0.5, 0.4, x.idx, module.idx_queue)
+    out = module.eval()(*feats, alpha=0.4, idx=x.idx)
+    torch.testing.assert_close(out.loss, expected)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    module.train()(*feats, idx=x.idx)
+    assert module.queue_ptr.item() == 5 and module.temp.item() == pytest.approx(0.5)
+    small = albef_fast.ITCLoss(embed_dim=8, queue_size=4).eval()  # nothing enqueued: B > Q is fine
+    assert torch.isfinite(small(*feats).loss)
+
+
 @pytest.mark.parametrize("clamp_temp", [True, False])
 def test_a_temperature_an_optimizer_step_left_negative(clamp_temp):
     """ALBEF clamps first, so a step that left temp <= 0 trains on at T = 0.001; the CPU check
