@@ -1,6 +1,7 @@
 """``ITCLoss``: the drop-in nn.Module for ALBEF's ITC block, queues and temperature included."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -28,7 +29,8 @@ class ITCLoss(nn.Module):
     (gathered from all ranks under torch.distributed) and ids at queue_ptr. In eval mode
     (``module.eval()``, e.g. a validation step that reuses the training step) it changes nothing,
     as BatchNorm leaves its statistics: the loss against the queues with temp clamped out of
-    place, no enqueue, no collective, any batch size on any rank.
+    place, no enqueue, no collective, any batch size on any rank (a RuntimeWarning where that loss
+    takes gradients: a model trained in eval mode would never fill its queues).
 
     Under torch.distributed: the first forward broadcasts rank 0's queues and ptr, so ranks
     seeded differently agree from the start; every step then enqueues the same gathered rows on
@@ -67,6 +69,7 @@ class ITCLoss(nn.Module):
         alpha = self.alpha if alpha is None else alpha
         idx_queue = self._check(image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx)
         if not self.training:  # evaluation changes no state: no clamp in place, no enqueue, no collective
+            self._warn_if_training_in_eval(image_feat, text_feat)
             temp = self.temp.clamp(0.001, 0.5) if self.clamp_temp else self.temp
             return itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
                             temp, alpha, idx=idx, idx_queue=idx_queue, return_details=True)
@@ -80,6 +83,14 @@ class ITCLoss(nn.Module):
                        self.temp, alpha, idx=idx, idx_queue=idx_queue, return_details=True)
         self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
         return out
+
+    @staticmethod
+    def _warn_if_training_in_eval(image_feat, text_feat) -> None:
+        # a model trained in eval mode (to turn dropout off) would otherwise never fill its queues
+        taking_grads = torch.is_grad_enabled() and (image_feat.requires_grad or text_feat.requires_grad)
+        if taking_grads and not torch.compiler.is_compiling():
+            warnings.warn("ITCLoss is in eval mode while its loss takes gradients: the queues are not updated and "
+                          "temp is not clamped in place; call module.train() to train", RuntimeWarning, stacklevel=3)
 
     def _check(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx):
         """Everything forward needs, checked before the temp clamp or any write."""

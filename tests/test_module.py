@@ -198,7 +198,8 @@ def test_eval_mode_changes_nothing():
     """module.eval() (a validation step reusing the training step; Lightning's sanity check runs
     it before the first training step): the loss against the queues as they are, with temp
     clamped out of place, and no state written; train() enqueues again. Until session 28 an
-    evaluation enqueued its features into the training queues."""
+    evaluation enqueued its features into the training queues. A loss that takes gradients in
+    eval mode (training with dropout off) warns that the queues stay as they are."""
     module = albef_fast.ITCLoss(embed_dim=8, queue_size=13, temp=0.9, use_idx=True)
     x = make_inputs(5, 13, 8, retrieval=True)
     feats = (x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m)
@@ -206,6 +207,9 @@ def test_eval_mode_changes_nothing():
     expected = reference.itc_loss(*feats, module.image_queue, module.text_queue, 0.5, 0.4, x.idx, module.idx_queue)
     out = module.eval()(*feats, alpha=0.4, idx=x.idx)
     torch.testing.assert_close(out.loss, expected)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    with pytest.warns(RuntimeWarning, match="ITCLoss is in eval mode while its loss takes gradients"):
+        module(x.image_feat.clone().requires_grad_(), *feats[1:], idx=x.idx)  # training in eval mode
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
     module.train()(*feats, idx=x.idx)
     assert module.queue_ptr.item() == 5 and module.temp.item() == pytest.approx(0.5)
