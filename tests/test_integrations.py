@@ -1,4 +1,6 @@
 """The Lightning callback, with a real Lightning Trainer on the CPU (AlphaRamp: test_schedules.py)."""
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -158,3 +160,24 @@ def test_lightning_callback_under_ddp(tmp_path):
     for name, value in ranks[0]["state"].items():
         assert torch.equal(ranks[1]["state"][name], value), name
     assert ranks[0]["state"]["itc.queue_ptr"].item() == 3 * 2 * 4 % 16  # 3 steps of 2 ranks x 4 rows
+
+
+def test_lightning_callback_copies_once_per_module():
+    """A second fit of the same module keeps its EMA; a fit of another module with the same
+    callback copies that module's weights (a sweep reusing the callback). The fits after the first
+    run no step (max_steps=0): what they leave is what setup did."""
+    def fit(model, steps):
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+        trainer.fit(model, torch.utils.data.DataLoader(_data(), batch_size=4))
+
+    callback = ALBEFCallback(momentum=0.9, alpha=0.4)
+    first, second = DualEncoder(), DualEncoder()
+    fit(first, 2)
+    ema = first.image_enc_m.weight.detach().clone()
+    assert not torch.equal(ema, first.image_enc.weight)  # the EMA lags the model
+    fit(first, 0)
+    assert torch.equal(first.image_enc_m.weight, ema)
+    fit(second, 0)
+    assert torch.equal(second.image_enc_m.weight, second.image_enc.weight)
+    assert pickle.loads(pickle.dumps(callback))._copied_into is None  # as ddp_spawn sends it

@@ -14,6 +14,7 @@ Before every training batch (where ALBEF calls ``_momentum_update()`` and comput
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Optional, Sequence, Tuple
 
 from torch import nn
@@ -61,7 +62,11 @@ class ALBEFCallback(pl.Callback):
         self.ramp: Optional[AlphaRamp] = None
         self.updater: Optional[MomentumUpdater] = None
         self.alpha = 0.0
-        self.copied = False  # once per callback: a second fit with it keeps the EMA
+        self._copied_into: Optional[weakref.ref] = None  # the module copied: a second fit of it keeps its EMA
+
+    def __getstate__(self) -> dict:
+        # a weak reference does not pickle (ddp_spawn sends the callback to its processes)
+        return {**self.__dict__, "_copied_into": None}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Before the strategy wraps the module (DDP registers the parameters that require grad: the
@@ -70,9 +75,10 @@ class ALBEFCallback(pl.Callback):
         if stage != "fit":
             return
         self.updater = MomentumUpdater(self.model_pairs(pl_module), momentum=self.momentum)
-        if self.copy_params and not self.copied:
+        copied = self._copied_into is not None and self._copied_into() is pl_module
+        if self.copy_params and not copied:
             self.updater.copy_params()
-            self.copied = True
+            self._copied_into = weakref.ref(pl_module)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # The epoch length is known from here on; ramp in optimizer steps (global_step).
