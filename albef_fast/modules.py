@@ -68,21 +68,26 @@ class ITCLoss(nn.Module):
                 idx: Optional[torch.Tensor] = None) -> ITCOutput:
         alpha = self.alpha if alpha is None else alpha
         idx_queue = self._check(image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx)
-        if not self.training:  # evaluation changes no state: no clamp in place, no enqueue, no collective
+        temp = self._prepare(image_feat, text_feat)
+        out = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
+                       temp, alpha, idx=idx, idx_queue=idx_queue, return_details=True)
+        if self.training:
+            self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+        return out
+
+    def _prepare(self, image_feat, text_feat) -> torch.Tensor:
+        """The temperature the loss reads. Training: rank 0's queues broadcast once, temp clamped in
+        place. Evaluation changes no state: temp clamped out of place, no collective."""
+        if not self.training:
             self._warn_if_training_in_eval(image_feat, text_feat)
-            temp = self.temp.clamp(0.001, 0.5) if self.clamp_temp else self.temp
-            return itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
-                            temp, alpha, idx=idx, idx_queue=idx_queue, return_details=True)
+            return self.temp.clamp(0.001, 0.5) if self.clamp_temp else self.temp
         if distributed.world_size() > 1 and not self._queues_synced:
             distributed.broadcast_(self._state_buffers())
             self._queues_synced = True
         if self.clamp_temp:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
-        out = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
-                       self.temp, alpha, idx=idx, idx_queue=idx_queue, return_details=True)
-        self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
-        return out
+        return self.temp
 
     @staticmethod
     def _warn_if_training_in_eval(image_feat, text_feat) -> None:
