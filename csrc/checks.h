@@ -24,6 +24,9 @@ inline bool is_float_dtype(at::ScalarType t) {
 
 inline bool is_queue_dtype(at::ScalarType t) { return is_float_dtype(t) || t == at::kLong || t == at::kInt; }
 
+constexpr const char* kFloatDtypes = "float32, bfloat16, float16 or float64";
+constexpr const char* kQueueDtypes = "float32, bfloat16, float16, float64, int64 or int32";
+
 inline void check_ema_args(at::TensorList params_m, at::TensorList params, at::DeviceType device) {
   TORCH_CHECK(params_m.size() == params.size(), "ema_update_: params has ", params.size(),
               " tensors, expected one per params_m tensor (", params_m.size(), ")");
@@ -40,8 +43,8 @@ inline void check_ema_args(at::TensorList params_m, at::TensorList params, at::D
                       " device like params_m[0], got ", pm.device(), " (one call per device type)");
     TORCH_CHECK_VALUE(p.device() == pm.device(), "params[", i, "]: expected a tensor on ", pm.device(),
                       " like params_m[", i, "], got ", p.device());
-    TORCH_CHECK_TYPE(is_float_dtype(pm.scalar_type()), "params_m[", i,
-                     "]: expected dtype float32, bfloat16, float16 or float64, got ", pm.scalar_type());
+    TORCH_CHECK_TYPE(is_float_dtype(pm.scalar_type()), "params_m[", i, "]: expected dtype ", kFloatDtypes, ", got ",
+                     pm.scalar_type());
     check_writable(pm, "params_m", i);
   }
 }
@@ -59,12 +62,10 @@ inline void check_enqueue_args(at::TensorList queues, at::TensorList items, cons
                 "enqueue_: items[", k, "] must be [", n, ", ", queues[k].size(0), "]");
     TORCH_CHECK(queues[k].device() == ptr.device() && items[k].device() == ptr.device(), "enqueue_: queues[", k,
                 "], items[", k, "] and ptr must share one device");
-    TORCH_CHECK_TYPE(is_queue_dtype(queues[k].scalar_type()), "queues[", k,
-                     "]: expected dtype float32, bfloat16, float16, float64, int64 or int32, got ",
-                     queues[k].scalar_type());
-    TORCH_CHECK_TYPE(is_queue_dtype(items[k].scalar_type()), "items[", k,
-                     "]: expected dtype float32, bfloat16, float16, float64, int64 or int32, got ",
-                     items[k].scalar_type());
+    TORCH_CHECK_TYPE(is_queue_dtype(queues[k].scalar_type()), "queues[", k, "]: expected dtype ", kQueueDtypes,
+                     ", got ", queues[k].scalar_type());
+    TORCH_CHECK_TYPE(is_queue_dtype(items[k].scalar_type()), "items[", k, "]: expected dtype ", kQueueDtypes,
+                     ", got ", items[k].scalar_type());
     TORCH_CHECK(at::isFloatingType(queues[k].scalar_type()) == at::isFloatingType(items[k].scalar_type()),
                 "enqueue_: items[", k, "] dtype does not fit queues[", k, "]");
     check_writable(queues[k], "queues", k);
