@@ -93,10 +93,11 @@ def writable(name: str, values: Sequence[torch.Tensor]) -> None:
 
 
 def temperature(value, device: torch.device) -> None:
-    """temp: a positive number, or a 0-dim floating tensor (value checked only on the CPU)."""
+    """temp: a positive number, or a 0-dim (or [1]) floating tensor (value checked only on the CPU).
+    [1]: FSDP2's fully_shard takes no 0-dim parameter, and asks for a one-element 1-D one instead."""
     if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or value.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"temp: expected a 0-dim floating tensor ({_dtype_names(FLOAT_DTYPES)}), "
+        if value.shape not in ((), (1,)) or value.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"temp: expected a 0-dim (or [1]) floating tensor ({_dtype_names(FLOAT_DTYPES)}), "
                              f"got shape {list(value.shape)} {value.dtype}")
         if value.device != device:
             raise ValueError(f"temp: expected a tensor on {device} like the features, got {value.device}")
@@ -106,7 +107,7 @@ def temperature(value, device: torch.device) -> None:
             raise ValueError(f"temp: expected a positive temperature, got {float(value.detach())}")
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"temp: expected a float or a 0-dim tensor, got {type(value).__name__}")
+        raise TypeError(f"temp: expected a float or a 0-dim (or [1]) tensor, got {type(value).__name__}")
     if not float(value) > 0.0:
         raise ValueError(f"temp: expected a positive temperature, got {value}")
 

@@ -115,7 +115,7 @@ def itc_loss(
     image_feat, text_feat: [B, D] L2-normalized features (get gradients);
     image_feat_m, text_feat_m: [B, D] momentum features (in-batch keys; constants);
     image_queue, text_queue: [D, Q] queues as ALBEF stores them (read in place; Q may be 0);
-    temp: float or 0-dim tensor (a tensor that requires grad gets d loss / d T);
+    temp: float, or 0-dim or [1] tensor (a tensor that requires grad gets d loss / d T);
     alpha: distillation weight in [0, 1] (0 skips the teacher products);
     idx [B] with idx_queue [Q] or [1, Q]: retrieval targets, [id_j == id_r] / #positives;
     backend: "torch", "triton" or None (automatic; env ALBEF_FAST_BACKEND overrides);
@@ -131,6 +131,8 @@ def itc_loss(
                          alpha, idx, idx_queue, backend, precision)
     backend, precision = resolve_backend(backend, precision, image_feat, image_queue)
     temp_t = temp if isinstance(temp, torch.Tensor) else None
+    if temp_t is not None and temp_t.dim() == 1:  # [1] (FSDP2's shape for a scalar): its gradient comes as [1]
+        temp_t = temp_t.view(())
     temp_v = 0.0 if temp_t is not None else float(temp)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (image_feat, text_feat, temp_t))

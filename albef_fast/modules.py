@@ -21,7 +21,9 @@ class ITCLoss(nn.Module):
     Keeps ALBEF's names and shapes, so an ALBEF checkpoint's entries load into it:
     ``image_queue``/``text_queue`` [D, Q] (L2-normalized columns), ``queue_ptr`` [1] int64,
     ``idx_queue`` [1, Q] int64 filled with -100 (only with use_idx), ``temp`` a 0-dim Parameter.
-    A BLIP retrieval checkpoint's ``ptr_queue`` loads as ``queue_ptr``.
+    A BLIP retrieval checkpoint's ``ptr_queue`` loads as ``queue_ptr``. FSDP2's ``fully_shard``
+    takes no 0-dim parameter: ``itc.temp = nn.Parameter(itc.temp.detach().reshape(1))`` first
+    (a [1] temp loads a 0-dim one from a checkpoint, and the other way round).
 
     forward(image_feat, text_feat, image_feat_m, text_feat_m, alpha=None, idx=None) -> ITCOutput:
     clamps temp in place to [0.001, 0.5] (unless clamp_temp=False, as ALBEF's retrieval model),
@@ -87,7 +89,7 @@ class ITCLoss(nn.Module):
         if self.clamp_temp:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
-        return self.temp
+        return self.temp if self.temp.dim() == 0 else self.temp.view(())  # [1] for FSDP2: README
 
     @staticmethod
     def _warn_if_training_in_eval(image_feat, text_feat) -> None:
@@ -131,6 +133,10 @@ class ITCLoss(nn.Module):
         # BLIP's retrieval models (and LAVIS's) name the pointer ptr_queue: taken for queue_ptr
         if prefix + "queue_ptr" not in state_dict and prefix + "ptr_queue" in state_dict:
             state_dict[prefix + "queue_ptr"] = state_dict.pop(prefix + "ptr_queue")
+        # temp as [1] (FSDP2's fully_shard takes no 0-dim parameter) loads ALBEF's 0-dim one, and back
+        temp = state_dict.get(prefix + "temp")
+        if isinstance(temp, torch.Tensor) and temp.numel() == 1 and temp.shape != self.temp.shape:
+            state_dict[prefix + "temp"] = temp.reshape(self.temp.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._queues_synced = False  # a checkpoint may come from elsewhere: broadcast rank 0's again
 

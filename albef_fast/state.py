@@ -11,7 +11,7 @@ from typing import Iterable, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import _extension, _validate, fallbacks
+from . import _dtensor, _extension, _validate, fallbacks
 
 __all__ = ["ema_update_", "enqueue_", "MomentumUpdater"]
 
@@ -21,9 +21,11 @@ def ema_update_(params_m: Iterable[torch.Tensor], params: Iterable[torch.Tensor]
 
     params_m, params: matching sequences of tensors (same shape, dtype, device per pair; any
     layout: channels_last weights and views too; pairs may sit on several GPUs, not on the CPU
-    and a GPU in one call); momentum: float in [0, 1].
+    and a GPU in one call; DTensors, as FSDP2's fully_shard keeps them, pairwise laid out alike,
+    update shard by shard); momentum: float in [0, 1].
     """
     params_m, params = _validate.tensors("params_m", params_m), _validate.tensors("params", params)
+    params_m, params = _dtensor.local_pairs(params_m, params)
     _validate.ema_inputs(params_m, params, momentum)
     _ema_update_checked(params_m, params, float(momentum))
 
@@ -73,6 +75,8 @@ class MomentumUpdater:
     model_pairs: [(model, model_m), ...] whose parameters() zip one to one, as in ALBEF; a
     momentum model holding one of the online parameters is rejected (ValueError).
     The parameter lists are cached and rebuilt (and checked) when a model's parameter set changes.
+    Models sharded by FSDP2's ``fully_shard`` (DTensor parameters) update shard by shard, with no
+    collective, when the online and momentum models are sharded alike.
     """
 
     def __init__(self, model_pairs: Sequence[Tuple[nn.Module, nn.Module]], momentum: float = 0.995):
@@ -86,6 +90,7 @@ class MomentumUpdater:
         self.model_pairs = [tuple(pair) for pair in model_pairs]
         self._key: tuple = ()
         self._lists: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
+        self._sharded = False
 
     @property
     def momentum(self) -> float:
@@ -102,9 +107,14 @@ class MomentumUpdater:
         key = tuple(map(id, params + params_m))
         if key != self._key:
             _check_not_shared(self.model_pairs, params)
-            _validate.ema_inputs(params_m, params, self.momentum)
+            _validate.ema_inputs(*_dtensor.local_pairs(params_m, params), self.momentum)
             self._key, self._lists = key, (params_m, params)
+            self._sharded = _dtensor.any_dtensor(params_m + params)
         return self._lists
+
+    def _local(self, params_m: List[torch.Tensor], params: List[torch.Tensor]):
+        # FSDP2 may swap a DTensor's local shard (its lazy init does): unwrapped at every update
+        return _dtensor.local_pairs(params_m, params) if self._sharded else (params_m, params)
 
     @torch.no_grad()
     def copy_params(self) -> None:
@@ -116,7 +126,7 @@ class MomentumUpdater:
 
     def update(self) -> None:
         """One EMA step: p_m <- p_m * momentum + p * (1 - momentum), in place."""
-        params_m, params = self._params()  # validated when the parameter set was cached
+        params_m, params = self._local(*self._params())  # validated when the parameter set was cached
         # model.half() or .to() since then keeps the Parameter objects: the op checks every pair
         # before its first write (csrc/checks.h), the fallback would mix dtypes or devices
         if not _extension.has_ops():

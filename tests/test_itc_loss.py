@@ -374,3 +374,28 @@ def test_torch_backend_runs_fp32_products_at_the_precision_asked(monkeypatch, pr
         want = albef_fast.itc_loss(*_args(x), 0.07, backend="torch")
     assert seen == [precision, "highest", precision, precision] and after == "highest"
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("details", [False, True])
+def test_a_one_element_temperature_is_a_scalar_one(backend, details):
+    """temp of shape [1] (FSDP2's fully_shard takes no 0-dim parameter, so a sharded model holds
+    its temperature that way): the 0-dim temperature's loss and gradients, T's shaped [1]."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and not _interpreting():
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x = make_inputs(5, 12, 8, device=device, retrieval=True)
+
+    def loss_fn(a, b, t):
+        out = albef_fast.itc_loss(a, b, *_args(x)[2:], t, 0.4, idx=x.idx, idx_queue=x.idx_queue,
+                                  return_details=details, backend=backend)
+        return out.loss if details else out
+
+    loss0, grads0 = _loss_and_grads(loss_fn, x, torch.tensor(0.07, device=device), grad_out=1.7)
+    loss1, grads1 = _loss_and_grads(loss_fn, x, torch.tensor([0.07], device=device), grad_out=1.7)
+    assert grads1[2].shape == (1,)
+    assert torch.equal(loss0, loss1)
+    for g0, g1 in zip(grads0, grads1):
+        assert torch.equal(g0, g1.reshape(g0.shape))

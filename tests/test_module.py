@@ -269,3 +269,33 @@ def test_checkpoint_pointer_names():
     neither = {k: v for k, v in module.state_dict().items() if k != "queue_ptr"}
     missing, _ = albef_fast.ITCLoss(embed_dim=8, queue_size=13).load_state_dict(neither, strict=False)
     assert missing == ["queue_ptr"]
+
+
+@pytest.mark.filterwarnings("ignore:ITCLoss is in eval mode:RuntimeWarning")  # the third step's gradients
+def test_a_one_element_temperature_trains_as_albefs():
+    """FSDP2's fully_shard takes no 0-dim parameter (it asks for a one-element 1-D one): with
+    temp reshaped to [1] the module clamps, trains and evaluates as with ALBEF's 0-dim temp, and
+    the two shapes load each other's checkpoints."""
+    scalar = albef_fast.ITCLoss(embed_dim=8, queue_size=13, temp=0.9, use_idx=True)
+    sharded = albef_fast.ITCLoss(embed_dim=8, queue_size=13, use_idx=True)
+    sharded.temp = torch.nn.Parameter(torch.zeros(1))
+    sharded.load_state_dict(scalar.state_dict())  # 0-dim into [1]
+    assert sharded.temp.shape == (1,) and sharded.temp.item() == pytest.approx(0.9)
+    for step in range(3):
+        x = make_inputs(5, 0, 8, retrieval=True, seed=step)
+        losses = []
+        for module in (scalar, sharded):
+            module.train(step < 2)
+            a = x.image_feat.clone().requires_grad_()
+            out = module(a, x.text_feat, x.image_feat_m, x.text_feat_m, alpha=0.3, idx=x.idx)
+            out.loss.backward()
+            losses.append((out.loss, a.grad, module.temp.grad.clone()))
+            module.temp.grad = None
+        (loss0, grad0, temp_grad0), (loss1, grad1, temp_grad1) = losses
+        assert torch.equal(loss0, loss1) and torch.equal(grad0, grad1)
+        assert temp_grad1.shape == (1,) and torch.equal(temp_grad0, temp_grad1[0])
+        for name, value in scalar.state_dict().items():
+            assert torch.equal(value, sharded.state_dict()[name].reshape(value.shape)), name
+    assert sharded.temp.item() == pytest.approx(0.5)  # clamped in place, as ALBEF's
+    scalar.load_state_dict({**sharded.state_dict(), "temp": torch.tensor([0.25])})  # [1] into 0-dim
+    assert scalar.temp.shape == () and scalar.temp.item() == 0.25

@@ -1,0 +1,56 @@
+"""Parameters held as DTensors (FSDP2's ``fully_shard``, tensor parallelism): the EMA works shard by shard.
+
+The EMA is elementwise, so a pair of DTensors laid out alike (same mesh, placements and global
+shape) is updated by updating the two local shards: the state ops never see a DTensor (they have
+no sharding rule) and no collective runs.
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Tuple
+
+import torch
+
+__all__ = ["any_dtensor", "local_pairs"]
+
+
+def _dtensor_type():
+    # no DTensor exists unless its module was imported: a plain model pays one dict lookup
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def any_dtensor(tensors) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+
+
+def _layout(p) -> str:
+    return f"{list(p.shape)} on {p.device_mesh} as {list(p.placements)}"
+
+
+def _check_pair(k: int, p_m, p, dtensor) -> None:
+    if isinstance(p_m, dtensor) != isinstance(p, dtensor):
+        sharded, plain = ("params_m", "params") if isinstance(p_m, dtensor) else ("params", "params_m")
+        raise ValueError(f"{sharded}[{k}] is a DTensor (a sharded model, e.g. FSDP2's fully_shard) but {plain}[{k}] "
+                         "is not: shard the online and the momentum models alike")
+    if isinstance(p, dtensor) and (p.shape != p_m.shape or p.device_mesh != p_m.device_mesh
+                                   or tuple(p.placements) != tuple(p_m.placements)):
+        raise ValueError(f"params[{k}]: expected a DTensor laid out like params_m[{k}] ({_layout(p_m)}), "
+                         f"got {_layout(p)}: shard the online and the momentum models alike")
+
+
+@torch.no_grad()
+def local_pairs(params_m: List[torch.Tensor], params: List[torch.Tensor]) -> Tuple[list, list]:
+    """The pairs with every DTensor replaced by its local shard (a view: writes reach the DTensor).
+
+    A DTensor paired with a plain tensor, or with a DTensor laid out otherwise, is a ValueError
+    naming the pair. Lists of unequal length are returned as they are, for the caller's check.
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None or len(params_m) != len(params) or not any_dtensor(params_m + params):
+        return params_m, params
+    for k, (p_m, p) in enumerate(zip(params_m, params)):
+        _check_pair(k, p_m, p, dtensor)
+    local = [p.to_local() if isinstance(p, dtensor) else p for p in params_m + params]
+    return local[:len(params_m)], local[len(params_m):]
