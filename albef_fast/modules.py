@@ -53,12 +53,26 @@ class ITCLoss(nn.Module):
         self.alpha = _validate.unit_interval("alpha", alpha)
         self.clamp_temp = clamp_temp
         self.use_idx = use_idx
-        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0).to(queue_dtype))
-        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0).to(queue_dtype))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self._temp_init = float(temp)
+        self.register_buffer("image_queue", torch.empty(embed_dim, queue_size, dtype=queue_dtype))
+        self.register_buffer("text_queue", torch.empty(embed_dim, queue_size, dtype=queue_dtype))
+        self.register_buffer("queue_ptr", torch.empty(1, dtype=torch.long))
         if use_idx:
-            self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))
-        self.temp = nn.Parameter(torch.ones([]) * temp)
+            self.register_buffer("idx_queue", torch.empty(1, queue_size, dtype=torch.long))
+        self.temp = nn.Parameter(torch.empty([]))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """ALBEF's initial state, in place: unit-norm random queue columns, ptr 0, ids -100 and temp
+        as constructed. For a module built on the meta device and materialized by ``to_empty()``
+        (FSDP's meta-device init calls it, as it does nn.Linear's)."""
+        for queue in (self.image_queue, self.text_queue):
+            queue.copy_(F.normalize(torch.randn(queue.shape, device=queue.device), dim=0))
+        self.queue_ptr.zero_()
+        if self.use_idx:
+            self.idx_queue.fill_(-100)
+        self.temp.fill_(self._temp_init)
         self._queues_synced = False  # under torch.distributed: rank 0's queues are broadcast once
 
     @property

@@ -11,7 +11,7 @@ from typing import Iterable, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import _dtensor, _extension, _validate, fallbacks
+from . import _extension, _sharding, _validate, fallbacks
 
 __all__ = ["ema_update_", "enqueue_", "MomentumUpdater"]
 
@@ -25,7 +25,7 @@ def ema_update_(params_m: Iterable[torch.Tensor], params: Iterable[torch.Tensor]
     update shard by shard); momentum: float in [0, 1].
     """
     params_m, params = _validate.tensors("params_m", params_m), _validate.tensors("params", params)
-    params_m, params = _dtensor.local_pairs(params_m, params)
+    params_m, params = _sharding.local_pairs(params_m, params)
     _validate.ema_inputs(params_m, params, momentum)
     _ema_update_checked(params_m, params, float(momentum))
 
@@ -69,6 +69,16 @@ def _check_not_shared(model_pairs, params) -> None:
                                  "separate copy, e.g. copy.deepcopy(model)")
 
 
+def _check_not_gathered(params) -> None:
+    """Inside the forward of a module sharded by FSDP2 (where ALBEF calls _momentum_update) the
+    parameters are gathered copies, discarded after it: the update would be lost silently."""
+    if _sharding.gathered_by_fsdp(params):
+        raise RuntimeError("MomentumUpdater: the models' parameters are FSDP2's gathered copies (called inside the "
+                           "forward of a fully_shard-ed module), which FSDP2 discards after it: the update would be "
+                           "lost. Call update() before the sharded model's forward, where the parameters are its "
+                           "shards")
+
+
 class MomentumUpdater:
     """ALBEF's momentum encoders: ``copy_params()`` once, ``update()`` every step.
 
@@ -107,14 +117,15 @@ class MomentumUpdater:
         key = tuple(map(id, params + params_m))
         if key != self._key:
             _check_not_shared(self.model_pairs, params)
-            _validate.ema_inputs(*_dtensor.local_pairs(params_m, params), self.momentum)
+            _check_not_gathered(params_m + params)
+            _validate.ema_inputs(*_sharding.local_pairs(params_m, params), self.momentum)
             self._key, self._lists = key, (params_m, params)
-            self._sharded = _dtensor.any_dtensor(params_m + params)
+            self._sharded = _sharding.any_dtensor(params_m + params)
         return self._lists
 
     def _local(self, params_m: List[torch.Tensor], params: List[torch.Tensor]):
         # FSDP2 may swap a DTensor's local shard (its lazy init does): unwrapped at every update
-        return _dtensor.local_pairs(params_m, params) if self._sharded else (params_m, params)
+        return _sharding.local_pairs(params_m, params) if self._sharded else (params_m, params)
 
     @torch.no_grad()
     def copy_params(self) -> None:

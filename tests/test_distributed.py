@@ -186,9 +186,10 @@ class _DualEncoder(torch.nn.Module):
             am, bm = [torch.nn.functional.normalize(enc(v), dim=-1) for enc, v in ((self.vis_m, x), (self.txt_m, y))]
         return a, b, am, bm
 
-    def forward(self, x, y):
-        with torch.no_grad():
-            self.momentum.update()
+    def forward(self, x, y, update_momentum=True):
+        if update_momentum:
+            with torch.no_grad():
+                self.momentum.update()
         return self.itc(*self.features(x, y), alpha=0.4).loss
 
 
@@ -197,14 +198,18 @@ def _inputs(step, rank):
     return torch.randn(B, 6, generator=g), torch.randn(B, 5, generator=g)
 
 
-def _fsdp2_worker(rank, world, out_dir):
+def _fsdp2_worker(rank, world, out_dir, wrap):
+    """wrap "each": the encoders and the model sharded, the momentum update inside the model's
+    forward (as ALBEF's), where the encoders' parameters are still their shards. "root": only the
+    model sharded, so its forward sees gathered copies: the update goes before it, and one inside
+    it is refused."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     _init("gloo", rank, world, out_dir, "store_fsdp2")
     torch.manual_seed(0)
     model = _DualEncoder()
     mesh = init_device_mesh("cpu", (world,))
-    for encoder in (model.vis, model.txt, model.vis_m, model.txt_m):
+    for encoder in (model.vis, model.txt, model.vis_m, model.txt_m) if wrap == "each" else ():
         fully_shard(encoder, mesh=mesh)
     fully_shard(model, mesh=mesh)
     sharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
@@ -212,11 +217,19 @@ def _fsdp2_worker(rank, world, out_dir):
     for step in range(STEPS):
         with torch.no_grad():  # FSDP2 writes no in-place change of a gathered parameter back: clamped here
             model.itc.temp.clamp_(0.001, 0.5)
-        model(*_inputs(step, rank)).backward()
+            if wrap == "root":
+                model.momentum.update()
+        model(*_inputs(step, rank), update_momentum=wrap == "each").backward()
         opt.step()
         opt.zero_grad()
     full = {k: getattr(v, "full_tensor", lambda v=v: v)().detach().clone() for k, v in model.state_dict().items()}
     errors = _mismatched_dtensor_errors(model, mesh)
+    if wrap == "root":
+        try:
+            model(*_inputs(0, rank))
+            errors[0].append("accepted")
+        except RuntimeError as err:
+            errors[0].append(str(err))
     if rank == 0:
         torch.save((sharded, full, errors), os.path.join(out_dir, "fsdp2.pt"))
     _finish()
@@ -262,13 +275,16 @@ def _fsdp2_single_process():
     return model.state_dict()
 
 
-def test_fsdp2_sharded_models_train_as_one_process(tmp_path):
+@pytest.mark.parametrize("wrap", ["each", "root"])
+def test_fsdp2_sharded_models_train_as_one_process(tmp_path, wrap):
     """FSDP2 (fully_shard, parameters as DTensors): the momentum update ran the state op on
     DTensors, which have no sharding rule for it (NotImplementedError), until session 29; it now
     updates each rank's shards. 2 gloo ranks, 4 steps against one process: every parameter,
-    momentum parameter, queue and the temperature."""
+    momentum parameter, queue and the temperature. An update inside the forward of a sharded
+    model that gathered the encoders was lost silently (their momentum copies never moved): a
+    RuntimeError now."""
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2")
-    mp.spawn(_fsdp2_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fsdp2_worker, args=(2, str(tmp_path), wrap), nprocs=2, join=True)
     sharded, full, (errors, unchanged) = torch.load(tmp_path / "fsdp2.pt")
     assert sharded
     assert "params_m[0] is a DTensor (a sharded model, e.g. FSDP2's fully_shard) but params[0] is not" in errors[0]
@@ -276,6 +292,8 @@ def test_fsdp2_sharded_models_train_as_one_process(tmp_path):
     assert errors[2].startswith("params[0]: expected a DTensor laid out like params_m[0] ([8, 6] on DeviceMesh")
     assert "Shard(dim=0)" in errors[2] and "Replicate()" in errors[2]
     assert unchanged
+    if wrap == "root":
+        assert errors[3].startswith("MomentumUpdater: the models' parameters are FSDP2's gathered copies")
     expected = _fsdp2_single_process()
     assert full.keys() == expected.keys()
     for key, value in expected.items():

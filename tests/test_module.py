@@ -299,3 +299,25 @@ def test_a_one_element_temperature_trains_as_albefs():
     assert sharded.temp.item() == pytest.approx(0.5)  # clamped in place, as ALBEF's
     scalar.load_state_dict({**sharded.state_dict(), "temp": torch.tensor([0.25])})  # [1] into 0-dim
     assert scalar.temp.shape == () and scalar.temp.item() == 0.25
+
+
+@pytest.mark.parametrize("use_idx", [False, True])
+def test_a_module_built_on_the_meta_device_resets_to_albefs_initial_state(use_idx):
+    """Meta-device init (FSDP materializes with to_empty() and then calls each module's
+    reset_parameters()): to_empty() leaves uninitialized memory, reset_parameters() ALBEF's
+    initial state, which is what the constructor builds from the same random numbers."""
+    torch.manual_seed(5)
+    eager = albef_fast.ITCLoss(embed_dim=8, queue_size=13, temp=0.05, use_idx=use_idx, queue_dtype=torch.bfloat16)
+    with torch.device("meta"):
+        module = albef_fast.ITCLoss(embed_dim=8, queue_size=13, temp=0.05, use_idx=use_idx,
+                                    queue_dtype=torch.bfloat16)
+    module.to_empty(device="cpu")
+    with torch.no_grad():
+        module.queue_ptr.fill_(7)
+        module.temp.fill_(3.0)
+    torch.manual_seed(5)
+    module.reset_parameters()
+    assert module.state_dict().keys() == eager.state_dict().keys()
+    for name, value in eager.state_dict().items():
+        assert torch.equal(module.state_dict()[name], value), name
+    assert module.queue_ptr.item() == 0 and module.temp.item() == pytest.approx(0.05)

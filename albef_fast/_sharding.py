@@ -1,17 +1,20 @@
-"""Parameters held as DTensors (FSDP2's ``fully_shard``, tensor parallelism): the EMA works shard by shard.
+"""Sharded parameters (FSDP2's ``fully_shard``, tensor parallelism): the EMA works shard by shard.
 
-The EMA is elementwise, so a pair of DTensors laid out alike (same mesh, placements and global
-shape) is updated by updating the two local shards: the state ops never see a DTensor (they have
-no sharding rule) and no collective runs.
+Between steps FSDP2 holds parameters as DTensors. The EMA is elementwise, so a pair of DTensors
+laid out alike (same mesh, placements and global shape) is updated by updating the two local
+shards: the state ops never see a DTensor (they have no sharding rule) and no collective runs.
+Inside a sharded module's forward FSDP2 swaps in gathered copies, which it discards afterwards:
+an update there (where ALBEF calls ``_momentum_update()``) would be lost, so it is detected.
 """
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import List, Tuple
 
 import torch
 
-__all__ = ["any_dtensor", "local_pairs"]
+__all__ = ["any_dtensor", "local_pairs", "gathered_by_fsdp"]
 
 
 def _dtensor_type():
@@ -54,3 +57,30 @@ def local_pairs(params_m: List[torch.Tensor], params: List[torch.Tensor]) -> Tup
         _check_pair(k, p_m, p, dtensor)
     local = [p.to_local() if isinstance(p, dtensor) else p for p in params_m + params]
     return local[:len(params_m)], local[len(params_m):]
+
+
+def _fsdp_states():
+    # FSDP2 keeps no public registry of its states; this private one may change: then no check
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+        refs = list(_module_state_mapping.values())
+    except (ImportError, AttributeError):
+        return []
+    states = [ref() if isinstance(ref, weakref.ref) else ref for ref in refs]  # weak references since 2.4
+    return [state for state in states if isinstance(state, FSDPState)]
+
+
+def gathered_by_fsdp(tensors) -> bool:
+    """Whether any of the tensors is a gathered (unsharded) copy of an FSDP2 parameter, which FSDP2
+    swaps in for a forward or backward and discards after it, in-place writes and all."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    gathered = set()
+    for state in _fsdp_states():
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # releases before multiple groups per module
+            groups = [getattr(state, "_fsdp_param_group", None)]
+        for group in filter(None, groups):
+            gathered.update(id(getattr(param, "_unsharded_param", None)) for param in group.fsdp_params)
+    return any(id(t) in gathered for t in tensors)
