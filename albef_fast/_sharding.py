@@ -14,7 +14,7 @@ from typing import List, Tuple
 
 import torch
 
-__all__ = ["any_dtensor", "local_pairs", "gathered_by_fsdp"]
+__all__ = ["any_dtensor", "local_pairs", "local_shards", "gathered_by_fsdp"]
 
 
 def _dtensor_type():
@@ -45,7 +45,7 @@ def _check_pair(k: int, p_m, p, dtensor) -> None:
 
 @torch.no_grad()
 def local_pairs(params_m: List[torch.Tensor], params: List[torch.Tensor]) -> Tuple[list, list]:
-    """The pairs with every DTensor replaced by its local shard (a view: writes reach the DTensor).
+    """The pairs with every DTensor replaced by its local shard (writes to it reach the DTensor).
 
     A DTensor paired with a plain tensor, or with a DTensor laid out otherwise, is a ValueError
     naming the pair. Lists of unequal length are returned as they are, for the caller's check.
@@ -55,8 +55,20 @@ def local_pairs(params_m: List[torch.Tensor], params: List[torch.Tensor]) -> Tup
         return params_m, params
     for k, (p_m, p) in enumerate(zip(params_m, params)):
         _check_pair(k, p_m, p, dtensor)
-    local = [p.to_local() if isinstance(p, dtensor) else p for p in params_m + params]
-    return local[:len(params_m)], local[len(params_m):]
+    return local_shards(params_m), local_shards(params)
+
+
+def local_shards(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Each DTensor's local shard, other tensors as they are; no checks (local_pairs checks)."""
+    dtensor = _dtensor_type()
+    return [_shard(t) if isinstance(t, dtensor) else t for t in tensors]
+
+
+def _shard(t) -> torch.Tensor:
+    # the shard itself, as FSDP2 reads it: to_local() makes a new view of a parameter's shard at
+    # every call, several times the time for ALBEF's 822 tensors, which update() unwraps every step
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t.to_local()
 
 
 def _fsdp_states():

@@ -124,8 +124,11 @@ class MomentumUpdater:
         return self._lists
 
     def _local(self, params_m: List[torch.Tensor], params: List[torch.Tensor]):
-        # FSDP2 may swap a DTensor's local shard (its lazy init does): unwrapped at every update
-        return _sharding.local_pairs(params_m, params) if self._sharded else (params_m, params)
+        # FSDP2 may swap a DTensor's local shard (its lazy init does): unwrapped at every update,
+        # the pairs' layouts checked when cached
+        if not self._sharded:
+            return params_m, params
+        return _sharding.local_shards(params_m), _sharding.local_shards(params)
 
     @torch.no_grad()
     def copy_params(self) -> None:

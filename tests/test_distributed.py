@@ -6,6 +6,7 @@ rank's loss and gradients must equal ALBEF's reference on its local batch with t
 An uneven batch is rejected on every rank; after destroy_process_group and a new
 init_process_group (a trainer restarting its group) the module keeps working.
 """
+import gc
 import os
 
 import pytest
@@ -34,7 +35,10 @@ def _init(backend, rank, world, out_dir, name):
 
 def _finish():
     """Every rank done with its collectives before any tears down (gloo: a peer closing its
-    connections while this rank still reads from them aborts this one)."""
+    connections while this rank still reads from them aborts this one). Garbage collected first:
+    FSDP's modules hold reference cycles, and gloo work they keep alive, freed only at interpreter
+    exit, aborts the process there ("terminate called without an active exception", pytorch#179291)."""
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
@@ -199,13 +203,20 @@ def _inputs(step, rank):
 
 
 def _fsdp2_worker(rank, world, out_dir, wrap):
+    _init("gloo", rank, world, out_dir, "store_fsdp2")
+    result = _fsdp2_run(rank, world, wrap)  # its sharded modules out of scope before the teardown
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, "fsdp2.pt"))
+    _finish()
+
+
+def _fsdp2_run(rank, world, wrap):
     """wrap "each": the encoders and the model sharded, the momentum update inside the model's
     forward (as ALBEF's), where the encoders' parameters are still their shards. "root": only the
     model sharded, so its forward sees gathered copies: the update goes before it, and one inside
     it is refused."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    _init("gloo", rank, world, out_dir, "store_fsdp2")
     torch.manual_seed(0)
     model = _DualEncoder()
     mesh = init_device_mesh("cpu", (world,))
@@ -230,9 +241,7 @@ def _fsdp2_worker(rank, world, out_dir, wrap):
             errors[0].append("accepted")
         except RuntimeError as err:
             errors[0].append(str(err))
-    if rank == 0:
-        torch.save((sharded, full, errors), os.path.join(out_dir, "fsdp2.pt"))
-    _finish()
+    return sharded, full, errors
 
 
 def _mismatched_dtensor_errors(model, mesh):
