@@ -81,8 +81,9 @@ def check_equal_rows(name: str, n: int) -> None:
     """
     if world_size() == 1 or torch.compiler.is_compiling():
         return
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([n]), group=_cpu_group())
+    # on the CPU whatever the default device (torch.set_default_device("cuda") would sync here)
+    sizes = [torch.zeros(1, dtype=torch.long, device="cpu") for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([n], device="cpu"), group=_cpu_group())
     sizes = [int(s) for s in sizes]
     if len(set(sizes)) != 1:
         raise ValueError(f"{name}: every rank must bring the same batch size to keep the queues identical, "

@@ -271,7 +271,9 @@ def _coefficients(names: Tuple[str, ...], teacher: bool, alpha: float, like: tor
     if pair is None:
         keep_kl = (1, 1, int(teacher), 1)
         parts = [[[c * k for c, k in zip(_ROW_COEFFICIENTS[name][i], keep_kl)] for name in names] for i in (0, 1)]
-        pair = _COEFFICIENTS[key] = tuple(_to_device(torch.tensor(p, dtype=like.dtype).T, like.device) for p in parts)
+        # built on the CPU whatever the default device (torch.set_default_device), then copied
+        pair = _COEFFICIENTS[key] = tuple(_to_device(torch.tensor(p, dtype=like.dtype, device="cpu").T, like.device)
+                                          for p in parts)
     return torch.add(pair[0], pair[1], alpha=alpha)
 
 

@@ -117,7 +117,7 @@ class _NotRecordable(Exception):
 def _backward_spec(outputs, temp):
     """The scale kernel's launch for this plan's saved gradients, recorded by running it once on
     them (its outputs are discarded)."""
-    g = torch.ones((), device=outputs[0].device)
+    g = torch.ones((), device=outputs[0].device, dtype=torch.float32)  # the fp32 loss's grad_output
     temp_dtype = None if temp is None else temp.dtype
     launch.RECORDING = []
     try:

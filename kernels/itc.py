@@ -312,9 +312,9 @@ def _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, id
                sims, *converted), (temp_v,))
     dq_img = torch.empty((b, d), device=dev, dtype=feats[0].dtype)
     dq_txt = torch.empty((b, d), device=dev, dtype=feats[1].dtype)
-    loss, grad_temp = torch.empty((), device=dev), torch.empty((), device=dev)
-    losses, grad_temp_dirs, terms = torch.empty(2, device=dev), torch.empty(2, device=dev), torch.empty(4, device=dev)
-    scalars = (loss, losses, grad_temp, grad_temp_dirs, terms)
+    # fp32 named: torch.set_default_dtype(torch.float64) made them fp64, and the kernels with them
+    scalars = tuple(torch.empty(shape, device=dev, dtype=torch.float32) for shape in ((), 2, (), 2, 4))
+    loss, losses, grad_temp, grad_temp_dirs, terms = scalars
     plan.merge((*feats, temp_arg, ws.max, ws.z, ws.acc, ws.count, dq_img, dq_txt, ws.part, ws.lse, ws.ticket,
                 *scalars), (temp_v, float(alpha)))
     if plan.finish is not None:
@@ -425,7 +425,7 @@ class _Plan:
             return (ws.count,) * 4
         halves, singles = self.converted_sizes
         kc, qc = torch.empty(sum(halves), device=ws.count.device, dtype=torch.float16).split(halves)
-        ks, qs = torch.empty(sum(singles), device=ws.count.device).split(singles)
+        ks, qs = torch.empty(sum(singles), device=ws.count.device, dtype=torch.float32).split(singles)
         return kc, ks, qc, qs
 
 

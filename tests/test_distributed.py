@@ -74,6 +74,8 @@ def _worker(rank, world, backend, out_dir):
     _init(backend, rank, world, out_dir, "store_again")
     (a, b, am, bm), idx = _batch(0, rank, device)
     record["after_reinit"] = module(a, b, am, bm, alpha=0.4, idx=idx).loss.detach().cpu()
+    with torch.device("meta"):  # a default device other than the tensors': the batch-size check stays on the CPU
+        record["default_device"] = module(a, b, am, bm, alpha=0.4, idx=idx).loss.detach().cpu()
     # the check's host-side group belongs to the live default group, not to the destroyed one
     # (gloo: the default group itself; else a gloo group made under it)
     group = distributed._cpu_group()
@@ -128,7 +130,7 @@ def test_two_ranks_keep_identical_queues(tmp_path, backend):
         assert "same batch size" in ranks[rank]["uneven"]
         for key, value in ranks[rank]["after_uneven"].items():
             assert torch.equal(value, ranks[rank]["steps"][-1]["state"][key]), key
-        assert torch.isfinite(ranks[rank]["after_reinit"])
+        assert torch.isfinite(ranks[rank]["after_reinit"]) and torch.isfinite(ranks[rank]["default_device"])
         assert ranks[rank]["cpu_group_live"]
 
 

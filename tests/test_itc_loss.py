@@ -399,3 +399,60 @@ def test_a_one_element_temperature_is_a_scalar_one(backend, details):
     assert torch.equal(loss0, loss1)
     for g0, g1 in zip(grads0, grads1):
         assert torch.equal(g0, g1.reshape(g0.shape))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("temp_dtype", [torch.float32, torch.float64])
+def test_the_default_dtype_changes_nothing(backend, temp_dtype):
+    """torch.set_default_dtype(torch.float64) (a float64 script, or ALBEF's temp made under it):
+    the Triton path allocated its loss, term and key-sum buffers in the default dtype, so its
+    loss came out float64 and its kernels ran on float64 buffers, until session 29."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and not _interpreting():
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x = make_inputs(5, 12, 8, device=device, retrieval=True)
+
+    def run():
+        t = torch.tensor(0.07, dtype=temp_dtype, device=device, requires_grad=True)
+        a = x.image_feat.clone().requires_grad_()
+        out = albef_fast.itc_loss(a, x.text_feat, *_args(x)[2:], t, 0.4, idx=x.idx, idx_queue=x.idx_queue,
+                                  return_details=True, backend=backend)
+        out.loss.backward()
+        return list(out) + [a.grad, t.grad]
+
+    expected = run()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = run()
+    finally:
+        torch.set_default_dtype(default)
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype and torch.equal(g, e)
+    assert got[0].dtype == torch.float32 and got[-1].dtype == temp_dtype
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_default_device_changes_nothing(backend):
+    """A default device other than the tensors' (torch.set_default_device("cuda") with the torch
+    backend's CPU tables: pin_memory() of a CUDA tensor failed; meta stands for it here): the
+    torch backend built its coefficient table there until session 29."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and not _interpreting():
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x = make_inputs(5, 12, 8, device=device, retrieval=True)
+    streaming._COEFFICIENTS.clear()  # built at first use: under the default device below
+
+    def run():
+        out = albef_fast.itc_loss(*_args(x), 0.07, 0.3, idx=x.idx, idx_queue=x.idx_queue, return_details=True,
+                                  backend=backend)
+        return list(out)
+
+    with torch.device("meta"):
+        got = run()
+    for g, e in zip(got, run()):
+        assert g.device == e.device and torch.equal(g, e)
