@@ -79,7 +79,7 @@ def _fsdp_states():
         refs = list(_module_state_mapping.values())
     except (ImportError, AttributeError):
         return []
-    states = [ref() if isinstance(ref, weakref.ref) else ref for ref in refs]  # weak references since 2.4
+    states = [ref() if isinstance(ref, weakref.ref) else ref for ref in refs]  # weak in 2.13 and 2.14
     return [state for state in states if isinstance(state, FSDPState)]
 
 
@@ -94,5 +94,6 @@ def gathered_by_fsdp(tensors) -> bool:
         if groups is None:  # releases before multiple groups per module
             groups = [getattr(state, "_fsdp_param_group", None)]
         for group in filter(None, groups):
-            gathered.update(id(getattr(param, "_unsharded_param", None)) for param in group.fsdp_params)
+            copies = (getattr(param, "_unsharded_param", None) for param in group.fsdp_params)  # after 1st gather
+            gathered.update(id(copy) for copy in copies if copy is not None)
     return any(id(t) in gathered for t in tensors)
