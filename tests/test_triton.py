@@ -851,3 +851,29 @@ def test_plan_cache_starts_over_when_full(monkeypatch):
     assert len(itc._PLANS) <= 2
     for a, b in zip(first, again):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("b,q,d", [(5, 37, 24), (6, 0, 8)])
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+@pytest.mark.parametrize("retrieval", [False, True])
+def test_no_buffer_is_read_before_it_is_written(b, q, d, precision, retrieval):
+    """Under torch.use_deterministic_algorithms(True) torch.empty fills its memory with NaN: every
+    output, workspace and scratch buffer the launches take from torch.empty must be written before
+    it is read, or the results would change (they give the same bits)."""
+    x = make_inputs(b, q, d, device=DEVICE, retrieval=retrieval)
+
+    def run():
+        a, t = x.image_feat.clone().requires_grad_(), torch.tensor(0.07, device=DEVICE, requires_grad=True)
+        out = _triton(a, *_args(x)[1:], t, 0.4, x.idx, x.idx_queue, precision=precision, return_details=True)
+        (out.loss * 1.3).backward()
+        return list(out) + [a.grad, t.grad]
+
+    expected = run()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        got = run()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
