@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 
 from . import _validate
-from .itc_op import BACKEND_IMPLS, itc_apply
+from .itc_op import BACKEND_IMPLS, float32_matmul_precision, itc_apply
 
 __all__ = ["itc_loss", "ITCOutput", "resolve_backend"]
 
@@ -38,7 +38,7 @@ class ITCOutput(NamedTuple):
 # (dynamo cannot trace them); changing one later means a recompile, not a wrong result.
 @torch.compiler.assume_constant_result
 def _matmul_precision() -> str:
-    return torch.get_float32_matmul_precision()
+    return float32_matmul_precision()
 
 
 @torch.compiler.assume_constant_result

@@ -25,13 +25,15 @@ Outputs (all fresh tensors; B rows, D features, W = the work dtype, fp32 or fp64
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 from . import streaming
 
-__all__ = ["itc", "itc_apply", "BACKEND_IMPLS", "FUSED_BACKWARDS", "CPP_STEPS", "work_dtype", "matmul_precision"]
+__all__ = ["itc", "itc_apply", "BACKEND_IMPLS", "FUSED_BACKWARDS", "CPP_STEPS", "work_dtype", "matmul_precision",
+           "float32_matmul_precision"]
 
 # the eight outputs listed above (spelled out: custom_op infers the schema from it)
 Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -42,19 +44,56 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _per_backend_settings() -> Optional[Tuple[str, str]]:
+    """torch's (CUDA, oneDNN) float32 matmul settings (2.9 on: cuBLAS follows the first), the
+    two that set_float32_matmul_precision writes; None before 2.9."""
+    backends = torch.backends
+    if not hasattr(backends.cuda.matmul, "fp32_precision"):
+        return None
+    return backends.cuda.matmul.fp32_precision, backends.mkldnn.matmul.fp32_precision
+
+
+def float32_matmul_precision() -> str:
+    """torch's float32 matmul precision for CUDA products, by its legacy name ("highest" | "high" |
+    "medium"). From torch 2.9 the legacy getter raises a RuntimeError once the legacy level and
+    the per-backend settings disagree (``torch.backends.cuda.matmul.fp32_precision = "tf32"``
+    alone, as torch's notes now advise): the CUDA setting decides then, "tf32" being "high"
+    ("medium" where the legacy level says so). csrc/itc_entry.cpp keys its plans on the same state."""
+    settings = _per_backend_settings()
+    if settings is None:
+        return torch.get_float32_matmul_precision()
+    if settings[0] != "tf32":
+        return "highest"
+    try:
+        return "medium" if torch.get_float32_matmul_precision() == "medium" else "high"
+    except RuntimeError:
+        return "high"
+
+
 @contextlib.contextmanager
 def matmul_precision(precision: Optional[str]) -> Iterator[None]:
     """torch's float32 matmul precision ("highest" | "high" | "medium") for the block, then the
-    one before (process-wide while it lasts, as torch keeps it); None leaves it as it is."""
-    before = torch.get_float32_matmul_precision()
-    if precision is None or precision == before:
+    level and settings before (process-wide while it lasts, as torch keeps them); None leaves
+    them as they are, and so does a state whose legacy level torch refuses to read (a mix of
+    the legacy and per-backend settings), which could not be restored."""
+    if precision is None or precision == float32_matmul_precision():
         yield
         return
-    torch.set_float32_matmul_precision(precision)
+    settings = _per_backend_settings()
+    try:
+        level = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        warnings.warn(f"precision={precision!r} not applied: torch's float32 matmul settings mix its legacy and "
+                      "per-backend APIs (torch.get_float32_matmul_precision() raises)", RuntimeWarning, stacklevel=4)
+        yield
+        return
+    torch.set_float32_matmul_precision(precision)  # level and settings together, as torch checks them
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(before)
+        torch.set_float32_matmul_precision(level)
+        if settings is not None:  # as read before (the default "none" stays "none")
+            torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = settings
 
 
 def _torch_backend(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,

@@ -8,7 +8,7 @@
 // layout, a positive temperature, a float alpha in [0, 1], integer ids [B] or [B, 1] with [Q] or
 // [1, Q], or none) gets a key made of everything
 // the Python path's choices depend on: shapes, strides, dtypes, device, the flags, the backend and
-// precision arguments, torch's float32 matmul precision and the ALBEF_FAST_* / TRITON_INTERPRET
+// precision arguments, torch's float32 matmul state and the ALBEF_FAST_* / TRITON_INTERPRET
 // environment. The key names the C++ plan the Python path used for such a call. On a miss, the
 // key waits (one per thread) for the C++ step of the Python path that the same itc_loss call runs
 // next; itc_entry_learn binds it to that step's plan. So nothing here decides what the Python
@@ -22,6 +22,7 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/version.h>
 
 #include <array>
 #include <cstring>
@@ -171,7 +172,39 @@ std::string environment_settings() {
   return settings;
 }
 
-void fill_key(Call& call) {
+// torch's legacy float32 matmul level, or 3 where torch (2.9 on) refuses to read it: the level
+// and the per-backend settings disagree
+int64_t legacy_matmul_level() {
+  try {
+    return static_cast<int64_t>(at::globalContext().float32MatmulPrecision());
+  } catch (const c10::Error&) {
+    return 3;
+  }
+}
+
+// torch's float32 matmul state as the Python path reads it (itc_op.py:float32_matmul_precision):
+// whether CUDA's matmul setting is TF32, and the legacy level. Before 2.13 (whose headers name the
+// per-backend settings by enum; 2.9-2.12 by string) the setting is read through allowTF32CuBLAS,
+// which raises too where the two disagree; where both raise they do not tell the states apart:
+// -1, no key.
+int64_t matmul_precision_state() {
+  const int64_t level = legacy_matmul_level();
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+  const bool tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+                    at::Float32Precision::TF32;
+  return 4 * static_cast<int64_t>(tf32) + level;
+#else
+  int64_t tf32 = 2;  // raised
+  try {
+    tf32 = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
+  } catch (const c10::Error&) {
+  }
+  return tf32 == 2 && level == 3 ? -1 : 4 * tf32 + level;
+#endif
+}
+
+// false: no key for this call (the Python path decides)
+bool fill_key(Call& call) {
   const at::Tensor& image = *call.tensors[0];
   const at::Tensor& queue = *call.tensors[4];
   EntryKey& key = call.key;
@@ -189,13 +222,15 @@ void fill_key(Call& call) {
   key.teacher = call.alpha != 0.0;
   key.grad = at::GradMode::is_enabled() && (image.requires_grad() || call.tensors[1]->requires_grad() ||
                                             (call.temp && call.temp->requires_grad()));
-  key.matmul_precision = static_cast<int64_t>(at::globalContext().float32MatmulPrecision());
+  key.matmul_precision = matmul_precision_state();
+  if (key.matmul_precision < 0) return false;
   if (call.ids[0] != nullptr) {
     const at::Tensor &idx = *call.ids[0], &idq = *call.ids[1];
     key.ids = {1, static_cast<int64_t>(idx.scalar_type()), static_cast<int64_t>(idq.scalar_type()), idx.dim(),
                idq.dim(), idx.stride(0), idx.stride(-1), idq.stride(0), idq.stride(-1)};
   }
   key.settings = environment_settings();
+  return true;
 }
 
 // false: not the usual form (the Python path decides, and raises if the call is invalid)
@@ -216,8 +251,7 @@ bool parse(PyObject* const* args, Call& call) {
   key.backend = option(args[11], kBackends);
   key.precision = option(args[12], kPrecisions);
   if (!(call.alpha >= 0.0 && call.alpha <= 1.0) || key.backend < 0 || key.precision < 0) return false;
-  fill_key(call);
-  return true;
+  return fill_key(call);
 }
 
 // ---- learned calls ----

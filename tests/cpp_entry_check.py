@@ -124,7 +124,27 @@ def _check_variations():
     finally:
         del os.environ["ALBEF_FAST_WAVES"]
     _hit(args, {}, learned=True)  # the first key again
-    return 17
+    return 17 + _check_per_backend_precision(fp32)
+
+
+def _check_per_backend_precision(fp32) -> int:
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" alone (torch 2.9 on), where torch's legacy
+    getter raises: its own key from 2.13 (the setting read by enum), no key before (declined)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        return 0
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13):
+            _hit(fp32, {})
+        else:
+            _never_hits(fp32, {})
+        matmul.fp32_precision = "ieee"  # the legacy level "highest" agrees: the "highest" key of before
+        _hit(fp32, {}, learned=True)
+    finally:
+        matmul.fp32_precision = saved
+    return 2
 
 
 def _check_backward():

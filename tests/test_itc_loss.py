@@ -1,5 +1,6 @@
 """itc_loss on the streaming torch backend against ALBEF's reference and the float64 oracle."""
 import random
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -352,12 +353,12 @@ def test_torch_backend_runs_fp32_products_at_the_precision_asked(monkeypatch, pr
     """precision= sets torch's float32 matmul precision for the torch backend's products of fp32
     features (on CUDA: cuBLAS's TF32 or not), and then restores it, also after an error; half
     features keep torch's setting. Until session 23 the torch backend ignored precision=."""
-    from albef_fast.itc_op import matmul_precision
+    from albef_fast.itc_op import float32_matmul_precision, matmul_precision
 
     seen, real = [], streaming.stream_itc
 
     def spy(*args, **kwargs):
-        seen.append(torch.get_float32_matmul_precision())
+        seen.append(float32_matmul_precision())
         if kwargs.get("details"):
             raise RuntimeError("from the products")
         return real(*args, **kwargs)
@@ -369,7 +370,7 @@ def test_torch_backend_runs_fp32_products_at_the_precision_asked(monkeypatch, pr
         albef_fast.itc_loss(*_args(half), 0.07, backend="torch", precision=precision)
         with pytest.raises(RuntimeError, match="from the products"):
             albef_fast.itc_loss(*_args(x), 0.07, backend="torch", precision=precision, return_details=True)
-        after = torch.get_float32_matmul_precision()
+        after = float32_matmul_precision()
     with matmul_precision(precision):
         want = albef_fast.itc_loss(*_args(x), 0.07, backend="torch")
     assert seen == [precision, "highest", precision, precision] and after == "highest"
@@ -456,3 +457,41 @@ def test_a_default_device_changes_nothing(backend):
         got = run()
     for g, e in zip(got, run()):
         assert g.device == e.device and torch.equal(g, e)
+
+
+@pytest.fixture
+def per_backend_precision():
+    """torch >= 2.9's per-backend float32 precision settings, restored after the test."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9 has no per-backend float32 precision")
+    saved = (torch.backends.fp32_precision, matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+    yield
+    torch.backends.fp32_precision, matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torchs_per_backend_precision_setting_is_read(per_backend_precision, backend):
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" (torch's notes advise it over
+    set_float32_matmul_precision): torch.get_float32_matmul_precision() raises then, and so did
+    every fp32 itc_loss call until session 29. Now "tf32" reads as "high", "ieee" as "highest",
+    and precision= on the torch path leaves the user's settings as they were."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and not _interpreting():
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x = make_inputs(5, 12, 8, device=device)
+    expected = {p: albef_fast.itc_loss(*_args(x), 0.07, backend=backend, precision=p) for p in ("high", "highest")}
+    for setting, precision in (("tf32", "high"), ("ieee", "highest")):
+        torch.backends.cuda.matmul.fp32_precision = setting
+        if setting == "tf32":
+            with pytest.raises(RuntimeError):  # what the call met before
+                torch.get_float32_matmul_precision()
+        assert albef_fast.functional.resolve_backend(backend, None, x.image_feat) == (backend, precision)
+        assert torch.equal(albef_fast.itc_loss(*_args(x), 0.07, backend=backend), expected[precision])
+        mixed = setting == "tf32" and backend == "torch"  # its legacy level unreadable: precision= not applied
+        with pytest.warns(RuntimeWarning, match="precision='medium' not applied") if mixed else nullcontext():
+            albef_fast.itc_loss(*_args(x), 0.07, backend=backend, precision="medium")
+        assert torch.backends.cuda.matmul.fp32_precision == setting
+        assert torch.backends.mkldnn.matmul.fp32_precision == "none"
