@@ -133,6 +133,11 @@ class ITCLoss(nn.Module):
         resolve_backend(None, None, image_feat, self.image_queue)  # its errors (ALBEF_FAST_BACKEND) before the clamp
         if not self.training:  # nothing enqueued: any batch size, on any rank
             return idx_queue
+        if getattr(self, "_is_replica", False):  # set by nn.DataParallel's replicate
+            raise RuntimeError("ITCLoss: training under nn.DataParallel would lose the enqueues of every replica "
+                               "but the first device's (its replicas' buffers are copies, discarded after the "
+                               "step); use DistributedDataParallel, under which ranks gather before they enqueue "
+                               "(ALBEF's concat_all_gather needs a process group too)")
         distributed.check_equal_rows("image_feat_m", image_feat_m.shape[0])
         n = image_feat_m.shape[0] * distributed.world_size()
         if n > self.queue_size:

@@ -321,3 +321,21 @@ def test_a_module_built_on_the_meta_device_resets_to_albefs_initial_state(use_id
     for name, value in eager.state_dict().items():
         assert torch.equal(module.state_dict()[name], value), name
     assert module.queue_ptr.item() == 0 and module.temp.item() == pytest.approx(0.05)
+
+
+def test_training_under_data_parallel_is_refused():
+    """nn.DataParallel replicates the module each step (torch's _replicate_for_data_parallel, called
+    here directly: replicating needs GPUs): only the first device's replica shares the buffers, so
+    the others' enqueues would be lost silently. Refused in training before any change (ALBEF's
+    concat_all_gather fails there too); evaluation is fine."""
+    module = albef_fast.ITCLoss(embed_dim=8, queue_size=13)
+    x = make_inputs(5, 0, 8)
+    feats = (x.image_feat, x.text_feat, x.image_feat_m, x.text_feat_m)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    replica = module._replicate_for_data_parallel()
+    replica.temp = module.temp * 1  # replicate() sets each parameter's differentiable copy so
+    with pytest.raises(RuntimeError, match="ITCLoss: training under nn.DataParallel"):
+        replica(*feats)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    replica.eval()
+    assert torch.isfinite(replica(*feats).loss)
