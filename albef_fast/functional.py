@@ -61,11 +61,21 @@ def _triton_registered() -> bool:
     return "triton" in BACKEND_IMPLS
 
 
+def _queue_span(queue: torch.Tensor) -> int:
+    """How many elements apart the queue's first and last elements lie (its storage's extent)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(queue.shape, queue.stride()) if size > 0)
+
+
+# The Triton kernels compute element offsets in 32 bits (the queue's strides are i32 arguments)
+_TRITON_MAX_SPAN = 2 ** 31 - 1
+
+
 def resolve_backend(backend: Optional[str], precision: Optional[str], feat: torch.Tensor,
                     queue: Optional[torch.Tensor] = None) -> Tuple[str, str]:
     """Pick (backend, precision) for features `feat` and queues like `queue`. Automatic: Triton
     for CUDA tensors (fp32 at "highest" too: three fp16 products of (hi, lo) pairs there,
-    kernels/itc.py:_dot_flags), else torch; float64 features or queues only on torch."""
+    kernels/itc.py:_dot_flags), else torch; float64 features or queues, and queues spanning
+    2^31 elements or more (past the kernels' 32-bit offsets), only on torch."""
     if precision is None:
         precision = _matmul_precision() if feat.dtype == torch.float32 else "medium"
     if feat.dtype == torch.float64:
@@ -74,13 +84,18 @@ def resolve_backend(backend: Optional[str], precision: Optional[str], feat: torc
         backend = _env_backend() or None
         _validate.choice("ALBEF_FAST_BACKEND", backend, _validate.BACKENDS)
     wide_queue = queue is not None and queue.dtype == torch.float64
+    huge_queue = queue is not None and _queue_span(queue) > _TRITON_MAX_SPAN
     if backend is None:
-        triton_ok = feat.is_cuda and feat.dtype != torch.float64 and not wide_queue and _triton_registered()
+        triton_ok = (feat.is_cuda and feat.dtype != torch.float64 and not wide_queue and not huge_queue
+                     and _triton_registered())
         backend = "triton" if triton_ok else "torch"
     if backend == "triton":
         if feat.dtype == torch.float64 or wide_queue:
             what = "features" if feat.dtype == torch.float64 else "queues (image_queue, text_queue)"
             raise ValueError(f"backend: 'triton' does not take float64 {what}; use backend='torch'")
+        if huge_queue:
+            raise ValueError(f"backend: 'triton' indexes the queues with 32-bit offsets, and image_queue spans "
+                             f"{_queue_span(queue) + 1} elements (2^31 at most); use backend='torch'")
         if not feat.is_cuda and not _interpreting():  # checked before triton is first imported
             raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {feat.device}")
         if not _triton_registered():

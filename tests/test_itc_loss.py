@@ -270,7 +270,7 @@ def test_automatic_backend_is_triton_for_cuda_but_fp64(monkeypatch):
 
     monkeypatch.delenv("ALBEF_FAST_BACKEND", raising=False)
     monkeypatch.setattr(functional, "_triton_registered", lambda: True)
-    cuda = lambda dtype: SimpleNamespace(dtype=dtype, is_cuda=True)  # noqa: E731
+    cuda = lambda dtype: SimpleNamespace(dtype=dtype, is_cuda=True, shape=(4, 8), stride=lambda: (8, 1))  # noqa: E731
     for precision in ("highest", "high", "medium", None):
         assert functional.resolve_backend(None, precision, cuda(torch.float32))[0] == "triton"
     assert functional.resolve_backend(None, None, cuda(torch.bfloat16))[0] == "triton"
@@ -278,6 +278,28 @@ def test_automatic_backend_is_triton_for_cuda_but_fp64(monkeypatch):
     assert functional.resolve_backend(None, None, cuda(torch.float32), cuda(torch.float64))[0] == "torch"
     assert functional.resolve_backend(None, None, cuda(torch.float32), cuda(torch.bfloat16))[0] == "triton"
     assert functional.resolve_backend(None, "highest", torch.zeros(1))[0] == "torch"
+
+
+def test_queues_past_32_bit_offsets_take_the_torch_path(monkeypatch):
+    """The Triton kernels index the queues in 32-bit arithmetic (i32 strides): a queue whose last
+    element lies 2^31 or more elements after its first (D * Q >= 2^31: Q = 2^21 at D = 1024) would
+    be read from wrapped-around offsets. The automatic choice takes the torch path there, and an
+    explicit "triton" names the queue. Meta tensors give the shapes without the memory."""
+    from types import SimpleNamespace
+
+    from albef_fast import functional
+
+    monkeypatch.delenv("ALBEF_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(functional, "_triton_registered", lambda: True)
+    feat = SimpleNamespace(dtype=torch.bfloat16, is_cuda=True)
+    largest = torch.empty(1024, 2 ** 21, dtype=torch.bfloat16, device="meta")  # last offset 2^31 - 1
+    for queue, backend in ((largest, "triton"), (largest.t().contiguous().t(), "triton"),
+                           (torch.empty(1024, 2 ** 21 + 1, dtype=torch.bfloat16, device="meta"), "torch"),
+                           (torch.empty(2048, 2 ** 21, device="meta")[::2], "torch")):  # a view's strides count
+        assert functional.resolve_backend(None, None, feat, queue)[0] == backend
+        if backend == "torch":
+            with pytest.raises(ValueError, match="backend: 'triton' indexes the queues with 32-bit offsets"):
+                functional.resolve_backend("triton", None, feat, queue)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.4])
