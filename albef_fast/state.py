@@ -70,13 +70,16 @@ def _check_not_shared(model_pairs, params) -> None:
 
 
 def _check_not_gathered(params) -> None:
-    """Inside the forward of a module sharded by FSDP2 (where ALBEF calls _momentum_update) the
-    parameters are gathered copies, discarded after it: the update would be lost silently."""
+    """Inside the forward of a module sharded by FSDP2 (where ALBEF calls _momentum_update), and
+    after a no-grad forward of a momentum model sharded as a root, the parameters are gathered
+    copies: the update would not reach the shards, silently."""
     if _sharding.gathered_by_fsdp(params):
-        raise RuntimeError("MomentumUpdater: the models' parameters are FSDP2's gathered copies (called inside the "
-                           "forward of a fully_shard-ed module), which FSDP2 discards after it: the update would be "
-                           "lost. Call update() before the sharded model's forward, where the parameters are its "
-                           "shards")
+        raise RuntimeError("MomentumUpdater: the models' parameters are FSDP2's gathered copies, which the shards "
+                           "(what optimizers and checkpoints see) would never get: the update would be lost. Call "
+                           "update() before the sharded model's forward, not inside it; a momentum model sharded as "
+                           "a root of its own stays gathered after its no-grad forward (the root keeps its "
+                           "parameters for a backward): call its reshard() after that forward, or shard it with "
+                           "fully_shard(model_m, reshard_after_forward=True)")
 
 
 class MomentumUpdater:

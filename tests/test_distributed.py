@@ -243,7 +243,31 @@ def _fsdp2_run(rank, world, wrap):
             errors[0].append("accepted")
         except RuntimeError as err:
             errors[0].append(str(err))
+        errors[0].extend(_momentum_root_updates(mesh))
     return sharded, full, errors
+
+
+def _momentum_root_updates(mesh):
+    """A momentum model sharded as a root of its own keeps its gathered copies after a no-grad
+    forward (FSDP2's root keeps them for a backward that never comes): refused, then fine after
+    its reshard()."""
+    from torch.distributed.fsdp import fully_shard
+    model = torch.nn.Linear(6, D)
+    model_m = torch.nn.Linear(6, D)
+    fully_shard(model, mesh=mesh)
+    fully_shard(model_m, mesh=mesh)
+    updater = albef_fast.MomentumUpdater([(model, model_m)])
+    with torch.no_grad():
+        model_m(torch.randn(2, 6))
+    outcomes = []
+    for _ in range(2):
+        try:
+            updater.update()
+            outcomes.append("updated")
+        except RuntimeError as err:
+            outcomes.append(str(err))
+        model_m.reshard()
+    return outcomes
 
 
 def _mismatched_dtensor_errors(model, mesh):
@@ -305,6 +329,7 @@ def test_fsdp2_sharded_models_train_as_one_process(tmp_path, wrap):
     assert unchanged
     if wrap == "root":
         assert errors[3].startswith("MomentumUpdater: the models' parameters are FSDP2's gathered copies")
+        assert "call its reshard() after that forward" in errors[4] and errors[5] == "updated"
     expected = _fsdp2_single_process()
     assert full.keys() == expected.keys()
     for key, value in expected.items():
