@@ -82,6 +82,12 @@ def test_random_call_matches_the_oracle(monkeypatch, seed):
     if case["details"]:
         got, expected = got + [out.loss_i2t, out.loss_t2i], expected + [want_i2t, want_t2i]
     assert a.grad.dtype == case["dtype"]
+    # d loss / dT is -1/T times the logits' weighted differences, so their rounding comes out 1/T
+    # larger there: its unit also counts |loss| / T (seed 14795: B = 2, "medium", an error of
+    # 0.063 in d loss / dT = 0.216, against 0.048 for fp64 math on the bf16-rounded operands)
+    units = [1.0] * len(got)
+    if case["temp_param"]:
+        units[3] = abs(want.item()) / case["temp"]
     for k, (g, w) in enumerate(zip(got, expected)):
-        limit = _atol(case) * max(1.0, w.abs().max().item())
+        limit = _atol(case) * max(1.0, w.abs().max().item(), units[k])
         assert max_err(g, w) <= limit, (k, max_err(g, w), limit, case)
