@@ -160,12 +160,8 @@ def test_partial_losses_backpropagate_separately():
 def test_weighted_outputs_backpropagate(backend, weights):
     """Any weighted sum of loss, loss_i2t and loss_t2i gets the reference's gradients, T included
     (the op saves the mean loss's gradients; a direction's loss weighs twice as much)."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-        if not torch.cuda.is_available() and not _interpreting():
-            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = _device_for(backend)
     dtype = torch.float64 if backend == "torch" else torch.float32
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     x = make_inputs(5, 12, 8, dtype, device=device)
     w, w_i2t, w_t2i = weights
 
@@ -194,11 +190,7 @@ def test_weighted_outputs_backpropagate(backend, weights):
 def test_autocast_changes_nothing(backend, retrieval):
     """Under autocast (mixed-precision training, as LAVIS runs BLIP) the loss keeps its fp32
     products and outputs: the op's own matmuls are out= forms, which autocast leaves alone."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-        if not torch.cuda.is_available() and not _interpreting():
-            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = _device_for(backend)
     x = make_inputs(5, 37, 24, torch.float32, device=device, retrieval=retrieval)
 
     def run():
@@ -219,6 +211,15 @@ def _interpreting():
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _device_for(backend: str) -> str:
+    """Where a test of `backend` runs; one of "triton" skips without a GPU or the interpreter."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and not _interpreting():
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def test_bf16_queue_with_fp32_features():
@@ -404,11 +405,7 @@ def test_torch_backend_runs_fp32_products_at_the_precision_asked(monkeypatch, pr
 def test_a_one_element_temperature_is_a_scalar_one(backend, details):
     """temp of shape [1] (FSDP2's fully_shard takes no 0-dim parameter, so a sharded model holds
     its temperature that way): the 0-dim temperature's loss and gradients, T's shaped [1]."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-        if not torch.cuda.is_available() and not _interpreting():
-            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = _device_for(backend)
     x = make_inputs(5, 12, 8, device=device, retrieval=True)
 
     def loss_fn(a, b, t):
@@ -430,11 +427,7 @@ def test_the_default_dtype_changes_nothing(backend, temp_dtype):
     """torch.set_default_dtype(torch.float64) (a float64 script, or ALBEF's temp made under it):
     the Triton path allocated its loss, term and key-sum buffers in the default dtype, so its
     loss came out float64 and its kernels ran on float64 buffers, until session 29."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-        if not torch.cuda.is_available() and not _interpreting():
-            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = _device_for(backend)
     x = make_inputs(5, 12, 8, device=device, retrieval=True)
 
     def run():
@@ -462,11 +455,7 @@ def test_a_default_device_changes_nothing(backend):
     """A default device other than the tensors' (torch.set_default_device("cuda") with the torch
     backend's CPU tables: pin_memory() of a CUDA tensor failed; meta stands for it here): the
     torch backend built its coefficient table there until session 29."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-        if not torch.cuda.is_available() and not _interpreting():
-            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = _device_for(backend)
     x = make_inputs(5, 12, 8, device=device, retrieval=True)
     streaming._COEFFICIENTS.clear()  # built at first use: under the default device below
 
@@ -498,11 +487,7 @@ def test_torchs_per_backend_precision_setting_is_read(per_backend_precision, bac
     set_float32_matmul_precision): torch.get_float32_matmul_precision() raises then, and so did
     every fp32 itc_loss call until session 29. Now "tf32" reads as "high", "ieee" as "highest",
     and precision= on the torch path leaves the user's settings as they were."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-        if not torch.cuda.is_available() and not _interpreting():
-            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = _device_for(backend)
     x = make_inputs(5, 12, 8, device=device)
     expected = {p: albef_fast.itc_loss(*_args(x), 0.07, backend=backend, precision=p) for p in ("high", "highest")}
     for setting, precision in (("tf32", "high"), ("ieee", "highest")):
