@@ -173,7 +173,7 @@ def _check_backward(outputs, feats, temp):
     assert [t.requires_grad for t in outputs] == [True, True] + [False] * 6
     b, d = feats[0].shape
     EXT.itc_take_recorded()
-    g = torch.full((), -2.0)
+    g = torch.full((), -2.0, dtype=torch.float32)
     torch.autograd.backward(outputs[0], g)
     (launch,) = EXT.itc_take_recorded()
     values = launch[4]
@@ -192,7 +192,8 @@ def _check_backward(outputs, feats, temp):
 
 def _check_aten_backward(feats, temp):
     """g_losses given: the aten products of itc_op._backward, no launch."""
-    args = _op_args(feats, [torch.zeros(feats[0].shape[1], 3), torch.ones(feats[0].shape[1], 3)], temp, None, None)
+    d, dtype = feats[0].shape[1], feats[0].dtype
+    args = _op_args(feats, [torch.zeros(d, 3, dtype=dtype), torch.ones(d, 3, dtype=dtype)], temp, None, None)
     prologue = itc.prologue(*args[:6], args[6] if args[6] is not None else args[7], 0.4, None, None, False, True,
                             "high")
     if itc._PLANS.get(prologue[0]) is None or itc._PLANS[prologue[0]].cpp is None:
@@ -203,7 +204,7 @@ def _check_aten_backward(feats, temp):
     for out, value in zip(outputs[2:6], values):
         out.data.copy_(value)  # the saved gradients (nothing ran on the CPU): known values
     EXT.itc_take_recorded()
-    g_losses = torch.tensor([0.5, -1.5])
+    g_losses = torch.tensor([0.5, -1.5], dtype=torch.float32)
     inputs = [feats[0], feats[1]] + ([temp] if isinstance(temp, torch.Tensor) else [])
     grads = torch.autograd.grad(outputs[1], inputs, g_losses, retain_graph=True)
     assert EXT.itc_take_recorded() == []
@@ -215,7 +216,7 @@ def _check_aten_backward(feats, temp):
     for out, value in zip(outputs[2:6], values):
         out.data.copy_(value)
     EXT.itc_take_recorded()
-    g = torch.tensor(-0.75)
+    g = torch.tensor(-0.75, dtype=torch.float32)  # the fp32 loss's grad_output, whatever the default dtype
     grads = [values[0] * g, values[1] * g] + ([(values[2] * g).to(temp.dtype)] if len(inputs) == 3 else [])
     _check_second_order(outputs[0], inputs, g, grads)
 
@@ -293,8 +294,15 @@ def main():
         launches += _check_case((5, 33, 24, fp32, 0, True, "tensor"))
     finally:
         del os.environ["ALBEF_FAST_FINISH"]
+    # a plan recorded and replayed under a float64 default: it runs and matches (that the Python
+    # path's buffers stay fp32 there is test_itc_loss.py's test_the_default_dtype_changes_nothing)
+    torch.set_default_dtype(torch.float64)
+    try:
+        launches += _check_case((6, 29, 24, fp32, 0, False, "tensor"))
+    finally:
+        torch.set_default_dtype(torch.float32)
     _check_fallbacks()
-    print(json.dumps({"cases": len(cases) + 1, "launches": launches}))
+    print(json.dumps({"cases": len(cases) + 2, "launches": launches}))
 
 
 if __name__ == "__main__":

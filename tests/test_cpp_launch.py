@@ -25,7 +25,7 @@ HAS_STEP = _extension.has_ops() and hasattr(_extension._EXT, "itc_step")
 @pytest.mark.skipif(not HAS_STEP, reason="C++ extension not built")
 def test_cpp_step_passes_the_python_paths_parameters():
     result = run_fake_driver_check(CHECK)
-    assert result == {"cases": 5, "launches": 11}
+    assert result == {"cases": 6, "launches": 13}
 
 
 @pytest.mark.skipif(not HAS_STEP, reason="C++ extension not built")
