@@ -76,10 +76,10 @@ def _check_not_gathered(params) -> None:
     if _sharding.gathered_by_fsdp(params):
         raise RuntimeError("MomentumUpdater: the models' parameters are FSDP2's gathered copies, which the shards "
                            "(what optimizers and checkpoints see) would never get: the update would be lost. Call "
-                           "update() before the sharded model's forward, not inside it; a momentum model sharded as "
-                           "a root of its own stays gathered after its no-grad forward (the root keeps its "
-                           "parameters for a backward): call its reshard() after that forward, or shard it with "
-                           "fully_shard(model_m, reshard_after_forward=True)")
+                           "update() before the sharded model's forward, not inside it; a momentum model that FSDP2 "
+                           "leaves gathered after its no-grad forward (a root of its own keeps its parameters for a "
+                           "backward, as does reshard_after_forward=False): call its reshard() after that forward, "
+                           "or shard it with fully_shard(model_m, reshard_after_forward=True)")
 
 
 class MomentumUpdater:
