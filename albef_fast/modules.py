@@ -85,6 +85,7 @@ class ITCLoss(nn.Module):
         alpha = self.alpha if alpha is None else alpha
         idx_queue = self._check(image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx)
         temp = self._prepare(image_feat, text_feat)
+        temp = temp if temp.dim() == 0 else temp.view(())  # [1] for FSDP2 (README): the C++ entry takes 0-dim
         out = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue,
                        temp, alpha, idx=idx, idx_queue=idx_queue, return_details=True)
         if self.training:
@@ -103,7 +104,7 @@ class ITCLoss(nn.Module):
         if self.clamp_temp:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
-        return self.temp if self.temp.dim() == 0 else self.temp.view(())  # [1] for FSDP2: README
+        return self.temp
 
     @staticmethod
     def _warn_if_training_in_eval(image_feat, text_feat) -> None:
