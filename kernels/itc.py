@@ -271,9 +271,10 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
         image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha, idx, idx_queue,
         details, grad, precision)
     plan = _PLANS.get(key) or _new_plan(key)
-    if plan.cpp is None and CPP is not None and not torch.compiler.is_compiling():
-        return _recorded(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v)
-    return _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v)
+    with launch.on_device(image_feat.device):  # Triton launches on the current device, not the tensors'
+        if plan.cpp is None and CPP is not None and not torch.compiler.is_compiling():
+            return _recorded(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v)
+        return _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v)
 
 
 def _recorded(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v):

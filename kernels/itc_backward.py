@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import DirectLauncher, PreparedLaunch
+from .launch import DirectLauncher, PreparedLaunch, on_device
 
 __all__ = ["scale_saved_grads"]
 
@@ -72,7 +72,8 @@ def scale_saved_grads(grad_image: torch.Tensor, grad_text: torch.Tensor, grad_te
     g = g_loss (0-dim fp32). grad_image and grad_text: contiguous, same shape (the op's outputs)."""
     out_image, out_text = torch.empty_like(grad_image), torch.empty_like(grad_text)
     out_temp = grad_temp.new_empty((), dtype=temp_dtype) if temp_dtype is not None else None
-    _prepared(grad_image.numel(), out_temp is not None)(
-        (grad_image, grad_text, grad_temp, g_loss, out_image, out_text, grad_image if out_temp is None else out_temp),
-        ())
+    with on_device(grad_image.device):  # the engine's device thread is current already; other callers may not be
+        _prepared(grad_image.numel(), out_temp is not None)(
+            (grad_image, grad_text, grad_temp, g_loss, out_image, out_text,
+             grad_image if out_temp is None else out_temp), ())
     return out_image, out_text, out_temp

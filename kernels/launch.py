@@ -27,6 +27,7 @@ hook is installed (profilers such as proton), or with ALBEF_FAST_LAUNCH=jit.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -40,8 +41,8 @@ try:
 except ImportError:  # Triton < 3.4: launches go through JITFunction.run (SUPPORTED)
     knobs = None
 
-__all__ = ["DirectLauncher", "PreparedLaunch", "direct_launch_enabled", "unsupported_version_note", "FIXED_OPTIONS",
-           "RECORDING"]
+__all__ = ["DirectLauncher", "PreparedLaunch", "direct_launch_enabled", "unsupported_version_note", "on_device",
+           "FIXED_OPTIONS", "RECORDING"]
 
 # While a list (kernels/cpp_launch.py records a plan): every launch appends (prepared launch,
 # tensors, floats, its kernel entry (launcher, function, packed metadata, CompiledKernel) or None
@@ -53,6 +54,17 @@ SUPPORTED = ("3.6", "3.7", "3.8", "3.9")  # JITFunction.run -> kernel.run(grid, 
 # Compile options every launch passes: fused multiply-adds, Triton's default through 3.9, with
 # which the kernels were checked and timed (3.9 warns that 3.10 turns the default off).
 FIXED_OPTIONS = {"enable_fp_fusion": True}
+
+
+def on_device(device: torch.device):
+    """A context that makes `device` the current CUDA device while open, where it is not already.
+    Triton compiles, loads and launches on the current device and its stream, not on its tensors'
+    device (JITFunction.run reads driver.active.get_current_device(); triton-lang/triton#2441):
+    tensors on cuda:1 while cuda:0 is current raise "cannot be accessed from Triton (cpu tensor?)"
+    there, or run on the wrong GPU's stream. Costs one device query where nothing changes."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index)
 
 
 def _jit_launches_asked() -> bool:

@@ -3,6 +3,7 @@
 On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest) at small
 odd shapes; the CUDA tests at ALBEF's shapes run only where a GPU is present.
 """
+import contextlib
 import math
 
 import pytest
@@ -678,6 +679,63 @@ def test_cuda_automatic_backend_choice():
     assert resolve_backend(None, "high", feat)[0] == "triton"
     assert resolve_backend(None, None, feat.double())[0] == "torch"
     assert resolve_backend(None, None, feat.bfloat16())[0] == "triton"
+
+
+def test_on_device_makes_the_tensors_device_current(monkeypatch):
+    """kernels/launch.py:on_device: a guard to the tensors' GPU where another one is current,
+    nothing where it is current already or the tensors are not on a GPU."""
+    from albef_fast.kernels import launch
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for device in (torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda")):
+        assert isinstance(launch.on_device(device), contextlib.nullcontext), device
+    guard = launch.on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+def test_every_launch_runs_with_the_features_device_current(monkeypatch):
+    """Triton compiles and launches on the current device, not on its tensors'
+    (triton-lang/triton#2441): with features on cuda:1 and cuda:0 current, a launch outside
+    on_device fails ("cannot be accessed from Triton") or runs on cuda:0's stream. Every launch of
+    the forward and of the fused backward runs inside on_device(the features' device)."""
+    from albef_fast.kernels import itc_backward, launch
+
+    current, seen = [], []
+
+    @contextlib.contextmanager
+    def on_device(device):
+        current.append(device)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    call = launch.PreparedLaunch.__call__
+
+    def recorded(self, tensors, floats):
+        seen.append(current[-1] if current else None)
+        return call(self, tensors, floats)
+
+    monkeypatch.setattr(launch, "on_device", on_device)
+    monkeypatch.setattr(itc_backward, "on_device", on_device)
+    monkeypatch.setattr(launch.PreparedLaunch, "__call__", recorded)
+    x = make_inputs(6, 29, 16, torch.float32, DEVICE)
+    _run(_triton, x, 0.07, 0.4, 1.3)  # grad_output != 1: the fused backward scales
+    assert len(seen) >= 3 and seen == [x.image_feat.device] * len(seen), seen
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_features_on_a_gpu_that_is_not_current():
+    """Features and queues on cuda:1 while cuda:0 is current (a model moved with .to("cuda:1")
+    and no set_device): the first call (Python path, plan recorded) and the later ones (the C++
+    step) give the bits of the same calls with cuda:1 current."""
+    x = make_inputs(64, 4001, 256, torch.bfloat16, "cuda:1", retrieval=True)
+    torch.cuda.set_device(0)
+    runs = [_run(_triton, x, 0.07, 0.4, 1.3) for _ in range(3)]
+    with torch.cuda.device(1):
+        expected = _run(_triton, x, 0.07, 0.4, 1.3)
+    for loss, grads in runs:
+        assert torch.equal(loss, expected[0]) and all(torch.equal(a, b) for a, b in zip(grads, expected[1]))
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.4])
