@@ -5,6 +5,8 @@ laid out alike (same mesh, placements and global shape) is updated by updating t
 shards: the state ops never see a DTensor (they have no sharding rule) and no collective runs.
 Inside a sharded module's forward FSDP2 swaps in gathered copies, which it discards afterwards:
 an update there (where ALBEF calls ``_momentum_update()``) would be lost, so it is detected.
+DeepSpeed ZeRO-3 leaves each parameter an empty tensor outside the forward of its module (its
+shard in ``ds_tensor``): an update there would change nothing, so that is detected too.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import List, Tuple
 
 import torch
 
-__all__ = ["any_dtensor", "local_pairs", "local_shards", "gathered_by_fsdp"]
+__all__ = ["any_dtensor", "local_pairs", "local_shards", "gathered_by_fsdp", "any_zero3", "partitioned_by_zero3"]
 
 
 def _dtensor_type():
@@ -97,3 +99,17 @@ def gathered_by_fsdp(tensors) -> bool:
             copies = (getattr(param, "_unsharded_param", None) for param in group.fsdp_params)  # after 1st gather
             gathered.update(id(copy) for copy in copies if copy is not None)
     return any(id(t) in gathered for t in tensors)
+
+
+def any_zero3(tensors) -> bool:
+    """Whether any of the tensors is a DeepSpeed ZeRO-3 parameter (it carries ``ds_id``)."""
+    return "deepspeed" in sys.modules and any(hasattr(t, "ds_id") for t in tensors)
+
+
+def partitioned_by_zero3(tensors) -> bool:
+    """Whether any of the tensors is a ZeRO-3 parameter not gathered now (ds_status other than
+    AVAILABLE: its data an empty tensor, or a gather still in flight)."""
+    if "deepspeed" not in sys.modules:
+        return False
+    statuses = (getattr(t, "ds_status", None) for t in tensors)
+    return any(status is not None and getattr(status, "name", status) != "AVAILABLE" for status in statuses)

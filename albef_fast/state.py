@@ -26,6 +26,7 @@ def ema_update_(params_m: Iterable[torch.Tensor], params: Iterable[torch.Tensor]
     """
     params_m, params = _validate.tensors("params_m", params_m), _validate.tensors("params", params)
     params_m, params = _sharding.local_pairs(params_m, params)
+    _check_not_partitioned(params_m + params, "ema_update_")
     _validate.ema_inputs(params_m, params, momentum)
     _ema_update_checked(params_m, params, float(momentum))
 
@@ -82,6 +83,17 @@ def _check_not_gathered(params) -> None:
                            "or shard it with fully_shard(model_m, reshard_after_forward=True)")
 
 
+def _check_not_partitioned(params, caller: str = "MomentumUpdater") -> None:
+    """Outside the forward of its module a DeepSpeed ZeRO-3 parameter is an empty tensor: the EMA
+    would change nothing, silently."""
+    if _sharding.partitioned_by_zero3(params):
+        raise RuntimeError(f"{caller}: DeepSpeed ZeRO-3 has partitioned the models' parameters (each is an "
+                           "empty tensor outside its module's forward, its shard in ds_tensor): the update would "
+                           "change nothing. Call it inside `with deepspeed.zero.GatheredParameters(params_m + params, "
+                           "modifier_rank=0):`, which writes the result back to the partitions on exit, or use ZeRO "
+                           "stage 1 or 2, which keep the parameters whole")
+
+
 class MomentumUpdater:
     """ALBEF's momentum encoders: ``copy_params()`` once, ``update()`` every step.
 
@@ -103,7 +115,7 @@ class MomentumUpdater:
         self.model_pairs = [tuple(pair) for pair in model_pairs]
         self._key: tuple = ()
         self._lists: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
-        self._sharded = False
+        self._sharded = self._zero3 = False
 
     @property
     def momentum(self) -> float:
@@ -121,10 +133,21 @@ class MomentumUpdater:
         if key != self._key:
             _check_not_shared(self.model_pairs, params)
             _check_not_gathered(params_m + params)
+            _check_not_partitioned(params_m + params)
             _validate.ema_inputs(*_sharding.local_pairs(params_m, params), self.momentum)
             self._key, self._lists = key, (params_m, params)
             self._sharded = _sharding.any_dtensor(params_m + params)
+            self._zero3 = _sharding.any_zero3(params_m + params)
+        elif self._zero3 or self._converted_by_zero3():  # gathered or not changes with the same objects
+            self._zero3 = True
+            _check_not_partitioned(params_m + params)
         return self._lists
+
+    def _converted_by_zero3(self) -> bool:
+        # ALBEF calls copy_params() when the model is built, before deepspeed.initialize() converts
+        # the same Parameter objects: a model's first parameter tells (ZeRO-3 converts them all)
+        firsts = [next(model.parameters(), None) for pair in self.model_pairs for model in pair]
+        return _sharding.any_zero3([p for p in firsts if p is not None])
 
     def _local(self, params_m: List[torch.Tensor], params: List[torch.Tensor]):
         # FSDP2 may swap a DTensor's local shard (its lazy init does): unwrapped at every update,

@@ -1,4 +1,8 @@
 """ema_update_, enqueue_ and MomentumUpdater against ALBEF's reference (C++ ops or fallbacks)."""
+import enum
+import sys
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -183,3 +187,49 @@ def test_momentum_updater_rejects_a_momentum_model_sharing_parameters():
             with pytest.raises(ValueError, match=r"model_pairs\[\d\]: the momentum model's parameter"):
                 step()
         assert online.weight.requires_grad and online.bias.requires_grad
+
+
+_ZeroParamStatus = enum.Enum("ZeroParamStatus", "AVAILABLE NOT_AVAILABLE INFLIGHT")  # DeepSpeed's names
+
+
+def _zero3_partition(params, status=_ZeroParamStatus.NOT_AVAILABLE):
+    """What DeepSpeed ZeRO-3 does to a parameter outside its module's forward (world size 1): the
+    data moves to ds_tensor, the parameter keeps an empty tensor."""
+    for k, p in enumerate(params):
+        p.ds_id, p.ds_shape, p.ds_numel = k, p.shape, p.numel()
+        p.ds_tensor = p.data.reshape(-1).clone()
+        p.data, p.ds_status = torch.empty(0, dtype=p.dtype), status
+
+
+def _zero3_gather(params):
+    for p in params:
+        p.data, p.ds_status = p.ds_tensor.view(p.ds_shape).clone(), _ZeroParamStatus.AVAILABLE
+
+
+@pytest.mark.parametrize("status", ["NOT_AVAILABLE", "INFLIGHT"])
+def test_zero3_partitioned_parameters_are_refused_and_gathered_ones_update(monkeypatch, status):
+    """DeepSpeed ZeRO-3 leaves a parameter empty outside its module's forward (where ALBEF calls
+    _momentum_update): the EMA over the empty tensors changed nothing, silently (checked with
+    DeepSpeed 0.19.8 on this CPU). Refused before any write; inside GatheredParameters (whole
+    data, AVAILABLE) it updates, and the check is made at every call on the cached lists."""
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    model, model_m = _pair()
+    updater = albef_fast.MomentumUpdater([(model, model_m)], momentum=0.5)
+    updater.copy_params()
+    params, params_m = list(model.parameters()), list(model_m.parameters())
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    _zero3_partition(params + params_m, getattr(_ZeroParamStatus, status))
+    shards = [p.ds_tensor.clone() for p in params + params_m]
+    for step in (updater.update, updater.copy_params, lambda: albef_fast.ema_update_(params_m, params, 0.5)):
+        with pytest.raises(RuntimeError, match="DeepSpeed ZeRO-3 has partitioned .*GatheredParameters"):
+            step()
+    assert all(torch.equal(p.ds_tensor, s) for p, s in zip(params + params_m, shards))
+    _zero3_gather(params + params_m)
+    expected = [p_m.detach() * 0.5 + p.detach() * 0.5 for p_m, p in zip(params_m, params)]
+    updater.update()
+    assert all(torch.equal(p_m, e) for p_m, e in zip(params_m, expected))
+    _zero3_partition(params + params_m)  # the same Parameter objects: the cached lists
+    with pytest.raises(RuntimeError, match="DeepSpeed ZeRO-3"):
+        updater.update()
