@@ -22,7 +22,7 @@ def _load():
         warnings.warn(f"albef_fast: C++ extension not available ({err}); using the PyTorch fallbacks",
                       RuntimeWarning, stacklevel=3)
         return None
-    from . import _fake_ops  # noqa: F401  (fake kernels for torch.compile)
+    from . import _default_ops, _fake_ops  # noqa: F401  (other devices' kernels; fake kernels for torch.compile)
     return _C
 
 

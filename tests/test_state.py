@@ -233,3 +233,35 @@ def test_zero3_partitioned_parameters_are_refused_and_gathered_ones_update(monke
     _zero3_partition(params + params_m)  # the same Parameter objects: the cached lists
     with pytest.raises(RuntimeError, match="DeepSpeed ZeRO-3"):
         updater.update()
+
+
+@pytest.mark.skipif(not _extension.has_ops(), reason="the C++ extension registers the ops")
+def test_state_ops_run_on_devices_without_a_cpp_kernel():
+    """MPS, XPU and PrivateUse1 tensors reach the ops' default kernel (albef_fast/_default_ops.py:
+    the fallbacks), where the dispatcher had none (NotImplementedError on an ITCLoss step on MPS).
+    That kernel, run on CPU tensors through a PrivateUse1 key set: ALBEF's bits, and the C++ ops'
+    checks before any write."""
+    for name in ("albef_fast::ema_update_", "albef_fast::enqueue_"):
+        for key in ("MPS", "XPU", "PrivateUse1", "CPU", "CUDA", "Meta"):
+            assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(name, key), (name, key)
+    other = torch._C.DispatchKeySet(torch._C.DispatchKey.PrivateUse1)
+    ema, enqueue = torch.ops.albef_fast.ema_update_.default, torch.ops.albef_fast.enqueue_.default
+    params_m, params = [torch.randn(5, 3), torch.randn(4).bfloat16()], [torch.randn(5, 3), torch.randn(4).bfloat16()]
+    expected = [p.clone() for p in params_m]
+    reference.ema_update_(expected, params, 0.995)
+    ema.redispatch(other, params_m, params, 0.995)
+    assert all(torch.equal(a, b) for a, b in zip(params_m, expected))
+    queues, ptr = [torch.randn(4, 10), torch.full((1, 10), -1)], torch.tensor([8])
+    items = [torch.randn(3, 4), torch.arange(3).view(3, 1)]
+    expected, ptr_ref = [q.clone() for q in queues], ptr.clone()
+    reference.enqueue_(expected, items, ptr_ref)
+    enqueue.redispatch(other, queues, items, ptr)
+    assert torch.equal(ptr, ptr_ref) and all(torch.equal(a, b) for a, b in zip(queues, expected))
+    before = [p.clone() for p in params_m]
+    with pytest.raises(ValueError, match=r"params\[1\]"):
+        ema.redispatch(other, params_m, [params[0], params[1].float()], 0.5)
+    with pytest.raises(ValueError, match=r"params_m\[0\]"):
+        ema.redispatch(other, [torch.zeros(3).expand(5, 3), params_m[1]], params, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(params_m, before))
+    with pytest.raises(ValueError, match=r"queues\[0\]"):
+        enqueue.redispatch(other, [torch.zeros(4, 1).expand(4, 10), queues[1]], items, ptr)
