@@ -119,12 +119,10 @@ def _backward_spec(outputs, temp):
     them (its outputs are discarded)."""
     g = torch.ones((), device=outputs[0].device, dtype=torch.float32)  # the fp32 loss's grad_output
     temp_dtype = None if temp is None else temp.dtype
-    launch.RECORDING = []
-    try:
+    with launch.recording() as records:  # nested in itc.py:_recorded's (this thread holds it)
+        if records is None:
+            raise _NotRecordable("another thread records a plan")
         products = itc_backward.scale_saved_grads(outputs[2], outputs[3], outputs[4], g, temp_dtype)
-        records = launch.RECORDING
-    finally:
-        launch.RECORDING = None
     if len(records) != 1:
         raise _NotRecordable(f"the backward made {len(records)} launches")
     inputs = (outputs[2], outputs[3], outputs[4], g)

@@ -279,20 +279,20 @@ def itc_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, te
 
 def _recorded(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v):
     """_launch with its launches recorded, and the plan registered with the C++ step
-    (kernels/cpp_launch.py; plan.cpp: its id, or -1)."""
-    launch.RECORDING = records = []
-    try:
+    (kernels/cpp_launch.py; plan.cpp: its id, or -1). Where another thread records a plan now,
+    _launch alone: a later call records."""
+    with launch.recording() as records:
+        if records is None:
+            return _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v)
         ws, outputs = _launch(plan, feats, image_queue, text_queue, temp, temp_t, alpha, idx_v, idq_v, keep=True)
-    finally:
-        launch.RECORDING = None
-    plan.cpp = -1
-    if len(plan.splits) == 1 and plan.splits[0][0] is None and isinstance(plan.splits[0][1], PreparedLaunch):
-        inputs = (*feats, image_queue, text_queue, temp_t, idx_v, idq_v)
-        floats = (1.0 if temp_t is not None else float(temp), float(alpha))
-        workspace = (ws.max.data_ptr(), 4 * sum(plan.ws_shapes))
-        plan.cpp = CPP.record_plan(plan, (inputs, floats), records, workspace, outputs)
-    else:
-        plan.cpp_reason = "autotuned or chunked (f16p) split launches"
+        plan.cpp = -1
+        if len(plan.splits) == 1 and plan.splits[0][0] is None and isinstance(plan.splits[0][1], PreparedLaunch):
+            inputs = (*feats, image_queue, text_queue, temp_t, idx_v, idq_v)
+            floats = (1.0 if temp_t is not None else float(temp), float(alpha))
+            workspace = (ws.max.data_ptr(), 4 * sum(plan.ws_shapes))
+            plan.cpp = CPP.record_plan(plan, (inputs, floats), records, workspace, outputs)
+        else:
+            plan.cpp_reason = "autotuned or chunked (f16p) split launches"
     return outputs
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -42,12 +43,41 @@ except ImportError:  # Triton < 3.4: launches go through JITFunction.run (SUPPOR
     knobs = None
 
 __all__ = ["DirectLauncher", "PreparedLaunch", "direct_launch_enabled", "unsupported_version_note", "on_device",
-           "FIXED_OPTIONS", "RECORDING"]
+           "recording", "FIXED_OPTIONS", "RECORDING"]
 
-# While a list (kernels/cpp_launch.py records a plan): every launch appends (prepared launch,
-# tensors, floats, its kernel entry (launcher, function, packed metadata, CompiledKernel) or None
-# when it went through JITFunction.run).
+# While a list (kernels/cpp_launch.py records a plan; set through `recording`): every launch of
+# the thread RECORDING_THREAD appends (prepared launch, tensors, floats, its kernel entry
+# (launcher, function, packed metadata, CompiledKernel) or None when it went through
+# JITFunction.run).
 RECORDING = None
+RECORDING_THREAD = None
+_RECORDING_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def recording():
+    """Record this thread's launches while open: yields the list, or None where another thread
+    records now. nn.DataParallel runs its replicas' forwards in threads: another thread's launches
+    must not land in a recording, nor its end cut ours short (a plan replayed without its merge
+    would return outputs nothing wrote). Nested in the same thread: a fresh list, the outer one
+    restored after."""
+    global RECORDING, RECORDING_THREAD
+    if not _RECORDING_LOCK.acquire(blocking=False):
+        yield None
+        return
+    outer = RECORDING
+    try:
+        RECORDING, RECORDING_THREAD = [], threading.get_ident()
+        yield RECORDING
+    finally:
+        RECORDING = outer
+        if outer is None:
+            RECORDING_THREAD = None
+        _RECORDING_LOCK.release()
+
+
+def _recording_here() -> bool:
+    return RECORDING is not None and RECORDING_THREAD == threading.get_ident()
 
 SUPPORTED = ("3.6", "3.7", "3.8", "3.9")  # JITFunction.run -> kernel.run(grid, stream, ..., *bound_args) read in these
 
@@ -160,7 +190,7 @@ class PreparedLaunch:
             if launcher._note is not None:
                 _note_once(launcher._note)
             launcher.fn[self.grid](*tensors, *self.ints, *floats, **self.constexprs, **self.options)
-            if RECORDING is not None:
+            if RECORDING is not None and _recording_here():
                 RECORDING.append((self, tuple(tensors), tuple(floats), None))
             return
         device = driver.active.get_current_device()
@@ -174,7 +204,7 @@ class PreparedLaunch:
             gx, gy, gz = self._grid3
             run(gx, gy, gz, driver.active.get_current_stream(device), function, metadata, None, None, None,
                 *tensors, *self.ints, *floats, *self._consts)
-        if RECORDING is not None:
+        if RECORDING is not None and _recording_here():
             RECORDING.append((self, tuple(tensors), tuple(floats), entry))
 
     def _compile_and_launch(self, key, args) -> None:

@@ -724,6 +724,70 @@ def test_every_launch_runs_with_the_features_device_current(monkeypatch):
     assert len(seen) >= 3 and seen == [x.image_feat.device] * len(seen), seen
 
 
+def test_a_plan_recorded_while_another_thread_launches_keeps_its_launches(monkeypatch):
+    """nn.DataParallel runs its replicas' forwards in threads (ITCLoss evaluates there), and
+    Triton's launcher lets go of the GIL. Thread A records its plan's launches for the C++ step
+    (kernels/launch.py:recording); thread B's first call, made after A's first launch, ended A's
+    recording early before, so A's plan lost its merge, which the C++ step would then never
+    replay (outputs nothing wrote). Now A's plan keeps every launch, B's launches stay out of it,
+    B records on its next call, and both calls give their solo values."""
+    import threading
+
+    from albef_fast.kernels import launch
+
+    registered = []
+
+    class RecordingStub:  # the C++ step's record_plan: what each plan would replay
+        @staticmethod
+        def record_plan(plan, call, records, workspace, outputs):
+            launches = [(id(r[0].launcher), r[0].grid, r[0].ints, sorted(r[0].constexprs.items())) for r in records]
+            registered.append((threading.current_thread().name, launches))
+            return -1
+
+    shapes = {"A": make_inputs(5, 29, 16, torch.float32, DEVICE, seed=1),
+              "B": make_inputs(6, 31, 16, torch.float32, DEVICE, seed=2)}
+    monkeypatch.setattr(itc, "CPP", RecordingStub)
+    solo = {}
+    for name, x in shapes.items():
+        monkeypatch.setattr(itc, "_PLANS", {})
+        registered.clear()
+        solo[name] = (_run(_triton, x, 0.07, 0.4, 1.0), registered[0][1])
+    assert all(len(launches) >= 2 for _, launches in solo.values())
+    monkeypatch.setattr(itc, "_PLANS", {})
+    registered.clear()
+    a_launched, b_done = threading.Event(), threading.Event()
+    call = launch.PreparedLaunch.__call__
+
+    def paced(self, tensors, floats):
+        call(self, tensors, floats)
+        if threading.current_thread().name == "A" and not a_launched.is_set():
+            a_launched.set()
+            b_done.wait(30)
+
+    monkeypatch.setattr(launch.PreparedLaunch, "__call__", paced)
+    results = {}
+
+    def run(name):
+        if name == "B":
+            a_launched.wait(30)
+        try:
+            results[name] = _run(_triton, shapes[name], 0.07, 0.4, 1.0)
+        finally:
+            b_done.set() if name == "B" else None
+
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in ("A", "B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert registered == [("A", solo["A"][1])], [(n, len(r)) for n, r in registered]
+    results["B again"] = _run(_triton, shapes["B"], 0.07, 0.4, 1.0)
+    assert registered[1][1] == solo["B"][1]
+    for name, (loss, grads) in results.items():
+        (loss_solo, grads_solo), _ = solo[name.split()[0]]
+        assert torch.equal(loss, loss_solo) and all(torch.equal(a, b) for a, b in zip(grads, grads_solo)), name
+
+
 @pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_cuda_features_on_a_gpu_that_is_not_current():
     """Features and queues on cuda:1 while cuda:0 is current (a model moved with .to("cuda:1")
