@@ -6,17 +6,20 @@ shards: the state ops never see a DTensor (they have no sharding rule) and no co
 Inside a sharded module's forward FSDP2 swaps in gathered copies, which it discards afterwards:
 an update there (where ALBEF calls ``_momentum_update()``) would be lost, so it is detected.
 DeepSpeed ZeRO-3 leaves each parameter an empty tensor outside the forward of its module (its
-shard in ``ds_tensor``): an update there would change nothing, so that is detected too.
+shard in ``ds_tensor``): an update there would change nothing. MomentumUpdater gathers them
+for the update (``zero3_gathered``); ``ema_update_`` detects them.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import weakref
 from typing import List, Tuple
 
 import torch
 
-__all__ = ["any_dtensor", "local_pairs", "local_shards", "gathered_by_fsdp", "any_zero3", "partitioned_by_zero3"]
+__all__ = ["any_dtensor", "local_pairs", "local_shards", "gathered_by_fsdp", "any_zero3", "partitioned_by_zero3",
+           "inflight_by_zero3", "zero3_gathered"]
 
 
 def _dtensor_type():
@@ -106,6 +109,14 @@ def any_zero3(tensors) -> bool:
     return "deepspeed" in sys.modules and any(hasattr(t, "ds_id") for t in tensors)
 
 
+def inflight_by_zero3(tensors) -> bool:
+    """Whether any of the tensors is a ZeRO-3 parameter that DeepSpeed is fetching now (its
+    prefetch for the coming submodules of a forward): it cannot be gathered or partitioned then."""
+    if "deepspeed" not in sys.modules:
+        return False
+    return any(getattr(getattr(t, "ds_status", None), "name", None) == "INFLIGHT" for t in tensors)
+
+
 def partitioned_by_zero3(tensors) -> bool:
     """Whether any of the tensors is a ZeRO-3 parameter not gathered now (ds_status other than
     AVAILABLE: its data an empty tensor, or a gather still in flight)."""
@@ -113,3 +124,15 @@ def partitioned_by_zero3(tensors) -> bool:
         return False
     statuses = (getattr(t, "ds_status", None) for t in tensors)
     return any(status is not None and getattr(status, "name", status) != "AVAILABLE" for status in statuses)
+
+
+@contextlib.contextmanager
+def zero3_gathered(params_m, params):
+    """Whole ZeRO-3 parameters while open, through DeepSpeed's GatheredParameters (a collective:
+    every rank enters, as every rank updates at each step): params read only, params_m written
+    back to their partitions from rank 0's copies on exit (every rank computes the same EMA).
+    Tensors that are not ZeRO-3 parameters pass through as they are."""
+    gathered = sys.modules["deepspeed"].zero.GatheredParameters  # deepspeed.zero: an attribute, not a module
+
+    with gathered(list(params)), gathered(list(params_m), modifier_rank=0):
+        yield

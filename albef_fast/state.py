@@ -6,6 +6,7 @@ fallbacks; either way they are validated first and change nothing on bad input.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 from typing import Iterable, List, Sequence, Tuple
 
 import torch
@@ -26,7 +27,7 @@ def ema_update_(params_m: Iterable[torch.Tensor], params: Iterable[torch.Tensor]
     """
     params_m, params = _validate.tensors("params_m", params_m), _validate.tensors("params", params)
     params_m, params = _sharding.local_pairs(params_m, params)
-    _check_not_partitioned(params_m + params, "ema_update_")
+    _check_not_partitioned(params_m + params)
     _validate.ema_inputs(params_m, params, momentum)
     _ema_update_checked(params_m, params, float(momentum))
 
@@ -83,15 +84,22 @@ def _check_not_gathered(params) -> None:
                            "or shard it with fully_shard(model_m, reshard_after_forward=True)")
 
 
-def _check_not_partitioned(params, caller: str = "MomentumUpdater") -> None:
+def _check_not_partitioned(params) -> None:
     """Outside the forward of its module a DeepSpeed ZeRO-3 parameter is an empty tensor: the EMA
     would change nothing, silently."""
     if _sharding.partitioned_by_zero3(params):
-        raise RuntimeError(f"{caller}: DeepSpeed ZeRO-3 has partitioned the models' parameters (each is an "
-                           "empty tensor outside its module's forward, its shard in ds_tensor): the update would "
-                           "change nothing. Call it inside `with deepspeed.zero.GatheredParameters(params_m + params, "
-                           "modifier_rank=0):`, which writes the result back to the partitions on exit, or use ZeRO "
-                           "stage 1 or 2, which keep the parameters whole")
+        raise RuntimeError("ema_update_: DeepSpeed ZeRO-3 has partitioned these parameters (each is an empty tensor "
+                           "outside its module's forward, its shard in ds_tensor): the update would change nothing. "
+                           "Use MomentumUpdater, which gathers them, or call it inside `with deepspeed.zero."
+                           "GatheredParameters(params_m + params, modifier_rank=0):`, which writes the result back "
+                           "to the partitions on exit")
+
+
+ZERO3_INFLIGHT_ERROR = (
+    "MomentumUpdater: DeepSpeed ZeRO-3 is fetching some of the models' parameters for the forward now "
+    "(its prefetch), and they can be neither gathered for the update nor partitioned after it: call update() "
+    "before the engine's forward, not inside the model's forward (where ALBEF calls _momentum_update()), or turn "
+    "the prefetch off (\"stage3_prefetch_bucket_size\": 0 in the zero_optimization config)")
 
 
 class MomentumUpdater:
@@ -101,7 +109,9 @@ class MomentumUpdater:
     momentum model holding one of the online parameters is rejected (ValueError).
     The parameter lists are cached and rebuilt (and checked) when a model's parameter set changes.
     Models sharded by FSDP2's ``fully_shard`` (DTensor parameters) update shard by shard, with no
-    collective, when the online and momentum models are sharded alike.
+    collective, when the online and momentum models are sharded alike. DeepSpeed ZeRO-3's
+    partitioned parameters are gathered for each call (a collective: every rank calls it, as
+    every rank steps) and the momentum ones written back to their partitions.
     """
 
     def __init__(self, model_pairs: Sequence[Tuple[nn.Module, nn.Module]], momentum: float = 0.995):
@@ -115,7 +125,7 @@ class MomentumUpdater:
         self.model_pairs = [tuple(pair) for pair in model_pairs]
         self._key: tuple = ()
         self._lists: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
-        self._sharded = self._zero3 = False
+        self._sharded = self._zero3 = False  # FSDP2's DTensors; DeepSpeed ZeRO-3's parameters
 
     @property
     def momentum(self) -> float:
@@ -133,21 +143,29 @@ class MomentumUpdater:
         if key != self._key:
             _check_not_shared(self.model_pairs, params)
             _check_not_gathered(params_m + params)
-            _check_not_partitioned(params_m + params)
             _validate.ema_inputs(*_sharding.local_pairs(params_m, params), self.momentum)
             self._key, self._lists = key, (params_m, params)
             self._sharded = _sharding.any_dtensor(params_m + params)
-            self._zero3 = _sharding.any_zero3(params_m + params)
-        elif self._zero3 or self._converted_by_zero3():  # gathered or not changes with the same objects
-            self._zero3 = True
-            _check_not_partitioned(params_m + params)
         return self._lists
 
-    def _converted_by_zero3(self) -> bool:
-        # ALBEF calls copy_params() when the model is built, before deepspeed.initialize() converts
-        # the same Parameter objects: a model's first parameter tells (ZeRO-3 converts them all)
-        firsts = [next(model.parameters(), None) for pair in self.model_pairs for model in pair]
-        return _sharding.any_zero3([p for p in firsts if p is not None])
+    @contextlib.contextmanager
+    def _whole(self):
+        """DeepSpeed ZeRO-3's parameters gathered while open (see _sharding.zero3_gathered), else
+        nothing. ALBEF calls copy_params() when the model is built, before deepspeed.initialize()
+        converts the same Parameter objects (and zero.Init converts them as they are made): a
+        model's first parameter tells, at every call while DeepSpeed is imported."""
+        if not self._zero3:
+            firsts = [next(model.parameters(), None) for pair in self.model_pairs for model in pair]
+            self._zero3 = _sharding.any_zero3([p for p in firsts if p is not None])
+        if not self._zero3:
+            yield
+            return
+        params = [p for model, _ in self.model_pairs for p in model.parameters()]
+        params_m = [p for _, model_m in self.model_pairs for p in model_m.parameters()]
+        if _sharding.inflight_by_zero3(params_m + params):
+            raise RuntimeError(ZERO3_INFLIGHT_ERROR)
+        with _sharding.zero3_gathered(params_m, params):
+            yield
 
     def _local(self, params_m: List[torch.Tensor], params: List[torch.Tensor]):
         # FSDP2 may swap a DTensor's local shard (its lazy init does): unwrapped at every update,
@@ -159,16 +177,18 @@ class MomentumUpdater:
     @torch.no_grad()
     def copy_params(self) -> None:
         """p_m <- p for every pair, and freeze the momentum copies (requires_grad False)."""
-        params_m, params = self._params()
-        for p_m, p in zip(params_m, params):
-            p_m.copy_(p)
-            p_m.requires_grad_(False)
+        with self._whole():
+            params_m, params = self._params()
+            for p_m, p in zip(params_m, params):
+                p_m.copy_(p)
+                p_m.requires_grad_(False)
 
     def update(self) -> None:
         """One EMA step: p_m <- p_m * momentum + p * (1 - momentum), in place."""
-        params_m, params = self._local(*self._params())  # validated when the parameter set was cached
-        # model.half() or .to() since then keeps the Parameter objects: the op checks every pair
-        # before its first write (csrc/checks.h), the fallback would mix dtypes or devices
-        if not _extension.has_ops():
-            _validate.ema_inputs(params_m, params, self.momentum)
-        _ema_update_checked(params_m, params, self.momentum)
+        with self._whole():
+            params_m, params = self._local(*self._params())  # validated when the parameter set was cached
+            # model.half() or .to() since then keeps the Parameter objects: the op checks every pair
+            # before its first write (csrc/checks.h), the fallback would mix dtypes or devices
+            if not _extension.has_ops():
+                _validate.ema_inputs(params_m, params, self.momentum)
+            _ema_update_checked(params_m, params, self.momentum)

@@ -193,46 +193,72 @@ _ZeroParamStatus = enum.Enum("ZeroParamStatus", "AVAILABLE NOT_AVAILABLE INFLIGH
 
 
 def _zero3_partition(params, status=_ZeroParamStatus.NOT_AVAILABLE):
-    """What DeepSpeed ZeRO-3 does to a parameter outside its module's forward (world size 1): the
+    """What DeepSpeed ZeRO-3 does to a parameter outside its module's forward (one rank): the
     data moves to ds_tensor, the parameter keeps an empty tensor."""
-    for k, p in enumerate(params):
-        p.ds_id, p.ds_shape, p.ds_numel = k, p.shape, p.numel()
+    for p in params:
+        if not hasattr(p, "ds_id"):
+            p.ds_id, p.ds_shape, p.ds_numel = id(p), p.shape, p.numel()
         p.ds_tensor = p.data.reshape(-1).clone()
         p.data, p.ds_status = torch.empty(0, dtype=p.dtype), status
 
 
-def _zero3_gather(params):
-    for p in params:
-        p.data, p.ds_status = p.ds_tensor.view(p.ds_shape).clone(), _ZeroParamStatus.AVAILABLE
+class _GatheredParameters:
+    """deepspeed.zero.GatheredParameters on one rank: whole data while open; on exit the data
+    is partitioned again, written back to ds_tensor only with a modifier_rank."""
+    entered = []
+
+    def __init__(self, params, modifier_rank=None):
+        self.params = [p for p in params if hasattr(p, "ds_id")]
+        self.modifier_rank = modifier_rank
+
+    def __enter__(self):
+        _GatheredParameters.entered.append((len(self.params), self.modifier_rank))
+        for p in self.params:
+            p.data, p.ds_status = p.ds_tensor.view(p.ds_shape).clone(), _ZeroParamStatus.AVAILABLE
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            written = p.data.reshape(-1).clone() if self.modifier_rank is not None else p.ds_tensor
+            p.data, p.ds_status, p.ds_tensor = torch.empty(0, dtype=p.dtype), _ZeroParamStatus.NOT_AVAILABLE, written
 
 
-@pytest.mark.parametrize("status", ["NOT_AVAILABLE", "INFLIGHT"])
-def test_zero3_partitioned_parameters_are_refused_and_gathered_ones_update(monkeypatch, status):
-    """DeepSpeed ZeRO-3 leaves a parameter empty outside its module's forward (where ALBEF calls
-    _momentum_update): the EMA over the empty tensors changed nothing, silently (checked with
-    DeepSpeed 0.19.8 on this CPU). Refused before any write; inside GatheredParameters (whole
-    data, AVAILABLE) it updates, and the check is made at every call on the cached lists."""
-    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+def _whole(p):
+    return p.ds_tensor.view(p.ds_shape)
+
+
+def test_momentum_updater_gathers_zero3_partitioned_parameters(monkeypatch):
+    """DeepSpeed ZeRO-3 leaves a parameter empty outside its module's forward: the EMA over the
+    empty tensors changed nothing, silently (DeepSpeed 0.19.8 on this CPU: tests/deepspeed_
+    check.py). The updater gathers them (online read only, momentum written back), also when
+    copy_params() ran before deepspeed.initialize() converted the same Parameter objects;
+    ema_update_ refuses them; a parameter ZeRO-3 is prefetching (inside the forward) is a
+    RuntimeError before any write."""
+    deepspeed = types.ModuleType("deepspeed")
+    deepspeed.zero = types.SimpleNamespace(GatheredParameters=_GatheredParameters)
+    monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
+    monkeypatch.setattr(_GatheredParameters, "entered", [])
     model, model_m = _pair()
     updater = albef_fast.MomentumUpdater([(model, model_m)], momentum=0.5)
-    updater.copy_params()
+    updater.copy_params()  # caches the lists before ZeRO-3 converts the parameters
     params, params_m = list(model.parameters()), list(model_m.parameters())
     with torch.no_grad():
         for p in params:
             p.add_(1.0)
-    _zero3_partition(params + params_m, getattr(_ZeroParamStatus, status))
-    shards = [p.ds_tensor.clone() for p in params + params_m]
-    for step in (updater.update, updater.copy_params, lambda: albef_fast.ema_update_(params_m, params, 0.5)):
-        with pytest.raises(RuntimeError, match="DeepSpeed ZeRO-3 has partitioned .*GatheredParameters"):
-            step()
-    assert all(torch.equal(p.ds_tensor, s) for p, s in zip(params + params_m, shards))
-    _zero3_gather(params + params_m)
-    expected = [p_m.detach() * 0.5 + p.detach() * 0.5 for p_m, p in zip(params_m, params)]
+    _zero3_partition(params + params_m)
+    expected = [_whole(p_m) * 0.5 + _whole(p) * 0.5 for p_m, p in zip(params_m, params)]
     updater.update()
-    assert all(torch.equal(p_m, e) for p_m, e in zip(params_m, expected))
-    _zero3_partition(params + params_m)  # the same Parameter objects: the cached lists
-    with pytest.raises(RuntimeError, match="DeepSpeed ZeRO-3"):
+    assert all(torch.equal(_whole(p_m), e) for p_m, e in zip(params_m, expected))
+    assert _GatheredParameters.entered == [(len(params), None), (len(params_m), 0)]
+    assert all(p.numel() == 0 for p in params + params_m)  # partitioned again
+    with pytest.raises(RuntimeError, match="ema_update_: DeepSpeed ZeRO-3 has partitioned .*GatheredParameters"):
+        albef_fast.ema_update_(params_m, params, 0.5)
+    updater.copy_params()
+    assert all(torch.equal(_whole(p_m), _whole(p)) for p_m, p in zip(params_m, params))
+    shards = [p.ds_tensor.clone() for p in params_m]
+    params[0].ds_status = _ZeroParamStatus.INFLIGHT
+    with pytest.raises(RuntimeError, match="prefetch"):
         updater.update()
+    assert all(torch.equal(p.ds_tensor, s) for p, s in zip(params_m, shards))
 
 
 @pytest.mark.skipif(not _extension.has_ops(), reason="the C++ extension registers the ops")
