@@ -18,8 +18,8 @@ from typing import List, Tuple
 
 import torch
 
-__all__ = ["any_dtensor", "local_pairs", "local_shards", "gathered_by_fsdp", "any_zero3", "partitioned_by_zero3",
-           "inflight_by_zero3", "zero3_gathered"]
+__all__ = ["any_dtensor", "local_pairs", "local_shards", "gathered_by_fsdp", "deepspeed_imported", "any_zero3",
+           "partitioned_by_zero3", "inflight_by_zero3", "zero3_gathered"]
 
 
 def _dtensor_type():
@@ -102,6 +102,10 @@ def gathered_by_fsdp(tensors) -> bool:
             copies = (getattr(param, "_unsharded_param", None) for param in group.fsdp_params)  # after 1st gather
             gathered.update(id(copy) for copy in copies if copy is not None)
     return any(id(t) in gathered for t in tensors)
+
+
+def deepspeed_imported() -> bool:
+    return "deepspeed" in sys.modules
 
 
 def any_zero3(tensors) -> bool:

@@ -125,7 +125,7 @@ class MomentumUpdater:
         self.model_pairs = [tuple(pair) for pair in model_pairs]
         self._key: tuple = ()
         self._lists: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
-        self._sharded = self._zero3 = False  # FSDP2's DTensors; DeepSpeed ZeRO-3's parameters
+        self._sharded = self._zero3_found = False  # FSDP2's DTensors; DeepSpeed ZeRO-3's parameters
 
     @property
     def momentum(self) -> float:
@@ -148,18 +148,20 @@ class MomentumUpdater:
             self._sharded = _sharding.any_dtensor(params_m + params)
         return self._lists
 
-    @contextlib.contextmanager
-    def _whole(self):
-        """DeepSpeed ZeRO-3's parameters gathered while open (see _sharding.zero3_gathered), else
-        nothing. ALBEF calls copy_params() when the model is built, before deepspeed.initialize()
-        converts the same Parameter objects (and zero.Init converts them as they are made): a
-        model's first parameter tells, at every call while DeepSpeed is imported."""
-        if not self._zero3:
+    def _zero3(self) -> bool:
+        """Whether the models hold DeepSpeed ZeRO-3 parameters. ALBEF calls copy_params() when the
+        model is built, before deepspeed.initialize() converts the same Parameter objects (zero.Init
+        converts them as they are made): a model's first parameter tells, at every call while
+        DeepSpeed is imported and none was found yet."""
+        if not self._zero3_found and _sharding.deepspeed_imported():
             firsts = [next(model.parameters(), None) for pair in self.model_pairs for model in pair]
-            self._zero3 = _sharding.any_zero3([p for p in firsts if p is not None])
-        if not self._zero3:
-            yield
-            return
+            self._zero3_found = _sharding.any_zero3([p for p in firsts if p is not None])
+        return self._zero3_found
+
+    @contextlib.contextmanager
+    def _gathered(self):
+        """The ZeRO-3 parameters whole while open (_sharding.zero3_gathered); one that ZeRO-3's
+        prefetch holds in flight is a RuntimeError, before any write."""
         params = [p for model, _ in self.model_pairs for p in model.parameters()]
         params_m = [p for _, model_m in self.model_pairs for p in model_m.parameters()]
         if _sharding.inflight_by_zero3(params_m + params):
@@ -177,7 +179,7 @@ class MomentumUpdater:
     @torch.no_grad()
     def copy_params(self) -> None:
         """p_m <- p for every pair, and freeze the momentum copies (requires_grad False)."""
-        with self._whole():
+        with self._gathered() if self._zero3() else contextlib.nullcontext():
             params_m, params = self._params()
             for p_m, p in zip(params_m, params):
                 p_m.copy_(p)
@@ -185,10 +187,16 @@ class MomentumUpdater:
 
     def update(self) -> None:
         """One EMA step: p_m <- p_m * momentum + p * (1 - momentum), in place."""
-        with self._whole():
-            params_m, params = self._local(*self._params())  # validated when the parameter set was cached
-            # model.half() or .to() since then keeps the Parameter objects: the op checks every pair
-            # before its first write (csrc/checks.h), the fallback would mix dtypes or devices
-            if not _extension.has_ops():
-                _validate.ema_inputs(params_m, params, self.momentum)
-            _ema_update_checked(params_m, params, self.momentum)
+        if self._zero3():
+            with self._gathered():
+                self._update()
+        else:
+            self._update()
+
+    def _update(self) -> None:
+        params_m, params = self._local(*self._params())  # validated when the parameter set was cached
+        # model.half() or .to() since then keeps the Parameter objects: the op checks every pair
+        # before its first write (csrc/checks.h), the fallback would mix dtypes or devices
+        if not _extension.has_ops():
+            _validate.ema_inputs(params_m, params, self.momentum)
+        _ema_update_checked(params_m, params, self.momentum)
