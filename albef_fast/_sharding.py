@@ -19,7 +19,7 @@ from typing import List, Tuple
 import torch
 
 __all__ = ["any_dtensor", "local_pairs", "local_shards", "gathered_by_fsdp", "deepspeed_imported", "any_zero3",
-           "partitioned_by_zero3", "inflight_by_zero3", "zero3_gathered"]
+           "zero3_statuses", "zero3_gathered"]
 
 
 def _dtensor_type():
@@ -113,21 +113,14 @@ def any_zero3(tensors) -> bool:
     return "deepspeed" in sys.modules and any(hasattr(t, "ds_id") for t in tensors)
 
 
-def inflight_by_zero3(tensors) -> bool:
-    """Whether any of the tensors is a ZeRO-3 parameter that DeepSpeed is fetching now (its
-    prefetch for the coming submodules of a forward): it cannot be gathered or partitioned then."""
+def zero3_statuses(tensors) -> set:
+    """The ds_status names of the ZeRO-3 parameters among the tensors: AVAILABLE (whole),
+    NOT_AVAILABLE (an empty tensor, its shard in ds_tensor) or INFLIGHT (being fetched, as the
+    prefetch for a forward's coming submodules does: it can be neither gathered nor partitioned)."""
     if "deepspeed" not in sys.modules:
-        return False
-    return any(getattr(getattr(t, "ds_status", None), "name", None) == "INFLIGHT" for t in tensors)
-
-
-def partitioned_by_zero3(tensors) -> bool:
-    """Whether any of the tensors is a ZeRO-3 parameter not gathered now (ds_status other than
-    AVAILABLE: its data an empty tensor, or a gather still in flight)."""
-    if "deepspeed" not in sys.modules:
-        return False
+        return set()
     statuses = (getattr(t, "ds_status", None) for t in tensors)
-    return any(status is not None and getattr(status, "name", status) != "AVAILABLE" for status in statuses)
+    return {getattr(status, "name", status) for status in statuses if status is not None}
 
 
 @contextlib.contextmanager

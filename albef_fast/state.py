@@ -87,7 +87,7 @@ def _check_not_gathered(params) -> None:
 def _check_not_partitioned(params) -> None:
     """Outside the forward of its module a DeepSpeed ZeRO-3 parameter is an empty tensor: the EMA
     would change nothing, silently."""
-    if _sharding.partitioned_by_zero3(params):
+    if _sharding.zero3_statuses(params) - {"AVAILABLE"}:
         raise RuntimeError("ema_update_: DeepSpeed ZeRO-3 has partitioned these parameters (each is an empty tensor "
                            "outside its module's forward, its shard in ds_tensor): the update would change nothing. "
                            "Use MomentumUpdater, which gathers them, or call it inside `with deepspeed.zero."
@@ -164,7 +164,7 @@ class MomentumUpdater:
         prefetch holds in flight is a RuntimeError, before any write."""
         params = [p for model, _ in self.model_pairs for p in model.parameters()]
         params_m = [p for _, model_m in self.model_pairs for p in model_m.parameters()]
-        if _sharding.inflight_by_zero3(params_m + params):
+        if "INFLIGHT" in _sharding.zero3_statuses(params_m + params):
             raise RuntimeError(ZERO3_INFLIGHT_ERROR)
         with _sharding.zero3_gathered(params_m, params):
             yield

@@ -58,23 +58,28 @@ def check_ema(stage: int, in_forward: bool) -> dict:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(enc.parameters()), config=_config(stage))
     params, params_m = list(enc.parameters()), list(enc_m.parameters())
     errors, raised = [], None
+
+    def ema_now():
+        return [m * 0.5 + p * 0.5 for m, p in zip(_gathered(params_m), _gathered(params))]
+
+    def error(expected):
+        return max((a - b).abs().max().item() for a, b in zip(_gathered(params_m), expected))
+
     for step in range(3):
-        expected = [m * 0.5 + p * 0.5 for m, p in zip(_gathered(params_m), _gathered(params))]
+        expected = ema_now()  # what the in-forward update must give
         try:
             loss = engine(torch.randn(4, 512))
         except RuntimeError as err:  # ZeRO-3's prefetch inside the forward (MomentumUpdater's own error)
             raised = f"step {step}: {str(err)[:60]}"
             break
         engine.backward(loss)
+        if in_forward:
+            errors.append(error(expected))
+        engine.step()
         if not in_forward:
-            engine.step()
-            expected = [m * 0.5 + p * 0.5 for m, p in zip(_gathered(params_m), _gathered(params))]
+            expected = ema_now()
             updater.update()
-        else:
-            errors.append(max((a - b).abs().max().item() for a, b in zip(_gathered(params_m), expected)))
-            engine.step()
-            continue
-        errors.append(max((a - b).abs().max().item() for a, b in zip(_gathered(params_m), expected)))
+            errors.append(error(expected))
     try:
         albef_fast.ema_update_(params_m, params, 0.5)
         refused = None
