@@ -76,8 +76,8 @@ def recording():
         _RECORDING_LOCK.release()
 
 
-def _recording_here() -> bool:
-    return RECORDING is not None and RECORDING_THREAD == threading.get_ident()
+def _this_thread_records() -> bool:
+    return RECORDING_THREAD == threading.get_ident()
 
 SUPPORTED = ("3.6", "3.7", "3.8", "3.9")  # JITFunction.run -> kernel.run(grid, stream, ..., *bound_args) read in these
 
@@ -190,7 +190,7 @@ class PreparedLaunch:
             if launcher._note is not None:
                 _note_once(launcher._note)
             launcher.fn[self.grid](*tensors, *self.ints, *floats, **self.constexprs, **self.options)
-            if RECORDING is not None and _recording_here():
+            if RECORDING is not None and _this_thread_records():
                 RECORDING.append((self, tuple(tensors), tuple(floats), None))
             return
         device = driver.active.get_current_device()
@@ -204,7 +204,7 @@ class PreparedLaunch:
             gx, gy, gz = self._grid3
             run(gx, gy, gz, driver.active.get_current_stream(device), function, metadata, None, None, None,
                 *tensors, *self.ints, *floats, *self._consts)
-        if RECORDING is not None and _recording_here():
+        if RECORDING is not None and _this_thread_records():
             RECORDING.append((self, tuple(tensors), tuple(floats), entry))
 
     def _compile_and_launch(self, key, args) -> None:
