@@ -110,14 +110,14 @@ def deepspeed_imported() -> bool:
 
 def any_zero3(tensors) -> bool:
     """Whether any of the tensors is a DeepSpeed ZeRO-3 parameter (it carries ``ds_id``)."""
-    return "deepspeed" in sys.modules and any(hasattr(t, "ds_id") for t in tensors)
+    return deepspeed_imported() and any(hasattr(t, "ds_id") for t in tensors)
 
 
 def zero3_statuses(tensors) -> set:
     """The ds_status names of the ZeRO-3 parameters among the tensors: AVAILABLE (whole),
     NOT_AVAILABLE (an empty tensor, its shard in ds_tensor) or INFLIGHT (being fetched, as the
     prefetch for a forward's coming submodules does: it can be neither gathered nor partitioned)."""
-    if "deepspeed" not in sys.modules:
+    if not deepspeed_imported():
         return set()
     statuses = (getattr(t, "ds_status", None) for t in tensors)
     return {getattr(status, "name", status) for status in statuses if status is not None}
