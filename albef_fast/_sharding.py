@@ -81,7 +81,10 @@ def _fsdp_states():
     try:
         from torch.distributed._composable_state import _module_state_mapping
         from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
-        refs = list(_module_state_mapping.values())
+        # a WeakKeyDictionary: torch.compile before torch 2.11 cannot trace its values() (their
+        # iteration guard), so a compiled trace reads the dict beneath, a copy taken at once
+        refs = list(_module_state_mapping.data.copy().values() if torch.compiler.is_compiling()
+                    else _module_state_mapping.values())
     except (ImportError, AttributeError):
         return []
     states = [ref() if isinstance(ref, weakref.ref) else ref for ref in refs]  # weak in 2.13 and 2.14

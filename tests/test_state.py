@@ -291,3 +291,29 @@ def test_state_ops_run_on_devices_without_a_cpp_kernel():
     assert all(torch.equal(a, b) for a, b in zip(params_m, before))
     with pytest.raises(ValueError, match=r"queues\[0\]"):
         enqueue.redispatch(other, [torch.zeros(4, 1).expand(4, 10), queues[1]], items, ptr)
+
+
+def test_fsdps_registry_is_read_without_its_iteration_guard_when_compiling(monkeypatch):
+    """torch.compile before torch 2.11 cannot trace a WeakKeyDictionary's values() (their iteration
+    guard, a context manager: "unhashable type ... GenericContextWrappingVariable" on 2.9 and 2.10),
+    which the FSDP2 check of a MomentumUpdater's first update reads: a compiled training step with
+    update() inside failed to trace. Compiling, the check reads the dict beneath (a copy); eagerly,
+    values() as before. The same states either way."""
+    import weakref
+
+    from torch.distributed import _composable_state
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    from albef_fast import _sharding
+
+    class GuardedValues(weakref.WeakKeyDictionary):
+        def values(self):
+            assert not torch.compiler.is_compiling(), "values() iterated under its guard while compiling"
+            return super().values()
+
+    module, state = nn.Linear(2, 2), FSDPState()
+    registry = GuardedValues({module: weakref.ref(state), nn.Linear(2, 2): None})  # a second key, collected
+    monkeypatch.setattr(_composable_state, "_module_state_mapping", registry)
+    assert _sharding._fsdp_states() == [state]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _sharding._fsdp_states() == [state]
