@@ -136,9 +136,14 @@ class MomentumUpdater:
         # a schedule may set it every step (MoCo v3's cosine ramp): checked here, not per update
         self._momentum = _validate.unit_interval("momentum", value)
 
-    def _params(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def _param_lists(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """(params_m, params) as the models hold them now, unchecked."""
         params = [p for model, _ in self.model_pairs for p in model.parameters()]
         params_m = [p for _, model_m in self.model_pairs for p in model_m.parameters()]
+        return params_m, params
+
+    def _params(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        params_m, params = self._param_lists()
         key = tuple(map(id, params + params_m))
         if key != self._key:
             _check_not_shared(self.model_pairs, params)
@@ -162,8 +167,7 @@ class MomentumUpdater:
     def _gathered(self):
         """The ZeRO-3 parameters whole while open (_sharding.zero3_gathered); one that ZeRO-3's
         prefetch holds in flight is a RuntimeError, before any write."""
-        params = [p for model, _ in self.model_pairs for p in model.parameters()]
-        params_m = [p for _, model_m in self.model_pairs for p in model_m.parameters()]
+        params_m, params = self._param_lists()
         if "INFLIGHT" in _sharding.zero3_statuses(params_m + params):
             raise RuntimeError(ZERO3_INFLIGHT_ERROR)
         with _sharding.zero3_gathered(params_m, params):
