@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
@@ -103,6 +104,24 @@ def resolve_backend(backend: Optional[str], precision: Optional[str], feat: torc
     return backend, precision
 
 
+_KEY_NAMES = ("image_feat_m", "text_feat_m", "image_queue", "text_queue")
+
+
+def _warn_if_keys_require_grad(*keys: torch.Tensor) -> None:
+    """The keys are constants of the loss (ALBEF computes them under torch.no_grad()), so a key that
+    requires grad gets no gradient from it: said aloud, since that is a wrong gradient where one
+    was meant (CLIP's loss, whose keys are the other tower's trainable features, is not this one)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    named = [name for name, key in zip(_KEY_NAMES, keys) if key.requires_grad]
+    if named:
+        verb = "requires" if len(named) == 1 else "require"
+        warnings.warn(f"itc_loss: {', '.join(named)} {verb} grad, but the loss gives the momentum features and "
+                      "queues no gradient (as ALBEF, which computes them under torch.no_grad()); detach them to "
+                      "silence this. CLIP's loss, whose keys get gradients too, is not this loss (README)",
+                      UserWarning, stacklevel=3)
+
+
 # The usual call checked, keyed and launched in C++ (csrc/itc_entry.cpp), set by albef_fast.kernels
 # with ALBEF_FAST_LAUNCH=cpp: itc_loss's arguments -> its result (ITCOutput's fields as a tuple), or
 # None: the Python path below (any other call, and each new one's first time through the C++ step).
@@ -144,6 +163,7 @@ def itc_loss(
             return ITCOutput._make(out) if return_details else out
     _validate.itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
                          alpha, idx, idx_queue, backend, precision)
+    _warn_if_keys_require_grad(image_feat_m, text_feat_m, image_queue, text_queue)
     backend, precision = resolve_backend(backend, precision, image_feat, image_queue)
     temp_t = temp if isinstance(temp, torch.Tensor) else None
     if temp_t is not None and temp_t.dim() == 1:  # [1] (FSDP2's shape for a scalar): its gradient comes as [1]

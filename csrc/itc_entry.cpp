@@ -203,6 +203,16 @@ int64_t matmul_precision_state() {
 #endif
 }
 
+// false where grad mode is on and a key (momentum features, queues) requires grad: it gets none
+// from this loss, which the Python path warns of (functional.py:_warn_if_keys_require_grad)
+bool constant_keys(const Call& call) {
+  if (!at::GradMode::is_enabled()) return true;
+  for (int k = 2; k < 6; ++k) {
+    if (call.tensors[k]->requires_grad()) return false;
+  }
+  return true;
+}
+
 // false: no key for this call (the Python path decides)
 bool fill_key(Call& call) {
   const at::Tensor& image = *call.tensors[0];
@@ -242,7 +252,7 @@ bool parse(PyObject* const* args, Call& call) {
   }
   PyObject *alpha = args[7], *details = args[10];
   call.key.details = details == Py_True;
-  if (!usual_tensors(call) || !usual_temperature(args[6], call) || !PyFloat_CheckExact(alpha) ||
+  if (!usual_tensors(call) || !constant_keys(call) || !usual_temperature(args[6], call) || !PyFloat_CheckExact(alpha) ||
       !usual_ids(args[8], args[9], call) || (details != Py_True && details != Py_False)) {
     return false;
   }

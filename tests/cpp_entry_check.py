@@ -15,6 +15,7 @@ tests/test_cpp_launch.py in a child process.
 import json
 import os
 import sys
+import warnings
 
 import torch
 
@@ -197,6 +198,22 @@ def _check_declined():
     return len(cases)
 
 
+def _check_keys_that_require_grad():
+    """A key (momentum features, queue) that requires grad gets none: with grad mode on, every such
+    call takes the Python path, which warns; under no_grad it is the usual call (it hits)."""
+    args = _usual()
+    _hit(args, {}, learned=True)
+    for k in range(2, 6):
+        keyed = list(args)
+        keyed[k] = args[k].detach().requires_grad_()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _never_hits(keyed, {})
+        assert [str(w.message).split(" require")[0] for w in caught] == [f"itc_loss: {functional._KEY_NAMES[k - 2]}"] * 3
+        with torch.no_grad():
+            _hit(keyed, {}, learned=True)  # the no_grad key of _check_variations
+
+
 def _check_compile():
     """torch.compile(fullgraph=True) traces itc_loss past the entry (the registered op, as before)."""
     args = _usual()
@@ -237,6 +254,7 @@ def main():
     variations = _check_variations()
     _check_backward()
     declined = _check_declined()
+    _check_keys_that_require_grad()
     _check_compile()
     _check_module()
     _check_forget()

@@ -1,5 +1,6 @@
 """itc_loss on the streaming torch backend against ALBEF's reference and the float64 oracle."""
 import random
+import warnings
 from contextlib import nullcontext
 
 import pytest
@@ -243,13 +244,30 @@ def test_gradcheck_float64(retrieval, alpha):
     assert torch.autograd.gradcheck(fn, (a, b, temp))
 
 
-def test_momentum_inputs_get_no_gradient():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_momentum_inputs_get_no_gradient_and_a_warning_says_so(backend):
+    """Keys that require grad get none (as ALBEF's, computed under no_grad); the call says so where
+    a gradient was meant (CLIP's loss passes trainable keys): a warning naming them, none under
+    no_grad or for detached keys. The queries' gradients are the detached keys' ones."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     x = make_inputs(4, 9, 8, torch.float32)
+    image_feat = x.image_feat.clone().requires_grad_()
     x.image_feat_m.requires_grad_()
     x.image_queue.requires_grad_()
-    loss = albef_fast.itc_loss(*_args(x), 0.07, backend="torch")
-    loss.backward()
+    keys = _args(x)[2:]
+    with pytest.warns(UserWarning, match="^itc_loss: image_feat_m, image_queue require grad, but the loss gives"):
+        loss = albef_fast.itc_loss(image_feat, x.text_feat, *keys, 0.07, backend=backend)
+    grad, = torch.autograd.grad(loss, image_feat)
     assert x.image_feat_m.grad is None and x.image_queue.grad is None
+    detached = [k.detach() for k in keys]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        expected, = torch.autograd.grad(albef_fast.itc_loss(image_feat, x.text_feat, *detached, 0.07,
+                                                            backend=backend), image_feat)
+        with torch.no_grad():
+            albef_fast.itc_loss(image_feat, x.text_feat, *keys, 0.07, backend=backend)
+    assert torch.equal(grad, expected)
 
 
 def test_env_variable_picks_the_backend(monkeypatch):
