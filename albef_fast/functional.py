@@ -111,10 +111,10 @@ def _warn_if_keys_require_grad(*keys: torch.Tensor) -> None:
     """The keys are constants of the loss (ALBEF computes them under torch.no_grad()), so a key that
     requires grad gets no gradient from it: said aloud, since that is a wrong gradient where one
     was meant (CLIP's loss, whose keys are the other tower's trainable features, is not this one)."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not torch.is_grad_enabled():
         return
     named = [name for name, key in zip(_KEY_NAMES, keys) if key.requires_grad]
-    if named:
+    if named and not torch.compiler.is_compiling():
         verb = "requires" if len(named) == 1 else "require"
         warnings.warn(f"itc_loss: {', '.join(named)} {verb} grad, but the loss gives the momentum features and "
                       "queues no gradient (as ALBEF, which computes them under torch.no_grad()); detach them to "
