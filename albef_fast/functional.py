@@ -149,6 +149,7 @@ def itc_loss(
     image_feat, text_feat: [B, D] L2-normalized features (get gradients);
     image_feat_m, text_feat_m: [B, D] momentum features (in-batch keys; constants);
     image_queue, text_queue: [D, Q] queues as ALBEF stores them (read in place; Q may be 0);
+        keys and queues get no gradient (a UserWarning names those that require grad);
     temp: float, or 0-dim or [1] tensor (a tensor that requires grad gets d loss / d T);
     alpha: distillation weight in [0, 1] (0 skips the teacher products);
     idx [B] with idx_queue [Q] or [1, Q]: retrieval targets, [id_j == id_r] / #positives;
