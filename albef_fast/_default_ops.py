@@ -14,6 +14,7 @@ from . import _validate, fallbacks
 def _ema_update_default(params_m, params, momentum) -> None:
     _validate.ema_inputs(params_m, params, momentum)  # the C++ op checks every pair (model.half() since)
     _validate.writable("params_m", params_m)
+    _validate.ema_disjoint(params_m, params)
     fallbacks.ema_update_(params_m, params, momentum)
 
 
@@ -21,4 +22,5 @@ def _ema_update_default(params_m, params, momentum) -> None:
 def _enqueue_default(queues, items, ptr) -> None:
     _validate.enqueue_inputs(queues, items, ptr)  # the C++ op checks the dtypes again (csrc/checks.h)
     _validate.writable("queues", queues)
+    _validate.enqueue_disjoint(queues, items, ptr)
     fallbacks.enqueue_(queues, items, ptr)

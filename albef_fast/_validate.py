@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections.abc
 import numbers
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -90,6 +90,65 @@ def writable(name: str, values: Sequence[torch.Tensor]) -> None:
         if any(stride == 0 and size > 1 for size, stride in zip(value.shape, value.stride())):
             raise ValueError(f"{name}[{k}]: expected a tensor whose elements do not share memory (an in-place "
                              f"update is undefined there), got strides {list(value.stride())}; clone() it")
+
+
+def ema_disjoint(params_m: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> None:
+    """No momentum tensor sharing memory with another operand of the call (a pair's own p aside)."""
+    _disjoint([(f"params_m[{k}]", p_m, True, k) for k, p_m in enumerate(params_m)]
+              + [(f"params[{k}]", p, False, k) for k, p in enumerate(params)])
+
+
+def enqueue_disjoint(queues: Sequence[torch.Tensor], items: Sequence[torch.Tensor], ptr: torch.Tensor) -> None:
+    """No queue (nor ptr) sharing memory with another operand of the call."""
+    _disjoint([("ptr", ptr, True, None)] + [(f"queues[{k}]", q, True, None) for k, q in enumerate(queues)]
+              + [(f"items[{k}]", item, False, None) for k, item in enumerate(items)])
+
+
+def _disjoint(operands) -> None:
+    """csrc/checks.h:check_disjoint in Python (the fallbacks' check): operands (name, tensor,
+    written, pair); a written one overlapping any other raises, since what it would hold depends
+    on the order of the writes. Candidates from the sorted byte extents; as ATen's overlap status,
+    strided views that are not dense pass, and a pair's p_m may be its own p."""
+    spans = sorted((_extent(op[1]), k) for k, op in enumerate(operands) if op[1].numel() > 0)
+    for i, ((_, end), k) in enumerate(spans):
+        for (begin_j, _), j in spans[i + 1:]:
+            if begin_j >= end:
+                break
+            a, b = operands[k], operands[j]
+            if not (a[2] or b[2]):
+                continue
+            status = _overlap_status(a[1], b[1])
+            own_pair = a[3] is not None and a[3] == b[3]
+            if status not in ("full", "partial") or (status == "full" and own_pair):
+                continue
+            written, other = (a, b) if a[2] else (b, a)
+            raise ValueError(f"{written[0]}: shares memory with {other[0]} (the same tensor listed twice?); written "
+                             "in place, what it would hold depends on the order of the writes")
+
+
+def _extent(t: torch.Tensor) -> Tuple[int, int]:
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _overlap_status(a: torch.Tensor, b: torch.Tensor) -> str:
+    """ATen's get_overlap_status for two tensors whose extents intersect."""
+    if a is b:
+        return "full"
+    if not (_dense(a) and _dense(b)):
+        return "too hard"
+    same = _extent(a) == _extent(b) and a.stride() == b.stride()
+    return "full" if same else "partial"
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """ATen's is_non_overlapping_and_dense: the strides, sorted, are the sizes' running products."""
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def temperature(value, device: torch.device) -> None:

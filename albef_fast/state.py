@@ -36,10 +36,11 @@ def ema_update_(params_m: Iterable[torch.Tensor], params: Iterable[torch.Tensor]
 def _ema_update_checked(params_m: List[torch.Tensor], params: List[torch.Tensor], momentum: float) -> None:
     if not params_m:
         return
-    if _extension.has_ops():  # the op checks for overlapping params_m itself (csrc/checks.h)
+    if _extension.has_ops():  # the op checks for overlapping params_m itself, and for aliases (csrc/checks.h)
         torch.ops.albef_fast.ema_update_(params_m, params, momentum)
     else:
         _validate.writable("params_m", params_m)
+        _validate.ema_disjoint(params_m, params)
         fallbacks.ema_update_(params_m, params, momentum)
 
 
@@ -52,10 +53,11 @@ def enqueue_(queues: Sequence[torch.Tensor], items: Sequence[torch.Tensor], ptr:
     _validate.enqueue_inputs(queues, items, ptr)
     if items[0].shape[0] == 0:
         return
-    if _extension.has_ops():  # the op checks for overlapping queues itself (csrc/checks.h)
+    if _extension.has_ops():  # the op checks for overlapping queues itself, and for aliases (csrc/checks.h)
         torch.ops.albef_fast.enqueue_(list(queues), [item.detach() for item in items], ptr)
     else:
         _validate.writable("queues", queues)
+        _validate.enqueue_disjoint(queues, items, ptr)
         fallbacks.enqueue_(queues, items, ptr)
 
 

@@ -5,6 +5,10 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
+#include <string>
+#include <vector>
+
 namespace albef_fast {
 
 // An in-place write to a tensor whose elements share memory (an expand()ed one) would depend on
@@ -13,6 +17,63 @@ inline void check_writable(const at::Tensor& t, const char* name, size_t k) {
   TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, name, "[", k,
                     "]: expected a tensor whose elements do not share memory (an in-place update is undefined ",
                     "there), got strides ", t.strides(), "; clone() it");
+}
+
+// One tensor of an op's call, for the check that written tensors share no memory with any other.
+struct Operand {
+  const at::Tensor* tensor;
+  const char* name;  // "params_m", "queues", ...
+  size_t index;  // SIZE_MAX: a single tensor (ptr)
+  bool written;
+  size_t pair;  // the EMA's pair index (a pair's p_m and p may be one tensor); SIZE_MAX: none
+};
+
+struct Span {
+  uintptr_t begin, end;  // the bytes from the first element to just past the last
+  size_t op;
+  bool operator<(const Span& other) const { return begin < other.begin; }
+};
+
+// (non-negative strides, as torch's; contiguous tensors, the usual ones, without the walk)
+inline Span extent(const at::Tensor& t, size_t op) {
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  int64_t last = t.numel() - 1;
+  if (!t.is_contiguous()) {
+    last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  }
+  return {begin, begin + static_cast<uintptr_t>((last + 1) * t.itemsize()), op};
+}
+
+inline std::string operand_name(const Operand& o) {
+  return o.index == SIZE_MAX ? o.name : std::string(o.name) + "[" + std::to_string(o.index) + "]";
+}
+
+// Two operands may overlap unless one is written: a written tensor's elements would depend on the
+// order of the writes (on CUDA one launch writes them all: a race), as ALBEF's loop never sees
+// (its `p_m.data = ...` rebinds). Candidates come from the sorted extents; ATen's overlap status
+// decides (strided views it cannot judge pass, as in its own checks); a pair's p_m may be its p.
+inline void check_disjoint(const std::vector<Operand>& ops) {
+  std::vector<Span> spans;
+  spans.reserve(ops.size());
+  for (size_t k = 0; k < ops.size(); ++k) {
+    if (ops[k].tensor->numel() > 0) spans.push_back(extent(*ops[k].tensor, k));
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 0; i < spans.size(); ++i) {
+    for (size_t j = i + 1; j < spans.size() && spans[j].begin < spans[i].end; ++j) {
+      const Operand &a = ops[spans[i].op], &b = ops[spans[j].op];
+      if (!a.written && !b.written) continue;
+      const auto status = at::get_overlap_status(*a.tensor, *b.tensor);
+      if (status == at::MemOverlapStatus::Full && a.pair == b.pair && a.pair != SIZE_MAX) continue;
+      const bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+      const Operand& w = a.written ? a : b;
+      const Operand& other = a.written ? b : a;
+      TORCH_CHECK_VALUE(!overlap, operand_name(w), ": shares memory with ", operand_name(other),
+                        " (the same tensor listed twice?); written in place, what it would hold depends on the "
+                        "order of the writes");
+    }
+  }
 }
 
 // The dtypes the ops are built for, as albef_fast._validate lists them (FLOAT_DTYPES, QUEUE_DTYPES):
@@ -47,6 +108,13 @@ inline void check_ema_args(at::TensorList params_m, at::TensorList params, at::D
                      pm.scalar_type());
     check_writable(pm, "params_m", i);
   }
+  std::vector<Operand> ops;
+  ops.reserve(2 * params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    ops.push_back({&params_m[i], "params_m", i, true, i});
+    ops.push_back({&params[i], "params", i, false, i});
+  }
+  check_disjoint(ops);
 }
 
 inline void check_enqueue_args(at::TensorList queues, at::TensorList items, const at::Tensor& ptr) {
@@ -70,6 +138,12 @@ inline void check_enqueue_args(at::TensorList queues, at::TensorList items, cons
                 "enqueue_: items[", k, "] dtype does not fit queues[", k, "]");
     check_writable(queues[k], "queues", k);
   }
+  std::vector<Operand> ops = {{&ptr, "ptr", SIZE_MAX, true, SIZE_MAX}};
+  for (size_t k = 0; k < queues.size(); ++k) {
+    ops.push_back({&queues[k], "queues", k, true, SIZE_MAX});
+    ops.push_back({&items[k], "items", k, false, SIZE_MAX});
+  }
+  check_disjoint(ops);
 }
 
 }  // namespace albef_fast

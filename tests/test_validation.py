@@ -268,6 +268,55 @@ def test_enqueue_rejects_a_queue_whose_elements_share_memory(monkeypatch, ops):
     assert not queue.any() and not shared.any() and ptr.tolist() == [3]
 
 
+def _ema_aliases():
+    """(momentum tensors, online tensors, the error's words or None: accepted)."""
+    p, q, r, flat = torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(8)
+    return [
+        ([p, p], [q, r], r"params_m\[0\]: shares memory with params_m\[1\]"),  # a model pair listed twice
+        ([flat[:4], flat[2:6]], [q, r], r"params_m\[0\]: shares memory with params_m\[1\]"),
+        ([p, r], [q, p], r"params_m\[0\]: shares memory with params\[1\]"),
+        ([p], [p], None),  # a pair's p_m may be its own p: each element read, then written
+        ([p, r], [q, q], None),  # online tensors read twice
+        ([flat[:4], flat[4:]], [q, r], None),  # views of one storage, apart
+        ([flat[::2], flat[1::2]], [q, r], None),  # interleaved: ATen's overlap check cannot tell, passes
+    ]
+
+
+@pytest.mark.parametrize("ops", [True, False], ids=["op", "fallback"])
+@pytest.mark.parametrize("case", range(len(_ema_aliases())))
+def test_ema_rejects_a_momentum_tensor_that_aliases_another_operand(monkeypatch, ops, case):
+    """One launch updates every pair: a momentum tensor listed twice (or sharing memory with
+    another operand) was written by two blocks at once on CUDA (a race), and twice in turn on
+    the CPU. A ValueError naming both, before any write; the harmless aliases pass."""
+    use_state_ops(monkeypatch, ops)
+    params_m, params, error = _ema_aliases()[case]
+    before = [t.clone() for t in params_m]
+    if error is None:
+        albef_fast.ema_update_(params_m, params, 0.5)
+        return
+    with pytest.raises(ValueError, match=error + r" \(the same tensor listed twice\?\)"):
+        albef_fast.ema_update_(params_m, params, 0.5)
+    assert all(torch.equal(t, b) for t, b in zip(params_m, before))
+
+
+@pytest.mark.parametrize("ops", [True, False], ids=["op", "fallback"])
+def test_enqueue_rejects_a_queue_or_pointer_that_aliases_another_operand(monkeypatch, ops):
+    """Queues listed twice, a pointer inside a queue, an item read from the queue it is written
+    to: a ValueError naming both, nothing written; one item for two queues is fine."""
+    use_state_ops(monkeypatch, ops)
+    queue, ids, ptr = torch.zeros(4, 10), torch.zeros(1, 10, dtype=torch.long), torch.tensor([3])
+    cases = [([queue, queue], [torch.ones(2, 4)] * 2, ptr, r"queues\[0\]: shares memory with queues\[1\]"),
+             ([ids], [torch.ones(2, 1, dtype=torch.long)], ids[0, :1], r"ptr: shares memory with queues\[0\]"),
+             ([ids], [ids[0, :2].view(2, 1)], ptr, r"queues\[0\]: shares memory with items\[0\]")]
+    for queues, items, pointer, error in cases:
+        with pytest.raises(ValueError, match=error):
+            albef_fast.enqueue_(queues, items, pointer)
+    assert not queue.any() and not ids.any() and ptr.tolist() == [3]
+    other = torch.zeros(4, 10)
+    albef_fast.enqueue_([queue, other], [torch.ones(2, 4)] * 2, ptr)
+    assert torch.equal(queue, other) and queue[:, 3:5].eq(1).all() and ptr.tolist() == [5]
+
+
 def test_state_ops_reject_a_tensor_whose_elements_share_memory_when_called_directly():
     """The C++ op's own check (csrc/checks.h), for calls that bypass albef_fast.ema_update_."""
     if not _extension.has_ops():
