@@ -317,3 +317,21 @@ def test_fsdps_registry_is_read_without_its_iteration_guard_when_compiling(monke
     assert _sharding._fsdp_states() == [state]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert _sharding._fsdp_states() == [state]
+
+
+@pytest.mark.parametrize("ops", [True, False], ids=["op", "fallback"])
+def test_updater_refuses_a_model_pair_nested_in_another(monkeypatch, ops):
+    """[(model, model_m), (model.head, model_m.head)] lists the head's momentum parameters twice:
+    one launch would write them twice at once on CUDA. A ValueError naming them, nothing updated;
+    copy_params() (copies, twice) is harmless and still works."""
+    use_state_ops(monkeypatch, ops)
+    model, model_m = [nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)) for _ in range(2)]
+    updater = albef_fast.MomentumUpdater([(model, model_m), (model[1], model_m[1])], momentum=0.5)
+    updater.copy_params()
+    assert all(torch.equal(p_m, p) for p_m, p in zip(model_m.parameters(), model.parameters()))
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    before = [p.clone() for p in model_m.parameters()]
+    with pytest.raises(ValueError, match=r"params_m\[2\]: shares memory with params_m\[4\] \(the same tensor listed"):
+        updater.update()
+    assert all(torch.equal(p, b) for p, b in zip(model_m.parameters(), before))
