@@ -94,8 +94,8 @@ def writable(name: str, values: Sequence[torch.Tensor]) -> None:
 
 def ema_disjoint(params_m: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> None:
     """No momentum tensor sharing memory with another operand of the call (a pair's own p aside)."""
-    _disjoint([(f"params_m[{k}]", p_m, True, k) for k, p_m in enumerate(params_m)]
-              + [(f"params[{k}]", p, False, k) for k, p in enumerate(params)])
+    _disjoint([operand for k, (p_m, p) in enumerate(zip(params_m, params))  # in the C++ check's order
+               for operand in ((f"params_m[{k}]", p_m, True, k), (f"params[{k}]", p, False, k))])
 
 
 def enqueue_disjoint(queues: Sequence[torch.Tensor], items: Sequence[torch.Tensor], ptr: torch.Tensor) -> None:
@@ -109,21 +109,24 @@ def _disjoint(operands) -> None:
     written, pair); a written one overlapping any other raises, since what it would hold depends
     on the order of the writes. Candidates from the sorted byte extents; as ATen's overlap status,
     strided views that are not dense pass, and a pair's p_m may be its own p."""
-    spans = sorted((_extent(op[1]), k) for k, op in enumerate(operands) if op[1].numel() > 0)
-    for i, ((_, end), k) in enumerate(spans):
-        for (begin_j, _), j in spans[i + 1:]:
-            if begin_j >= end:
+    spans = sorted((*_extent(op[1]), k) for k, op in enumerate(operands) if op[1].numel() > 0)
+    clashes = []
+    for i, (_, end, k) in enumerate(spans):
+        for n in range(i + 1, len(spans)):
+            if spans[n][0] >= end:
                 break
-            a, b = operands[k], operands[j]
+            a, b = operands[k], operands[spans[n][2]]
             if not (a[2] or b[2]):
                 continue
             status = _overlap_status(a[1], b[1])
             own_pair = a[3] is not None and a[3] == b[3]
-            if status not in ("full", "partial") or (status == "full" and own_pair):
-                continue
-            written, other = (a, b) if a[2] else (b, a)
-            raise ValueError(f"{written[0]}: shares memory with {other[0]} (the same tensor listed twice?); written "
-                             "in place, what it would hold depends on the order of the writes")
+            if status == "partial" or (status == "full" and not own_pair):
+                clashes.append(tuple(sorted((k, spans[n][2]))))
+    if clashes:  # the clash of lowest operands, named whatever the addresses
+        a, b = (operands[k] for k in min(clashes))
+        written, other = (a, b) if a[2] else (b, a)
+        raise ValueError(f"{written[0]}: shares memory with {other[0]} (the same tensor listed twice?); written "
+                         "in place, what it would hold depends on the order of the writes")
 
 
 def _extent(t: torch.Tensor) -> Tuple[int, int]:

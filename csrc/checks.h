@@ -49,10 +49,10 @@ inline std::string operand_name(const Operand& o) {
   return o.index == SIZE_MAX ? o.name : std::string(o.name) + "[" + std::to_string(o.index) + "]";
 }
 
-// Two operands may overlap unless one is written: a written tensor's elements would depend on the
-// order of the writes (on CUDA one launch writes them all: a race), as ALBEF's loop never sees
-// (its `p_m.data = ...` rebinds). Candidates come from the sorted extents; ATen's overlap status
-// decides (strided views it cannot judge pass, as in its own checks); a pair's p_m may be its p.
+// Two operands may overlap unless one is written: what a written tensor would hold would depend
+// on the order of the writes (on CUDA one launch writes them all: a race). Candidates come from
+// the extents sorted by address; ATen's overlap status decides (strided views it cannot judge
+// pass, as in its own checks); a pair's p_m may be its own p.
 inline void check_disjoint(const std::vector<Operand>& ops) {
   std::vector<Span> spans;
   spans.reserve(ops.size());
@@ -60,20 +60,25 @@ inline void check_disjoint(const std::vector<Operand>& ops) {
     if (ops[k].tensor->numel() > 0) spans.push_back(extent(*ops[k].tensor, k));
   }
   std::sort(spans.begin(), spans.end());
+  std::pair<size_t, size_t> first{SIZE_MAX, SIZE_MAX};  // the clash of lowest operands, named whatever the addresses
   for (size_t i = 0; i < spans.size(); ++i) {
     for (size_t j = i + 1; j < spans.size() && spans[j].begin < spans[i].end; ++j) {
       const Operand &a = ops[spans[i].op], &b = ops[spans[j].op];
       if (!a.written && !b.written) continue;
       const auto status = at::get_overlap_status(*a.tensor, *b.tensor);
       if (status == at::MemOverlapStatus::Full && a.pair == b.pair && a.pair != SIZE_MAX) continue;
-      const bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
-      const Operand& w = a.written ? a : b;
-      const Operand& other = a.written ? b : a;
-      TORCH_CHECK_VALUE(!overlap, operand_name(w), ": shares memory with ", operand_name(other),
-                        " (the same tensor listed twice?); written in place, what it would hold depends on the "
-                        "order of the writes");
+      if (status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial) {
+        const std::pair<size_t, size_t> clash(std::min(spans[i].op, spans[j].op), std::max(spans[i].op, spans[j].op));
+        first = std::min(first, clash);
+      }
     }
   }
+  if (first.first == SIZE_MAX) return;
+  const Operand &a = ops[first.first], &b = ops[first.second];
+  const Operand &w = a.written ? a : b, &other = a.written ? b : a;
+  TORCH_CHECK_VALUE(false, operand_name(w), ": shares memory with ", operand_name(other),
+                    " (the same tensor listed twice?); written in place, what it would hold depends on the order of ",
+                    "the writes");
 }
 
 // The dtypes the ops are built for, as albef_fast._validate lists them (FLOAT_DTYPES, QUEUE_DTYPES):
