@@ -100,8 +100,9 @@ def ema_disjoint(params_m: Sequence[torch.Tensor], params: Sequence[torch.Tensor
 
 def enqueue_disjoint(queues: Sequence[torch.Tensor], items: Sequence[torch.Tensor], ptr: torch.Tensor) -> None:
     """No queue (nor ptr) sharing memory with another operand of the call."""
-    _disjoint([("ptr", ptr, True, None)] + [(f"queues[{k}]", q, True, None) for k, q in enumerate(queues)]
-              + [(f"items[{k}]", item, False, None) for k, item in enumerate(items)])
+    _disjoint([("ptr", ptr, True, None)] + [operand for k, (q, item) in enumerate(zip(queues, items))
+                                             for operand in ((f"queues[{k}]", q, True, None),
+                                                             (f"items[{k}]", item, False, None))])
 
 
 def _disjoint(operands) -> None:

@@ -68,7 +68,7 @@ inline void check_disjoint(const std::vector<Operand>& ops) {
       const auto status = at::get_overlap_status(*a.tensor, *b.tensor);
       if (status == at::MemOverlapStatus::Full && a.pair == b.pair && a.pair != SIZE_MAX) continue;
       if (status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial) {
-        const std::pair<size_t, size_t> clash(std::min(spans[i].op, spans[j].op), std::max(spans[i].op, spans[j].op));
+        const auto clash = std::make_pair(std::min(spans[i].op, spans[j].op), std::max(spans[i].op, spans[j].op));
         first = std::min(first, clash);
       }
     }

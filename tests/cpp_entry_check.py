@@ -209,7 +209,8 @@ def _check_keys_that_require_grad():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             _never_hits(keyed, {})
-        assert [str(w.message).split(" require")[0] for w in caught] == [f"itc_loss: {functional._KEY_NAMES[k - 2]}"] * 3
+        named = [str(w.message).split(" require")[0] for w in caught]
+        assert named == [f"itc_loss: {functional._KEY_NAMES[k - 2]}"] * 3, named
         with torch.no_grad():
             _hit(keyed, {}, learned=True)  # the no_grad key of _check_variations
 
