@@ -252,8 +252,8 @@ bool parse(PyObject* const* args, Call& call) {
   }
   PyObject *alpha = args[7], *details = args[10];
   call.key.details = details == Py_True;
-  if (!usual_tensors(call) || !constant_keys(call) || !usual_temperature(args[6], call) || !PyFloat_CheckExact(alpha) ||
-      !usual_ids(args[8], args[9], call) || (details != Py_True && details != Py_False)) {
+  if (!usual_tensors(call) || !constant_keys(call) || !usual_temperature(args[6], call) ||
+      !PyFloat_CheckExact(alpha) || !usual_ids(args[8], args[9], call) || (details != Py_True && details != Py_False)) {
     return false;
   }
   call.alpha = PyFloat_AS_DOUBLE(alpha);
